@@ -1,0 +1,156 @@
+"""The provider Protocol and the frozen dataclasses its verbs take and return.
+
+A provider has few verbs: ``offers``, ``launch``, ``get``, ``find`` (by tag), ``terminate``, and
+``connect`` (what the runner needs to reach the machine). Features a provider cannot do are
+declared in ``unsupported`` with a reason, so callers check before launching instead of failing
+halfway through a paid run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+__all__ = [
+    "Feature",
+    "Host",
+    "LaunchRequest",
+    "Machine",
+    "MachineStatus",
+    "Offer",
+    "Provider",
+    "SSHEndpoint",
+]
+
+Feature = Literal["spot", "multi_gpu", "self_terminate", "stop", "ssh", "gpu"]
+MachineStatus = Literal["pending", "running", "stopping", "terminated", "preempted", "unknown"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Offer:
+    """One rentable configuration and its price.
+
+    Attributes:
+        gpu: canonical GPU name from the estimator's catalog (``"RTX 4090"``, ``"H100 SXM"``).
+        instance_type: the provider's own id (RunPod ``gpuTypeId``, Lambda instance type).
+        price_per_hour: dollars per hour for the whole offer (all its GPUs).
+        price_source: ``"api"`` when read live, else a label such as ``"snapshot 2026-08"``.
+        billing_increment_s: the provider bills whole increments of this many seconds.
+    """
+
+    provider: str
+    gpu: str
+    gpu_count: int
+    vram_gb: float
+    price_per_hour: float
+    instance_type: str
+    region: str | None = None
+    available: bool = True
+    billing_increment_s: int = 1
+    price_source: str = "api"
+
+
+@dataclasses.dataclass(frozen=True)
+class SSHEndpoint:
+    host: str
+    port: int
+    user: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchRequest:
+    """What ``Provider.launch`` needs. ``tag`` is unique per attempt and is carried in the
+    instance's name so that a create whose response was lost can be found again."""
+
+    tag: str
+    offer: Offer
+    public_key: str
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    image: str | None = None
+    disk_gb: int = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """A provider instance as last seen."""
+
+    provider: str
+    id: str
+    tag: str
+    status: MachineStatus
+    price_per_hour: float = 0.0
+    ssh: SSHEndpoint | None = None
+    python: str = "python3"
+    workdir_root: str = "/root/loraburst"
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "running" and (self.ssh is not None or self.provider == "local")
+
+
+@runtime_checkable
+class Host(Protocol):
+    """A connection to a machine, as the runner uses it. Paths are relative to the run's
+    work directory on that machine."""
+
+    workdir: str
+
+    def upload_bundle(self, local_path: Path, sha256: str) -> bool:
+        """Put the bundle in place and extract it; return False when it was already there."""
+        ...
+
+    def start_agent(self, env: Mapping[str, str]) -> None:
+        """Start the agent detached so it outlives this connection."""
+        ...
+
+    def read_text(self, rel: str) -> str | None:
+        """Read a small file of the work directory; None when it does not exist."""
+        ...
+
+    def write_text(self, rel: str, text: str) -> None: ...
+
+    def fetch_tree(self, rel: str, dest: Path) -> None:
+        """Copy a file or folder of the work directory to ``dest`` (replacing it)."""
+        ...
+
+    def agent_alive(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class Provider(Protocol):
+    """What every provider plugin implements (see ``loraburst.testing.ProviderContract``)."""
+
+    name: ClassVar[str]
+    unsupported: ClassVar[Mapping[str, str]]
+
+    def offers(self) -> list[Offer]:
+        """Every offer this account can rent now, with live prices where the API has them."""
+        ...
+
+    def launch(self, request: LaunchRequest) -> Machine:
+        """Create an instance; raises CapacityError, AuthError or ProviderAPIError."""
+        ...
+
+    def get(self, machine_id: str) -> Machine | None:
+        """The instance's current state; None when the provider no longer knows it."""
+        ...
+
+    def find(self, tag: str) -> Machine | None:
+        """The live instance carrying ``tag`` in its name, if any."""
+        ...
+
+    def list_tagged(self, prefix: str = "lb-") -> list[Machine]:
+        """Every live instance whose name starts with ``prefix`` (for cleanup)."""
+        ...
+
+    def terminate(self, machine_id: str) -> None:
+        """Terminate; idempotent (an instance already gone is success)."""
+        ...
+
+    def connect(self, machine: Machine, key_path: Path, workdir: str) -> Host:
+        """Open the runner's connection to a ready machine."""
+        ...

@@ -1,0 +1,148 @@
+"""The wire between client and agent: files and JSON, nothing pickled.
+
+A run's work directory (``WORKDIR``) on the instance holds::
+
+    bundle/             the extracted bundle: spec.json, data/, model/ (local models), code/
+    state.json          the agent's current State, replaced atomically
+    events.jsonl        one Event per line, appended
+    heartbeat           the client touches it; its mtime is the client's last sign of life
+    control.json        client -> agent requests, e.g. {"stop": "budget"} or a new deadline
+    checkpoints/        trainer checkpoints (checkpoint-<step>/)
+    adapter/            the final (or partial) adapter
+    metrics.json        final metrics
+    manifest.json       Manifest of adapter/ and metrics.json (sha256 per file)
+    agent.log           the agent's stdout/stderr
+
+Standard library only: the agent runs before the trainer's dependencies are known to exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+STATE_FILE = "state.json"
+EVENTS_FILE = "events.jsonl"
+HEARTBEAT_FILE = "heartbeat"
+CONTROL_FILE = "control.json"
+MANIFEST_FILE = "manifest.json"
+METRICS_FILE = "metrics.json"
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+BUNDLE_DIR = "bundle"
+LOG_FILE = "agent.log"
+
+# Phases in the order a healthy run walks through them.
+PHASES = ("preparing", "loading", "training", "saving", "done", "failed", "stopped")
+TERMINAL_PHASES = frozenset({"done", "failed", "stopped"})
+
+
+@dataclasses.dataclass
+class State:
+    """The agent's state, as written to ``state.json``.
+
+    ``stop_reason`` is set when training ended early on purpose (``"budget"``, ``"deadline"``,
+    ``"client_gone"``); the phase is then ``"stopped"`` and the adapter is partial.
+    """
+
+    phase: str = "preparing"
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    epoch: float | None = None
+    error: dict[str, str] | None = None
+    stop_reason: str | None = None
+    pid: int | None = None
+    started_at: float | None = None
+    updated_at: float = 0.0
+    protocol_version: int = PROTOCOL_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> State:
+        raw = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL_PHASES
+
+
+def error_dict(exc: BaseException) -> dict[str, str]:
+    """How an error crosses the wire: its type name and message, never a pickle."""
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that readers see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def append_event(workdir: Path, kind: str, **fields: Any) -> None:
+    """Append one structured event (``{"ts", "kind", ...}``) to ``events.jsonl``."""
+    line = json.dumps({"ts": round(time.time(), 3), "kind": kind, **fields}, sort_keys=True)
+    with open(workdir / EVENTS_FILE, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def read_events(text: str) -> Iterator[dict[str, Any]]:
+    """Parse events, skipping a torn last line that is still being written."""
+    for line in text.splitlines():
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_manifest(workdir: Path, paths: list[str]) -> dict[str, Any]:
+    """A manifest of every file under the given workdir-relative paths (files or folders)."""
+    files: dict[str, dict[str, Any]] = {}
+    for rel in paths:
+        root = workdir / rel
+        candidates = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for p in candidates:
+            key = p.relative_to(workdir).as_posix()
+            files[key] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    return {"protocol_version": PROTOCOL_VERSION, "files": files}
+
+
+def verify_manifest(root: Path, manifest: dict[str, Any]) -> list[str]:
+    """Return the files under ``root`` that are missing or whose sha256 differs (empty = ok)."""
+    bad = []
+    for rel, meta in manifest["files"].items():
+        p = root / rel
+        if not p.is_file() or sha256_file(p) != meta["sha256"]:
+            bad.append(rel)
+    return bad

@@ -1,0 +1,126 @@
+"""The job spec: what to train, on what, and how. Pure data, validated by pydantic v2.
+
+The YAML keys are the contract; ``tests/unit/test_spec.py`` loads every shipped YAML file.
+Unknown keys are errors with a did-you-mean, because a typo such as ``learnig_rate`` would
+otherwise silently train with the default.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ._exceptions import ConfigError
+
+__all__ = ["JobSpec", "LoraConfig", "QuantConfig", "TrainConfig", "spec_error"]
+
+
+class _Strict(BaseModel):
+    """Forbid unknown keys and suggest the closest known one."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _did_you_mean(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = set(cls.model_fields)
+            for key in data:
+                if key not in known:
+                    close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+                    hint = f"; did you mean {close[0]!r}?" if close else ""
+                    where = _SECTION.get(cls.__name__, "")
+                    raise ValueError(
+                        f"unknown key {where}{key!r}{hint} (known: {', '.join(sorted(known))})"
+                    )
+        return data
+
+
+class LoraConfig(_Strict):
+    """LoRA adapter shape."""
+
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description='"all-linear" or a list of module names such as ["q_proj"].'
+    )
+
+
+class TrainConfig(_Strict):
+    """Optimisation and data-shaping settings."""
+
+    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored with max_steps).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    micro_batch_size: int | Literal["auto"] = Field(
+        "auto", description='Sequences per forward pass; "auto" picks the largest that fits.'
+    )
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_seq_len: int = Field(2048, ge=8, le=1_048_576)
+    packing: bool = Field(False, description="Pack short rows into full sequences.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    seed: int = 42
+    eval_fraction: float = Field(0.0, ge=0, lt=0.5, description="Hold out this share for eval.")
+    save_every_steps: int | None = Field(50, ge=1, description="Checkpoint period (None: never).")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description='"auto" turns recompute on only when activations would not fit.'
+    )
+    loss_on: Literal["assistant", "all"] = Field(
+        "assistant", description="Train on assistant/completion tokens only, or on every token."
+    )
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: str = Field("adamw_torch", description="transformers optimizer name.")
+
+
+class QuantConfig(_Strict):
+    """Base-weight quantisation (bitsandbytes)."""
+
+    bits: Literal[4, 8, 16] = Field(4, description="4 = NF4/FP4 QLoRA, 8 = LLM.int8, 16 = none.")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description='"auto": bfloat16 on a GPU that has it, float32 on CPU.'
+    )
+
+
+class JobSpec(_Strict):
+    """Everything that defines a fine-tuning job; serialised into the bundle as spec.json."""
+
+    model: str = Field(description="Hub id (e.g. meta-llama/Llama-3.1-8B) or local folder.")
+    dataset: str | list[dict[str, Any]] = Field(description="File, folder, hub id or rows.")
+    eval_dataset: str | list[dict[str, Any]] | None = None
+    method: Literal["qlora", "lora", "dora"] = "qlora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)  # type: ignore[arg-type]
+    train: TrainConfig = Field(default_factory=TrainConfig)  # type: ignore[arg-type]
+    quant: QuantConfig = Field(default_factory=QuantConfig)  # type: ignore[arg-type]
+    output_dir: str = Field("outputs", description="Where the verified adapter is copied.")
+    max_cost: float | None = Field(None, gt=0, description="Dollar cap for this job.")
+    max_runtime: float | None = Field(None, gt=0, description="Hard wall-clock cap, seconds.")
+    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
+    model_revision: str | None = None
+    artifacts: str | None = Field(None, description="s3://bucket/prefix for checkpoints.")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether base weights are loaded quantised (QLoRA / QDoRA)."""
+        return self.method != "lora" and self.quant.bits in (4, 8)
+
+
+_SECTION = {"LoraConfig": "lora.", "TrainConfig": "train.", "QuantConfig": "quant.", "JobSpec": ""}
+
+
+def spec_error(exc: ValidationError, source: str | Path | None = None) -> ConfigError:
+    """Turn pydantic's error into one ConfigError naming each field and how to fix it."""
+    where = f"{source}: " if source else ""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}{loc}: {msg}" if "unknown key" not in msg else f"{where}{msg}")
+    return ConfigError("invalid job spec:\n  " + "\n  ".join(lines), source=str(source))
