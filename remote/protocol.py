@@ -146,3 +146,19 @@ def verify_manifest(root: Path, manifest: dict[str, Any]) -> list[str]:
         if not p.is_file() or sha256_file(p) != meta["sha256"]:
             bad.append(rel)
     return bad
+
+
+# The chat template used when the tokenizer has none: ChatML, with {% generation %} markers so
+# that the loss mask covers exactly the assistant turns (and their end-of-turn token).
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' -}}{% endgeneration %}{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+CHATML_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")

@@ -1,0 +1,48 @@
+"""loraburst: QLoRA fine-tunes of open LLMs on rented GPUs, as simply as calling a function."""
+
+from __future__ import annotations
+
+from ._exceptions import (
+    AgentError as AgentError,
+    ArtifactError as ArtifactError,
+    AuthError as AuthError,
+    BudgetExceededError as BudgetExceededError,
+    CapacityError as CapacityError,
+    ConfigError as ConfigError,
+    DatasetError as DatasetError,
+    EstimateError as EstimateError,
+    JobCancelledError as JobCancelledError,
+    JobError as JobError,
+    LoraburstError as LoraburstError,
+    PlacementError as PlacementError,
+    ProviderError as ProviderError,
+    TeardownError as TeardownError,
+    TransportError as TransportError,
+)
+from ._spec import JobSpec as JobSpec, LoraConfig as LoraConfig, QuantConfig as QuantConfig
+from ._spec import TrainConfig as TrainConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentError",
+    "ArtifactError",
+    "AuthError",
+    "BudgetExceededError",
+    "CapacityError",
+    "ConfigError",
+    "DatasetError",
+    "EstimateError",
+    "JobCancelledError",
+    "JobError",
+    "JobSpec",
+    "LoraConfig",
+    "LoraburstError",
+    "PlacementError",
+    "ProviderError",
+    "QuantConfig",
+    "TeardownError",
+    "TrainConfig",
+    "TransportError",
+    "__version__",
+]
