@@ -22,6 +22,8 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -40,6 +42,21 @@ ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 BUNDLE_DIR = "bundle"
 LOG_FILE = "agent.log"
+
+# Environment the client passes to the agent (never secrets in files: keys travel as env only).
+ENV_DEADLINE = "LORABURST_DEADLINE"  # unix time: checkpoint, save and stop at this instant
+ENV_HEARTBEAT_GRACE = "LORABURST_HEARTBEAT_GRACE_S"  # client silent this long => client gone
+ENV_ARTIFACTS = "LORABURST_ARTIFACTS"  # s3://bucket/prefix for checkpoints (boto3, AWS_* env)
+
+# What the trainer needs on the instance; installed by the bootstrap only where missing.
+TRAINER_REQUIREMENTS = (
+    "transformers>=4.56",
+    "peft>=0.17",
+    "bitsandbytes>=0.46",
+    "trl>=0.22",
+    "datasets>=3",
+    "accelerate>=1.0",
+)
 
 # Phases in the order a healthy run walks through them.
 PHASES = ("preparing", "loading", "training", "saving", "done", "failed", "stopped")
@@ -162,3 +179,58 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 CHATML_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+class UnsafeArchiveError(ValueError):
+    """A tar member would escape the destination (absolute path, ``..``) or is a link."""
+
+
+def safe_extract(tar_path: Path | str, dest: Path | str) -> list[str]:
+    """Extract a bundle, refusing absolute paths, ``..`` components, links and devices.
+
+    Every member is checked before anything is written, so a bad archive leaves nothing behind.
+
+    Raises:
+        UnsafeArchiveError: naming the offending member.
+    """
+    dest = Path(dest)
+    with tarfile.open(tar_path, "r:*") as tar:
+        members = tar.getmembers()
+        for m in members:
+            name = m.name
+            if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+                raise UnsafeArchiveError(f"{tar_path}: member {name!r} has an absolute path")
+            if ".." in Path(name).parts:
+                raise UnsafeArchiveError(f"{tar_path}: member {name!r} contains '..'")
+            if m.issym() or m.islnk():
+                raise UnsafeArchiveError(f"{tar_path}: member {name!r} is a link")
+            if not (m.isfile() or m.isdir()):
+                raise UnsafeArchiveError(f"{tar_path}: member {name!r} is not a file or folder")
+        dest.mkdir(parents=True, exist_ok=True)
+        for m in members:
+            target = dest / m.name
+            if m.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(m)
+            assert src is not None  # isfile() was checked above
+            with src, open(target, "wb") as out:
+                while block := src.read(1 << 20):
+                    out.write(block)
+            os.chmod(target, 0o755 if m.mode & 0o111 else 0o644)
+    return [m.name for m in members]
+
+
+def _main(argv: list[str]) -> int:
+    """``python protocol.py extract TAR DEST``: run standalone on an instance before the
+    bundle's code exists there (the transport pipes this file's source to the interpreter)."""
+    if len(argv) == 3 and argv[0] == "extract":
+        safe_extract(argv[1], argv[2])
+        return 0
+    print("usage: protocol.py extract TAR DEST", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

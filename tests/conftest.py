@@ -1,0 +1,23 @@
+"""Shared fixtures: an isolated LORABURST_HOME and no credentials leaking in from the shell."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["tests.fakes.fixtures"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test gets its own LORABURST_HOME and sees no provider keys from the environment."""
+    for key in list(os.environ):
+        if key.startswith(("LORABURST_", "RUNPOD_", "LAMBDA_")):
+            monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("LORABURST_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    yield

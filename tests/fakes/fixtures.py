@@ -1,0 +1,1 @@
+"""Pytest fixtures that start the emulators and sshd instances (owned by the providers work)."""
