@@ -118,6 +118,15 @@ class Host(Protocol):
 
     def agent_alive(self) -> bool: ...
 
+    def run(self, command: str, timeout: float = 600.0) -> tuple[int, str, str]:
+        """Run a shell command in the work directory; return (exit code, stdout, stderr)."""
+        ...
+
+    @property
+    def python(self) -> str:
+        """The interpreter the agent runs under on that machine."""
+        ...
+
     def close(self) -> None: ...
 
 
