@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 __all__ = [
     "Feature",
+    "upload_tree",
     "Host",
     "LaunchRequest",
     "Machine",
@@ -163,3 +164,28 @@ class Provider(Protocol):
     def connect(self, machine: Machine, key_path: Path, workdir: str) -> Host:
         """Open the runner's connection to a ready machine."""
         ...
+
+
+def upload_tree(host: Host, local: Path, rel: str) -> None:
+    """Copy a local folder into the host's work directory, file by file (small trees only:
+    checkpoints of a LoRA adapter). Text-safe: files are sent base64-encoded through
+    ``write_text`` and decoded by the host's interpreter."""
+    import base64
+    import shlex
+
+    for p in sorted(local.rglob("*")):
+        if not p.is_file():
+            continue
+        target = f"{rel}/{p.relative_to(local).as_posix()}"
+        tmp = f".upload-{abs(hash(target))}.b64"
+        host.write_text(tmp, base64.b64encode(p.read_bytes()).decode())
+        code = (
+            "import base64,os,sys;t=sys.argv[1];s=sys.argv[2];"
+            "os.makedirs(os.path.dirname(t) or '.',exist_ok=True);"
+            "open(t,'wb').write(base64.b64decode(open(s).read()));os.remove(s)"
+        )
+        rc, _, err = host.run(
+            f"{host.python} -c {shlex.quote(code)} {shlex.quote(target)} {shlex.quote(tmp)}"
+        )
+        if rc != 0:
+            raise OSError(f"could not write {target} on the instance: {err[-300:]}")

@@ -1,0 +1,206 @@
+"""The local provider: the same agent, as a subprocess on this machine's GPU (or CPU).
+
+No renting and no SSH: the "instance" is a run folder under ``$LORABURST_HOME/runs`` and the
+agent runs detached (its own session), so it survives the client like a remote agent would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import ClassVar
+
+from loraburst._home import runs_dir
+from loraburst.remote.protocol import BUNDLE_DIR, LOG_FILE, safe_extract
+
+from ._base import Host, LaunchRequest, Machine, Offer
+
+__all__ = ["LocalHost", "LocalProvider", "detect_gpus"]
+
+_PID_FILE = "agent.pid"
+
+
+def detect_gpus() -> list[tuple[str, float]]:
+    """Local CUDA GPUs as ``(name, vram_gb)``, read with nvidia-smi (no torch import)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        name, _, mib = line.rpartition(",")
+        try:
+            gpus.append((name.strip().removeprefix("NVIDIA ").removeprefix("GeForce "),
+                         round(float(mib) / 1024, 1)))
+        except ValueError:
+            continue
+    return gpus
+
+
+class LocalHost:
+    """A run folder on this machine, driven with plain files and a subprocess."""
+
+    def __init__(self, workdir: Path, python: str = sys.executable) -> None:
+        self.workdir = str(workdir)
+        self._dir = workdir
+        self._python = python
+        self._dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def python(self) -> str:
+        return self._python
+
+    def upload_bundle(self, local_path: Path, sha256: str) -> bool:
+        marker = self._dir / BUNDLE_DIR / ".sha256"
+        if marker.is_file() and marker.read_text() == sha256:
+            return False
+        shutil.rmtree(self._dir / BUNDLE_DIR, ignore_errors=True)
+        safe_extract(local_path, self._dir / BUNDLE_DIR)
+        marker.write_text(sha256)
+        return True
+
+    def start_agent(self, env: Mapping[str, str]) -> None:
+        full_env = {**os.environ, **env}
+        code = str(self._dir / BUNDLE_DIR / "code")
+        full_env["PYTHONPATH"] = code + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        with open(self._dir / LOG_FILE, "ab") as log:
+            proc = subprocess.Popen(
+                [self._python, "-m", "loraburst.remote.agent", self.workdir],
+                cwd=self._dir, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        (self._dir / _PID_FILE).write_text(str(proc.pid))
+        self._proc = proc
+
+    def _pid(self) -> int | None:
+        try:
+            return int((self._dir / _PID_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def agent_alive(self) -> bool:
+        proc = getattr(self, "_proc", None)
+        if proc is not None:
+            return proc.poll() is None
+        pid = self._pid()
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        # A zombie still answers kill(0); /proc tells the truth on Linux.
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except OSError:
+            return True
+
+    def stop_agent(self) -> None:
+        """Send SIGTERM to the agent's process group (used when a local job is cancelled)."""
+        pid = self._pid()
+        if pid is not None and self.agent_alive():
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def read_text(self, rel: str) -> str | None:
+        try:
+            return (self._dir / rel).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, rel: str, text: str) -> None:
+        path = self._dir / rel
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+
+    def fetch_tree(self, rel: str, dest: Path) -> None:
+        src = self._dir / rel
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dest)
+        else:
+            shutil.copy2(src, dest)
+
+    def run(self, command: str, timeout: float = 600.0) -> tuple[int, str, str]:
+        proc = subprocess.run(
+            command, shell=True, cwd=self._dir, capture_output=True, text=True, timeout=timeout
+        )
+        return proc.returncode, proc.stdout, proc.stderr
+
+    def close(self) -> None:
+        return None
+
+
+class LocalProvider:
+    """Runs jobs on this machine: its CUDA GPUs when present, else the CPU (tiny models)."""
+
+    name: ClassVar[str] = "local"
+    unsupported: ClassVar[Mapping[str, str]] = {
+        "spot": "a local machine cannot be preempted or bid on",
+        "self_terminate": "there is no instance to terminate; the agent just exits",
+    }
+
+    def __init__(self, *, python: str | None = None) -> None:
+        self._python = python or sys.executable
+        self._machines: dict[str, Machine] = {}
+
+    def offers(self) -> list[Offer]:
+        gpus = detect_gpus()
+        if not gpus:
+            return [Offer(provider="local", gpu="cpu", gpu_count=0, vram_gb=0.0,
+                          price_per_hour=0.0, instance_type="cpu", price_source="local")]
+        by_name: dict[tuple[str, float], int] = {}
+        for g in gpus:
+            by_name[g] = by_name.get(g, 0) + 1
+        return [
+            Offer(provider="local", gpu=name, gpu_count=n, vram_gb=vram, price_per_hour=0.0,
+                  instance_type=name, price_source="local")
+            for (name, vram), n in sorted(by_name.items())
+        ]
+
+    def launch(self, request: LaunchRequest) -> Machine:
+        m = Machine(provider="local", id=request.tag, tag=request.tag, status="running",
+                    python=self._python, workdir_root=str(runs_dir()))
+        self._machines[m.id] = m
+        return m
+
+    def get(self, machine_id: str) -> Machine | None:
+        return self._machines.get(machine_id) or Machine(
+            provider="local", id=machine_id, tag=machine_id, status="running",
+            python=self._python, workdir_root=str(runs_dir()))
+
+    def find(self, tag: str) -> Machine | None:
+        return self._machines.get(tag)
+
+    def list_tagged(self, prefix: str = "lb-") -> list[Machine]:
+        return [m for t, m in self._machines.items() if t.startswith(prefix)]
+
+    def terminate(self, machine_id: str) -> None:
+        """Stop the run's agent if it is still running (a cancelled or abandoned local job)."""
+        self._machines.pop(machine_id, None)
+        # Tags are "lb-<job id>-<attempt>" and the run folder is named by the job id.
+        job_id = machine_id.removeprefix("lb-").rpartition("-")[0]
+        if job_id:
+            LocalHost(runs_dir() / job_id, python=self._python).stop_agent()
+
+    def connect(self, machine: Machine, key_path: Path | None, workdir: str) -> Host:
+        return LocalHost(Path(workdir), python=machine.python)

@@ -1,0 +1,160 @@
+"""Content-addressed, deterministic bundles: spec + normalised data + (local) model + agent code.
+
+The tar has sorted entries, fixed mtimes/owners/modes and no compression, so the same job gives
+the same bytes and therefore the same sha256 — which is also its name. Files are streamed into
+the tar (and hashed on the way), so client memory stays flat whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import loraburst.remote as _remote_pkg
+from loraburst.remote.protocol import PROTOCOL_VERSION, safe_extract
+
+from ._dataset import PreparedDataset
+from ._exceptions import ConfigError
+from ._home import home
+from ._spec import JobSpec
+
+__all__ = ["Bundle", "build_bundle", "extract_bundle", "local_model_dir"]
+
+_EPOCH = 0  # every member's mtime: bytes must not depend on when the bundle was built
+
+
+@dataclasses.dataclass(frozen=True)
+class Bundle:
+    """A built bundle: ``path`` is ``<bundles>/<sha256>.tar``."""
+
+    path: Path
+    sha256: str
+    size: int
+    files: int
+
+
+def local_model_dir(model: str) -> Path | None:
+    """The model's local folder when ``model`` names one with a config.json, else None."""
+    p = Path(model).expanduser()
+    return p if (p / "config.json").is_file() else None
+
+
+def _bundle_spec(spec: JobSpec, train: PreparedDataset, eval_ds: PreparedDataset | None) -> bytes:
+    data = spec.model_dump(mode="json")
+    data["dataset"] = train.hub_id if train.kind == "hub" else "data/train.jsonl"
+    if eval_ds is not None:
+        data["eval_dataset"] = eval_ds.hub_id if eval_ds.kind == "hub" else "data/eval.jsonl"
+    if local_model_dir(spec.model) is not None:
+        data["model"] = "model"
+    # output_dir is a client-side path; it has no meaning on the instance.
+    data["output_dir"] = "adapter"
+    doc = {
+        "protocol_version": PROTOCOL_VERSION,
+        "job_id": spec.name or "job",
+        "data_format": train.kind,
+        "spec": data,
+    }
+    return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode()
+
+
+def _code_files() -> Iterator[tuple[str, Path]]:
+    root = Path(_remote_pkg.__file__).parent
+    for p in sorted(root.glob("*.py")):
+        yield f"code/loraburst/remote/{p.name}", p
+
+
+def _members(
+    spec: JobSpec, train: PreparedDataset, eval_ds: PreparedDataset | None
+) -> list[tuple[str, bytes | Path]]:
+    members: list[tuple[str, bytes | Path]] = [("spec.json", _bundle_spec(spec, train, eval_ds))]
+    if train.kind != "hub":
+        members.append(("data/train.jsonl", train.to_jsonl_bytes()))
+    if eval_ds is not None and eval_ds.kind != "hub":
+        members.append(("data/eval.jsonl", eval_ds.to_jsonl_bytes()))
+    model_dir = local_model_dir(spec.model)
+    if model_dir is not None:
+        for p in sorted(model_dir.rglob("*")):
+            if p.is_file() and not p.is_symlink():
+                members.append((f"model/{p.relative_to(model_dir).as_posix()}", p))
+    # A package marker so `python -m loraburst.remote.agent` resolves to the bundled code.
+    members.append(("code/loraburst/__init__.py", b'"""Bundled loraburst agent code."""\n'))
+    members.extend(_code_files())
+    return sorted(members, key=lambda m: m[0])
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b)
+        self._f.write(view)
+        self.sha.update(view)
+        self.size += len(view)
+        return len(view)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = _EPOCH
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def build_bundle(
+    spec: JobSpec,
+    train: PreparedDataset,
+    eval_ds: PreparedDataset | None = None,
+    *,
+    dest: Path | None = None,
+) -> Bundle:
+    """Write the job's bundle into ``dest`` (default ``$LORABURST_HOME/bundles``).
+
+    Raises:
+        ConfigError: the model folder cannot be read.
+    """
+    dest = dest or home() / "bundles"
+    dest.mkdir(parents=True, exist_ok=True)
+    members = _members(spec, train, eval_ds)
+    fd, tmp = tempfile.mkstemp(dir=dest, prefix=".bundle-", suffix=".tar")
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            writer = _HashingWriter(raw)
+            with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                for name, content in members:
+                    if isinstance(content, bytes):
+                        tar.addfile(_tarinfo(name, len(content)), io.BytesIO(content))
+                    else:
+                        try:
+                            with open(content, "rb") as f:
+                                tar.addfile(_tarinfo(name, os.fstat(f.fileno()).st_size), f)
+                        except OSError as exc:
+                            raise ConfigError(f"cannot read {content} for the bundle: {exc}") from exc
+        digest = writer.sha.hexdigest()
+        final = dest / f"{digest}.tar"
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Bundle(path=final, sha256=digest, size=writer.size, files=len(members))
+
+
+def extract_bundle(bundle: Path, dest: Path) -> list[str]:
+    """Safely extract (no absolute paths, no ``..``, no links); see ``protocol.safe_extract``."""
+    return safe_extract(bundle, dest)

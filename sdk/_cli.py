@@ -1,0 +1,184 @@
+"""The ``loraburst`` command line. User errors print one clear message, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from ._exceptions import ConfigError, LoraburstError, TeardownError
+
+__all__ = ["main"]
+
+_err = Console(stderr=True)
+_out = Console()
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from ._job import Job
+
+    job = Job.from_yaml(args.job)
+    train = job.validate()
+    _out.print(f"[green]valid[/]: {args.job}: {train.stats.describe()}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ._job import Job
+
+    job = Job.from_yaml(args.job)
+    provider = args.provider[0] if len(args.provider) == 1 else args.provider
+    result = job.run(provider=provider, gpu=args.gpu, max_cost=args.max_cost,
+                     max_price_per_hour=args.max_price_per_hour, prefer=args.prefer,
+                     cache=not args.no_cache)
+    _out.print(f"{result.status}: adapter at {result.adapter_path} "
+               f"(job {result.job_id}, {result.provider} {result.gpu}, ${result.cost_usd:.4f})")
+    return 0
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from ._job import Job
+
+    job = Job.from_yaml(args.job)
+    est = job.estimate(gpus=args.gpu or None, providers=args.provider or None)
+    if args.json:
+        print(json.dumps(est.to_dicts(), indent=2))
+    else:
+        _out.print(est)
+    return 0
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from ._ledger import Ledger
+
+    ledger = Ledger()
+    t = Table("job", "status", "provider", "gpu", "cost $", "adapter", title="jobs")
+    for j in ledger.jobs():
+        t.add_row(j.id, j.status, j.provider or "", j.gpu or "", f"{j.cost_usd:.4f}",
+                  j.adapter_path or "")
+    _out.print(t)
+    t = Table("instance tag", "provider", "id", "state", "$/h", "billed $", title="instances")
+    for i in ledger.instances():
+        t.add_row(i.tag, i.provider, i.provider_id or "", i.state, f"{i.price_per_hour:.2f}",
+                  f"{i.billed_usd:.4f}")
+    _out.print(t)
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from ._home import runs_dir
+
+    run = runs_dir() / args.job
+    if not run.is_dir():
+        raise ConfigError(f"no local run folder for job {args.job!r}; `loraburst ls` lists jobs")
+    for name in ("events.jsonl", "agent.log"):
+        p = run / name
+        if p.is_file():
+            print(p.read_text(encoding="utf-8", errors="replace"), end="")
+    return 0
+
+
+def _cmd_attach(args: argparse.Namespace) -> int:
+    from ._job import Job
+
+    result = Job.attach(args.job)
+    _out.print(f"{result.status}: adapter at {result.adapter_path} (${result.cost_usd:.4f})")
+    return 0
+
+
+def _cmd_cleanup(args: argparse.Namespace) -> int:
+    from ._cleanup import cleanup
+
+    report = cleanup(dry_run=args.dry_run)
+    for line in report.lines():
+        _out.print(line)
+    return 0 if report.ok else 1
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from ._batch import Batch
+
+    batch = Batch.from_yaml(args.batch)
+    result = batch.run()
+    _out.print(result.table())
+    return 0 if result.all_ok else 1
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    from . import __version__
+    from .remote.protocol import PROTOCOL_VERSION
+
+    print(f"loraburst {__version__} (agent protocol {PROTOCOL_VERSION})")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loraburst", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("validate", help="check a job file and every dataset row")
+    s.add_argument("job", type=Path)
+    s.set_defaults(fn=_cmd_validate)
+    s = sub.add_parser("run", help="run a job")
+    s.add_argument("job", type=Path)
+    s.add_argument("--provider", action="append", default=None,
+                   help="provider name; repeat for a fallback chain; 'auto' for all")
+    s.add_argument("--gpu", action="append", default=None)
+    s.add_argument("--max-cost", type=float, default=None)
+    s.add_argument("--max-price-per-hour", type=float, default=None)
+    s.add_argument("--prefer", choices=["cheapest", "fastest"], default="cheapest")
+    s.add_argument("--no-cache", action="store_true")
+    s.set_defaults(fn=_cmd_run)
+    s = sub.add_parser("estimate", help="time, peak VRAM and dollars on every GPU")
+    s.add_argument("job", type=Path)
+    s.add_argument("--gpu", action="append", default=[])
+    s.add_argument("--provider", action="append", default=[])
+    s.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    s.set_defaults(fn=_cmd_estimate)
+    s = sub.add_parser("ls", help="jobs and instances, state and cost")
+    s.set_defaults(fn=_cmd_ls)
+    s = sub.add_parser("logs", help="a job's events and agent log")
+    s.add_argument("job")
+    s.set_defaults(fn=_cmd_logs)
+    s = sub.add_parser("attach", help="re-attach to a job after a client crash and finish it")
+    s.add_argument("job")
+    s.set_defaults(fn=_cmd_attach)
+    s = sub.add_parser("cleanup", help="terminate instances the ledger or providers left open")
+    s.add_argument("--dry-run", action="store_true")
+    s.set_defaults(fn=_cmd_cleanup)
+    s = sub.add_parser("batch", help="run a batch of jobs under one budget")
+    s.add_argument("batch", type=Path)
+    s.set_defaults(fn=_cmd_batch)
+    s = sub.add_parser("version", help="print the version")
+    s.set_defaults(fn=_cmd_version)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``loraburst`` console script."""
+    args = _parser().parse_args(argv)
+    if getattr(args, "provider", None) is None and args.command == "run":
+        args.provider = ["local"]
+    try:
+        code: int = args.fn(args)
+        return code
+    except ConfigError as exc:
+        _err.print(f"[red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        return 2
+    except TeardownError as exc:
+        _err.print(f"[bold red]TEARDOWN FAILED:[/] {exc}", highlight=False, soft_wrap=True)
+        return 3
+    except LoraburstError as exc:
+        _err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 1
+    except KeyboardInterrupt:
+        _err.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

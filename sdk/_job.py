@@ -1,0 +1,253 @@
+"""``Job``: the user's handle on a fine-tune — validate, estimate, run, attach."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import ValidationError
+
+from ._dataset import PreparedDataset, prepare_dataset
+from ._exceptions import ConfigError
+from ._spec import JobSpec, LoraConfig, QuantConfig, TrainConfig, spec_error
+
+if TYPE_CHECKING:
+    from loraburst.providers import Provider
+
+    from ._estimate import Estimate
+    from ._result import JobResult
+
+__all__ = ["Job"]
+
+
+class Job:
+    """A QLoRA/LoRA/DoRA fine-tuning job.
+
+    Example::
+
+        job = Job("meta-llama/Llama-3.1-8B", "data.jsonl", train={"max_steps": 500})
+        print(job.estimate())
+        result = job.run(provider=["runpod", "lambda", "local"], max_cost=5.0)
+
+    Args:
+        model: a hub id or a local folder with config.json (shipped inside the bundle).
+        dataset: a JSONL/JSON/CSV/Parquet file, a ``save_to_disk`` folder, a list of dicts, or a
+            hub id (loaded on the instance).
+        method: ``"qlora"`` (4-bit NF4 base, the default), ``"lora"`` (bf16 base) or ``"dora"``.
+        lora, train, quant: sections of the spec, as dicts or config objects.
+        output_dir: where the verified adapter lands (``<output_dir>/<job id>/adapter``).
+        max_cost: dollar cap; refused before launch when the estimate could exceed it, and
+            enforced at runtime (the partial adapter comes back with ``budget_exhausted``).
+
+    Raises:
+        ConfigError: any invalid field, naming it and how to fix it.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        dataset: str | Path | list[dict[str, Any]],
+        *,
+        eval_dataset: str | Path | list[dict[str, Any]] | None = None,
+        method: Literal["qlora", "lora", "dora"] = "qlora",
+        lora: LoraConfig | Mapping[str, Any] | None = None,
+        train: TrainConfig | Mapping[str, Any] | None = None,
+        quant: QuantConfig | Mapping[str, Any] | None = None,
+        output_dir: str | Path = "outputs",
+        max_cost: float | None = None,
+        max_runtime: float | None = None,
+        name: str | None = None,
+        artifacts: str | None = None,
+        model_revision: str | None = None,
+    ) -> None:
+        raw: dict[str, Any] = {
+            "model": str(model),
+            "dataset": str(dataset) if isinstance(dataset, Path) else dataset,
+            "eval_dataset": str(eval_dataset) if isinstance(eval_dataset, Path) else eval_dataset,
+            "method": method, "output_dir": str(output_dir), "max_cost": max_cost,
+            "max_runtime": max_runtime, "name": name, "artifacts": artifacts,
+            "model_revision": model_revision,
+        }
+        for key, section in (("lora", lora), ("train", train), ("quant", quant)):
+            if section is not None:
+                raw[key] = section.model_dump() if hasattr(section, "model_dump") else dict(section)
+        self.spec = self._validate(raw)
+        self._prepared: tuple[PreparedDataset, PreparedDataset | None] | None = None
+
+    @staticmethod
+    def _validate(raw: Mapping[str, Any], source: str | Path | None = None) -> JobSpec:
+        try:
+            return JobSpec.model_validate(dict(raw))
+        except ValidationError as exc:
+            raise spec_error(exc, source) from None
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> Job:
+        job = cls.__new__(cls)
+        job.spec = spec
+        job._prepared = None
+        return job
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Job:
+        """Load a job from YAML; relative dataset/model/output paths are relative to the file.
+
+        Raises:
+            ConfigError: unreadable YAML, unknown keys (with a did-you-mean) or bad values.
+        """
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a job file must be a mapping of keys such as model:, "
+                              f"dataset:, train:")
+        base = path.resolve().parent
+        for key in ("dataset", "eval_dataset", "model", "output_dir"):
+            value = raw.get(key)
+            if isinstance(value, str) and not Path(value).is_absolute():
+                candidate = base / value
+                looks_local = value.startswith(".") or candidate.exists() or key == "output_dir"
+                if looks_local or Path(value).suffix in {".jsonl", ".json", ".csv", ".parquet"}:
+                    raw[key] = str(candidate)
+        return cls.from_spec(cls._validate(raw, path))
+
+    def to_yaml(self) -> str:
+        """The spec as YAML (defaults included), loadable with ``Job.from_yaml``."""
+        data = self.spec.model_dump(mode="json", exclude_none=True)
+        return yaml.safe_dump(data, sort_keys=False)
+
+    # -- data -----------------------------------------------------------------------------
+    def prepare(self) -> tuple[PreparedDataset, PreparedDataset | None]:
+        """Validate every row of the datasets (cached). Raises DatasetError naming file:line."""
+        if self._prepared is None:
+            s = self.spec
+            tok = s.model
+            train = prepare_dataset(s.dataset, max_seq_len=s.train.max_seq_len, tokenizer=tok,
+                                    field="dataset")
+            ev = None
+            if s.eval_dataset is not None:
+                ev = prepare_dataset(s.eval_dataset, max_seq_len=s.train.max_seq_len,
+                                     tokenizer=tok, field="eval_dataset")
+            self._prepared = (train, ev)
+        return self._prepared
+
+    def validate(self) -> PreparedDataset:
+        """Check the spec and every dataset row; return the training set with its stats."""
+        return self.prepare()[0]
+
+    def cache_key(self) -> str:
+        """Content hash of (base model id + revision, dataset bytes, spec, trainer version).
+
+        Fields that do not change the trained adapter (name, output_dir, budgets) are left out.
+        """
+        from loraburst._bundle import _code_files, local_model_dir
+
+        train, ev = self.prepare()
+        h = hashlib.sha256()
+        spec = self.spec.model_dump(mode="json", exclude={
+            "name", "output_dir", "max_cost", "max_runtime", "artifacts", "dataset",
+            "eval_dataset"})
+        h.update(json.dumps(spec, sort_keys=True).encode())
+        for ds in (train, ev):
+            h.update(b"|" + (ds.to_jsonl_bytes() if ds and ds.kind != "hub" else
+                             str(ds.hub_id if ds else None).encode()))
+        model_dir = local_model_dir(self.spec.model)
+        if model_dir is not None:
+            from loraburst.remote.protocol import sha256_file
+
+            for p in sorted(model_dir.rglob("*")):
+                if p.is_file():
+                    h.update(f"|{p.relative_to(model_dir)}:{sha256_file(p)}".encode())
+        for _, p in _code_files():
+            h.update(p.read_bytes())
+        return h.hexdigest()
+
+    # -- estimate -------------------------------------------------------------------------
+    def estimate(
+        self,
+        gpus: Sequence[str] | None = None,
+        providers: Sequence[str] | None = None,
+        *,
+        live: bool = True,
+    ) -> Estimate:
+        """Time, peak VRAM and dollars on every GPU of every provider, before renting.
+
+        Live prices replace the dated snapshot for providers whose API key is configured.
+        """
+        from ._placement import estimate_job
+
+        return estimate_job(self, gpus=gpus, providers=providers, live=live)
+
+    # -- run ------------------------------------------------------------------------------
+    def run(
+        self,
+        provider: Any = "local",
+        *,
+        gpu: str | Sequence[str] | float | None = None,
+        max_price_per_hour: float | None = None,
+        prefer: Literal["cheapest", "fastest"] = "cheapest",
+        deadline: float | None = None,
+        max_cost: float | None = None,
+        cache: bool = True,
+        progress: bool = True,
+        env: Mapping[str, str] | None = None,
+    ) -> JobResult:
+        """Run the job: validate, bundle, place, train, pull the verified adapter, tear down.
+
+        Args:
+            provider: a name (``"runpod"``), a provider object, an ordered fallback chain
+                (``["runpod", "lambda", "local"]``) or ``"auto"`` (every configured provider
+                plus local).
+            gpu: GPU name(s) to allow, or a minimum VRAM in GB.
+            max_price_per_hour: skip offers above this $/h.
+            prefer: rank feasible offers by estimated total cost or by time.
+            deadline: seconds the job may take end to end (offers that cannot meet it are
+                skipped).
+            max_cost: overrides the spec's ``max_cost``.
+            cache: return an identical finished job's adapter at $0.
+
+        Raises:
+            DatasetError, ConfigError: before anything is rented.
+            BudgetExceededError: the estimate's upper bound exceeds ``max_cost``.
+            PlacementError: every offer failed (the message has a table of attempts).
+            TeardownError: an instance could not be confirmed terminated (run cleanup).
+        """
+        from ._execute import execute
+
+        return execute(
+            self, provider, gpu=gpu, max_price_per_hour=max_price_per_hour, prefer=prefer,
+            deadline=deadline, max_cost=max_cost if max_cost is not None else self.spec.max_cost,
+            cache=cache, progress=progress, env=env,
+        )
+
+    @classmethod
+    def attach(cls, job_id: str, *, providers: Mapping[str, Provider] | None = None,
+               progress: bool = True) -> JobResult:
+        """Re-attach to a job after the client died: follow it, pull the adapter, tear down."""
+        from ._execute import attach
+
+        return attach(job_id, providers=providers, progress=progress)
+
+    def __repr__(self) -> str:
+        return f"Job(model={self.spec.model!r}, dataset={_short(self.spec.dataset)}, " \
+               f"method={self.spec.method!r})"
+
+
+def _short(value: object) -> str:
+    return f"<{len(value)} rows>" if isinstance(value, list) else repr(value)
+
+
+def new_job_id(name: str | None) -> str:
+    """``<name>-<8 hex>``: readable in `loraburst ls` and unique per run."""
+    return f"{name or 'job'}-{secrets.token_hex(4)}"

@@ -1,0 +1,66 @@
+"""The progress display: one rich bar for every provider (step/total, loss, tokens/s, ETA, $)."""
+
+from __future__ import annotations
+
+import sys
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from loraburst.remote.protocol import State
+
+__all__ = ["ProgressView"]
+
+
+class ProgressView:
+    """Shows a run's State; prints plain lines instead of a bar when not on a terminal."""
+
+    def __init__(self, label: str, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._console = Console(stderr=True)
+        self._live = enabled and sys.stderr.isatty()
+        self._progress: Progress | None = None
+        self._task = None
+        self._label = label
+        self._last_printed = -1
+
+    def __enter__(self) -> ProgressView:
+        if self._live:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                console=self._console, transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self._label, total=None, info="")
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self._console.print(text, highlight=False)
+
+    def update(self, state: State, spent_usd: float) -> None:
+        if not self.enabled:
+            return
+        parts = [state.phase]
+        if state.loss is not None:
+            parts.append(f"loss {state.loss:.4f}")
+        if state.tokens_per_s:
+            parts.append(f"{state.tokens_per_s:,.0f} tok/s")
+        if state.eta_s is not None and state.phase == "training":
+            parts.append(f"ETA {state.eta_s:,.0f}s")
+        parts.append(f"${spent_usd:.4f}")
+        info = " | ".join(parts)
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, total=state.total_steps or None,
+                                  completed=state.step, info=info)
+        elif state.step != self._last_printed:
+            self._last_printed = state.step
+            self._console.print(f"{self._label}: step {state.step}/{state.total_steps} {info}",
+                                highlight=False)
