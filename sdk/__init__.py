@@ -19,6 +19,8 @@ from ._exceptions import (
     TeardownError as TeardownError,
     TransportError as TransportError,
 )
+from ._job import Job as Job
+from ._result import Attempt as Attempt, JobResult as JobResult
 from ._spec import JobSpec as JobSpec, LoraConfig as LoraConfig, QuantConfig as QuantConfig
 from ._spec import TrainConfig as TrainConfig
 
@@ -27,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AgentError",
     "ArtifactError",
+    "Attempt",
     "AuthError",
     "BudgetExceededError",
     "CapacityError",
@@ -34,7 +37,9 @@ __all__ = [
     "DatasetError",
     "EstimateError",
     "JobCancelledError",
+    "Job",
     "JobError",
+    "JobResult",
     "JobSpec",
     "LoraConfig",
     "LoraburstError",

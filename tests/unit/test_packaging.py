@@ -1,0 +1,82 @@
+"""Packaging: the package-dir mapping, the public API and the light import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import loraburst
+import loraburst.providers
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_package_folder_is_listed() -> None:
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapping = cfg["package-dir"]
+    listed = set(cfg["packages"])
+    for pkg, folder in mapping.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder).parts
+            assert ".".join((pkg, *rel)) in listed, f"{init} is not in [tool.setuptools] packages"
+
+
+def test_all_is_sorted_and_resolvable() -> None:
+    for mod in (loraburst, loraburst.providers):
+        assert list(mod.__all__) == sorted(mod.__all__), mod.__name__
+        for name in mod.__all__:
+            assert hasattr(mod, name), f"{mod.__name__}.{name}"
+
+
+def test_errors_share_one_root() -> None:
+    for name in loraburst.__all__:
+        obj = getattr(loraburst, name)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            assert issubclass(obj, loraburst.LoraburstError), name
+    assert issubclass(loraburst.ConfigError, ValueError)
+
+
+def test_import_does_not_load_torch() -> None:
+    code = (
+        "import sys, loraburst, loraburst.providers, loraburst.remote.protocol;"
+        "from loraburst import Job;"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'trl', 'bitsandbytes')"
+        " if m in sys.modules];"
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_builtin_providers_are_entry_points() -> None:
+    names = {ep.name for ep in entry_points(group="loraburst.providers")}
+    assert {"local", "ssh", "runpod", "lambda"} <= names
+
+
+def test_remote_imports_only_stdlib_and_itself() -> None:
+    # The agent must start on a bare instance: no client code, no third-party imports at
+    # module level (the trainer imports torch & co. inside its functions).
+    code = (
+        "import sys, importlib;"
+        "before = set(sys.modules);"
+        "import loraburst.remote.agent, loraburst.remote.protocol;"
+        "new = {m.split('.')[0] for m in set(sys.modules) - before};"
+        "bad = sorted(m for m in new if m not in sys.stdlib_module_names and m != 'loraburst');"
+        "client = [m for m in sys.modules if m.startswith('loraburst.') and"
+        " not m.startswith('loraburst.remote')];"
+        "print(bad, client); sys.exit(1 if bad or client else 0)"
+    )
+    env_code = ROOT / "remote"
+    assert env_code.is_dir()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_cli_version() -> None:
+    proc = subprocess.run([sys.executable, "-m", "loraburst._cli", "version"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("loraburst ")
