@@ -1,0 +1,470 @@
+"""Time, peak VRAM and dollars of a job on each GPU offer, before anything is rented.
+
+One :class:`EstimateRow` per (provider, GPU type, GPU count). Prices come from live offers when
+the caller passes them (``loraburst.providers.Offer``), else from the dated snapshot in
+``_gpus.py``, and each row says which (``price_source``). Speed and memory come from
+``loraburst.remote.memory`` with the coefficients fitted on an H200 (``data/calibration.json``).
+
+Conventions: ``tokens`` is the number of tokens the trainer will process (train split times
+epochs, or ``max_steps`` times tokens per step). Without packing, each micro-batch is padded to
+its longest row; we approximate that length by the mean row length (speed) and size memory for
+a full ``max_seq_len`` batch (the worst batch must fit). The trainer is single-GPU: on an offer
+of N GPUs it uses one, and the row says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from loraburst.remote.memory import Coefficients, choose_settings, peak_vram, step_time
+
+from ._exceptions import EstimateError
+from ._gpus import CATALOG, SNAPSHOT, GPUSpec, billing_increment_s, resolve_gpu, setup_model
+from ._shapes import ModelShape, model_shape
+from ._spec import JobSpec
+
+if TYPE_CHECKING:
+    from loraburst.providers import Offer
+    from rich.table import Table
+
+__all__ = ["Estimate", "EstimateRow", "estimate", "load_calibration", "model_shape", "resolve_gpu"]
+
+SAVE_S = 2.0  # seconds per adapter checkpoint save
+TOKEN_GUESS_ERROR = 0.25  # chars-per-token estimates are this far off, either way
+SETUP_RANGE = (0.6, 2.0)  # setup overhead: low and high multipliers
+OTHER_GPU_ERROR = 0.15  # added speed uncertainty on GPUs other than the calibration one
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimateRow:
+    """The estimate for one (provider, GPU type, GPU count); times in seconds, VRAM in GiB."""
+
+    provider: str
+    gpu: str
+    gpu_count: int
+    fits: bool
+    peak_vram_gb: float
+    vram_gb: float
+    micro_batch_size: int
+    gradient_checkpointing: bool
+    tokens_per_s: float
+    train_s: float
+    setup_s: float
+    total_s: float
+    price_per_hour: float
+    price_source: str
+    billing_increment_s: int
+    cost_usd: float
+    cost_low_usd: float
+    cost_high_usd: float
+    note: str
+    steps: int = 0
+    available: bool = True
+
+    @property
+    def feasible(self) -> bool:
+        """Fits in memory, is available, and has a known price."""
+        return self.fits and self.available and self.price_source != "unpriced"
+
+
+@dataclasses.dataclass
+class Estimate:
+    """All rows for one job, cheapest feasible first."""
+
+    rows: list[EstimateRow]
+    model: str
+    tokens: int
+    tokens_exact: bool
+    steps: int
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def feasible(self) -> list[EstimateRow]:
+        """Rows that fit, are available and have a price."""
+        return [r for r in self.rows if r.feasible]
+
+    def cheapest(self) -> EstimateRow | None:
+        """The feasible row with the lowest cost (then the shortest time)."""
+        rows = self.feasible()
+        return min(rows, key=lambda r: (r.cost_usd, r.total_s)) if rows else None
+
+    def fastest(self) -> EstimateRow | None:
+        """The feasible row with the shortest total time (then the lowest cost)."""
+        rows = self.feasible()
+        return min(rows, key=lambda r: (r.total_s, r.cost_usd)) if rows else None
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(r) for r in self.rows]
+
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
+        head = [
+            "provider",
+            "gpu",
+            "n",
+            "fits",
+            "peak/VRAM GiB",
+            "batch",
+            "tok/s",
+            "train",
+            "setup",
+            "$/hr",
+            "cost (range)",
+            "note",
+        ]
+        body = []
+        for r in self.rows:
+            cost = f"${r.cost_usd:.2f} ({r.cost_low_usd:.2f}-{r.cost_high_usd:.2f})"
+            body.append(
+                [
+                    r.provider,
+                    r.gpu,
+                    str(r.gpu_count),
+                    "yes" if r.fits else "NO",
+                    f"{r.peak_vram_gb:.1f}/{r.vram_gb:.0f}",
+                    f"{r.micro_batch_size}{'+ckpt' if r.gradient_checkpointing else ''}",
+                    f"{r.tokens_per_s:,.0f}" if r.fits else "-",
+                    _dur(r.train_s) if r.fits else "-",
+                    _dur(r.setup_s),
+                    f"{r.price_per_hour:.2f}",
+                    cost if r.fits else "-",
+                    r.note,
+                ]
+            )
+        return head, body
+
+    def _title(self) -> str:
+        kind = "exact" if self.tokens_exact else "estimated"
+        return f"{self.model}: {self.tokens:,} tokens ({kind}), {self.steps:,} steps"
+
+    def table(self) -> str:
+        """Plain-text table, one line per row, then the notes."""
+        head, body = self._cells()
+        widths = [max(len(c) for c in col) for col in zip(head, *body)]
+        lines = [self._title()]
+        for cells in [head, *body]:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __rich__(self) -> Table:
+        from rich.table import Table
+
+        head, body = self._cells()
+        table = Table(title=self._title(), caption="\n".join(self.notes) or None)
+        for h in head:
+            table.add_column(h, justify="right" if h in ("tok/s", "$/hr", "n") else "left")
+        for cells in body:
+            table.add_row(*cells)
+        return table
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _dur(seconds: float) -> str:
+    m = seconds / 60
+    return f"{m:.0f}m" if m < 600 else f"{m / 60:.1f}h"
+
+
+@lru_cache(maxsize=1)
+def load_calibration() -> dict[str, Any]:
+    """``data/calibration.json`` (fitted coefficients, points, date, GPU, versions)."""
+    text = resources.files("loraburst").joinpath("data/calibration.json").read_text()
+    data: dict[str, Any] = json.loads(text)
+    return data
+
+
+def _coeffs() -> Coefficients:
+    return Coefficients.from_dict(load_calibration()["coefficients"])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Workload:
+    seq_mem: int  # sequence length memory must hold
+    seq_speed: int  # sequence length that sets speed (mean padded length)
+    sequences: float  # training sequences per epoch
+
+
+def _workload(spec: JobSpec, tokens: int, rows: int) -> _Workload:
+    t = spec.train
+    keep = 1.0 - t.eval_fraction
+    max_seq = t.max_seq_len
+    if t.packing:
+        seq = max_seq
+        sequences = max(1.0, math.ceil(tokens * keep / max_seq))
+    else:
+        seq = max(1, min(max_seq, round(tokens / max(rows, 1))))
+        sequences = max(1.0, rows * keep)
+    return _Workload(max_seq, seq, sequences)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    provider: str
+    gpu: GPUSpec
+    count: int
+    price: float
+    source: str
+    increment: int
+    available: bool
+    vram_gb: float
+
+
+def _slots(
+    offers: Sequence[Offer] | None,
+    local_gpus: Sequence[tuple[str, float]],
+    skipped: list[str],
+) -> list[_Slot]:
+    slots = []
+    if offers is None:
+        for p in SNAPSHOT:
+            g = CATALOG[p.gpu]
+            inc = billing_increment_s(p.provider)
+            slots.append(
+                _Slot(p.provider, g, p.gpu_count, p.price_per_hour, p.source, inc, True, g.vram_gb)
+            )
+    else:
+        for o in offers:
+            try:
+                g = resolve_gpu(o.gpu)
+            except EstimateError:
+                skipped.append(f"{o.provider} {o.gpu} (not in the GPU catalog)")
+                continue
+            slots.append(
+                _Slot(
+                    o.provider,
+                    g,
+                    o.gpu_count,
+                    o.price_per_hour,
+                    o.price_source,
+                    o.billing_increment_s,
+                    o.available,
+                    g.vram_gb,
+                )
+            )
+    for name, vram in local_gpus:
+        try:
+            g = resolve_gpu(name)
+        except EstimateError:
+            g = GPUSpec(name, vram, 100.0, 900)  # unknown local card: a mid-range guess
+            skipped.append(f"local {name}: not in the catalog, speed guessed as 100 TFLOP/s")
+        slots.append(_Slot("local", g, 1, 0.0, "local (free)", 1, True, vram))
+    return slots
+
+
+def estimate(
+    spec: JobSpec,
+    *,
+    tokens: int,
+    rows: int,
+    tokens_exact: bool,
+    gpus: Sequence[str] | None = None,
+    providers: Sequence[str] | None = None,
+    offers: Sequence[Offer] | None = None,
+    local_gpus: Sequence[tuple[str, float]] = (),
+) -> Estimate:
+    """Estimate ``spec`` on every offer (or the snapshot), cheapest feasible first.
+
+    Args:
+        spec: the job.
+        tokens: tokens in the dataset (all rows, before the eval split).
+        rows: rows in the dataset.
+        tokens_exact: whether ``tokens`` was counted with the model's tokenizer; if not, the
+            cost range widens by ``TOKEN_GUESS_ERROR``.
+        gpus: keep only these GPU types (any spelling the catalog knows).
+        providers: keep only these providers.
+        offers: live offers; ``None`` uses the dated price snapshot.
+        local_gpus: ``(name, vram GiB)`` of local cards, priced at 0.
+
+    Raises:
+        EstimateError: unknown GPU or model, or the job fits none of the GPUs considered
+            (the message says what would make it fit).
+    """
+    if tokens < 0 or rows < 0:
+        raise EstimateError(f"tokens ({tokens}) and rows ({rows}) must be >= 0")
+    ms = model_shape(spec.model)
+    coeffs = _coeffs()
+    wl = _workload(spec, tokens, rows)
+    wanted = {resolve_gpu(g).name for g in gpus} if gpus else None
+    want_p = {p.lower() for p in providers} if providers else None
+    skipped: list[str] = []
+    slots = [
+        s
+        for s in _slots(offers, local_gpus, skipped)
+        if (wanted is None or s.gpu.name in wanted) and (want_p is None or s.provider in want_p)
+    ]
+    for name in sorted((wanted or set()) - {s.gpu.name for s in slots}):
+        g = CATALOG[name]
+        slots.append(_Slot("-", g, 1, 0.0, "unpriced", 1, True, g.vram_gb))
+    rows_out = [_row(spec, ms, wl, s, coeffs, tokens_exact) for s in slots]
+    rows_out.sort(key=lambda r: (not r.feasible, r.cost_usd, r.total_s))
+    best = min(rows_out, key=lambda r: (not r.feasible, r.cost_usd), default=None)
+    notes = [
+        f"speed from a fit on {load_calibration().get('gpu', 'an H200')}"
+        f" ({load_calibration().get('date', 'undated')}); other GPUs scaled by TFLOP/s and"
+        " bandwidth",
+        "setup: " + setup_model("runpod").describe() + " (RunPod; Lambda boots in ~4 min)",
+    ]
+    if not spec.train.packing:
+        notes.append(
+            f"no packing: micro-batches padded to their longest row, taken as the mean row "
+            f"({wl.seq_speed} tokens); memory sized for max_seq_len {wl.seq_mem}"
+        )
+    if skipped:
+        notes.append("skipped: " + "; ".join(skipped))
+    steps = best.steps if best else 0
+    tokens_total = steps * spec.train.grad_accum * (best.micro_batch_size if best else 1)
+    est = Estimate(rows_out, ms.name, tokens_total * wl.seq_speed, tokens_exact, steps, notes)
+    if rows_out and not any(r.fits for r in rows_out):
+        raise EstimateError(_no_fit_message(spec, ms, wl, rows_out, coeffs), estimate=est)
+    return est
+
+
+def _steps(spec: JobSpec, wl: _Workload, micro_batch: int) -> int:
+    t = spec.train
+    if t.max_steps is not None:
+        return t.max_steps
+    return max(1, math.ceil(wl.sequences * t.epochs / (micro_batch * t.grad_accum)))
+
+
+def _row(
+    spec: JobSpec, ms: ModelShape, wl: _Workload, s: _Slot, coeffs: Coefficients, exact: bool
+) -> EstimateRow:
+    bits = spec.quant.bits if spec.quantized else 16
+    common: dict[str, Any] = {
+        "lora_r": spec.lora.r,
+        "bits": bits,
+        "target_modules": spec.lora.target_modules,
+        "coeffs": coeffs,
+    }
+    pick = choose_settings(
+        ms.config,
+        vram_gb=s.vram_gb,
+        seq_len=wl.seq_mem,
+        micro_batch_size=spec.train.micro_batch_size,
+        gradient_checkpointing=spec.train.gradient_checkpointing,
+        tflops=s.gpu.bf16_tflops,
+        bandwidth_gbs=s.gpu.bandwidth_gbs,
+        gemm_efficiency=s.gpu.gemm_efficiency,
+        **common,
+    )
+    mb, ckpt = int(pick["micro_batch_size"]), bool(pick["gradient_checkpointing"])
+    timing = step_time(
+        ms.shape,
+        seq_len=wl.seq_speed,
+        micro_batch_size=mb,
+        gradient_checkpointing=ckpt,
+        tflops=s.gpu.bf16_tflops,
+        bandwidth_gbs=s.gpu.bandwidth_gbs,
+        gemm_efficiency=s.gpu.gemm_efficiency,
+        **common,
+    )
+    steps = _steps(spec, wl, mb)
+    saves = steps // spec.train.save_every_steps if spec.train.save_every_steps else 0
+    train_s = steps * spec.train.grad_accum * timing["total"] + saves * SAVE_S
+    setup = setup_model(s.provider)
+    download = 0.0 if ms.source.endswith("config.json") and s.provider == "local" else 1.0
+    setup_s = setup.seconds(ms.download_bytes * download)
+    total_s = train_s + setup_s
+    notes = []
+    if not pick["fits"]:
+        notes.append(
+            f"needs {pick['peak_vram_gb']:.1f} GiB even at micro-batch {mb}"
+            f"{' with checkpointing' if ckpt else ''}"
+        )
+    elif spec.train.gradient_checkpointing == "auto" and ckpt:
+        notes.append("checkpointing on to fit")
+    if s.count > 1:
+        notes.append(f"trainer uses 1 of {s.count} GPUs")
+    if not s.gpu.bf16:
+        notes.append("no bf16: trains in fp16")
+    if not s.available:
+        notes.append("not available now")
+    if s.source == "unpriced":
+        notes.append("no price known for this GPU")
+    err_speed = float(load_calibration().get("accuracy", {}).get("max_rel_error_tokens_per_s", 0.2))
+    if s.gpu.name != "H200":
+        err_speed += OTHER_GPU_ERROR
+    err_tok = 0.0 if exact or spec.train.max_steps else TOKEN_GUESS_ERROR
+    low_s = train_s * (1 - err_speed) * (1 - err_tok) + setup_s * SETUP_RANGE[0]
+    high_s = train_s * (1 + err_speed) * (1 + err_tok) + setup_s * SETUP_RANGE[1]
+
+    def cost(seconds: float) -> float:
+        billed = math.ceil(seconds / s.increment) * s.increment
+        return round(s.price * billed / 3600, 4)
+
+    return EstimateRow(
+        provider=s.provider,
+        gpu=s.gpu.name,
+        gpu_count=s.count,
+        fits=bool(pick["fits"]),
+        peak_vram_gb=float(pick["peak_vram_gb"]),
+        vram_gb=s.vram_gb,
+        micro_batch_size=mb,
+        gradient_checkpointing=ckpt,
+        tokens_per_s=round(timing["tokens_per_s"], 1),
+        train_s=round(train_s, 1),
+        setup_s=round(setup_s, 1),
+        total_s=round(total_s, 1),
+        price_per_hour=s.price,
+        price_source=s.source,
+        billing_increment_s=s.increment,
+        cost_usd=cost(total_s),
+        cost_low_usd=cost(low_s),
+        cost_high_usd=cost(high_s),
+        note="; ".join(notes),
+        steps=steps,
+        available=s.available,
+    )
+
+
+def _no_fit_message(
+    spec: JobSpec, ms: ModelShape, wl: _Workload, rows: list[EstimateRow], coeffs: Coefficients
+) -> str:
+    bits = spec.quant.bits if spec.quantized else 16
+    largest = max(r.vram_gb for r in rows)
+
+    def need(seq: int) -> float:
+        return float(
+            peak_vram(
+                ms.shape,
+                seq_len=seq,
+                micro_batch_size=1,
+                lora_r=spec.lora.r,
+                gradient_checkpointing=True,
+                bits=bits,
+                coeffs=coeffs,
+            )["total"]
+        )
+
+    fixes = []
+    if spec.train.micro_batch_size not in ("auto", 1):
+        fixes.append("train.micro_batch_size: 1 (raise grad_accum to keep the batch)")
+    if spec.train.gradient_checkpointing is False:
+        fixes.append('train.gradient_checkpointing: "auto"')
+    seq = wl.seq_mem // 2
+    while seq >= 128 and need(seq) > largest * 0.97:
+        seq //= 2
+    if seq >= 128:
+        fixes.append(f"train.max_seq_len: {seq} (needs {need(seq):.1f} GiB)")
+    bigger = [
+        g.name
+        for g in sorted(CATALOG.values(), key=lambda g: g.vram_gb)
+        if g.vram_gb * 0.97 >= need(wl.seq_mem)
+    ]
+    if bigger:
+        fixes.append(f"a larger GPU: {', '.join(bigger[:4])}")
+    if bits > 4:
+        fixes.append("quant.bits: 4")
+    lines = [
+        f"{ms.name} fits none of the GPUs considered (largest {largest:.0f} GiB); "
+        f"at micro-batch 1 with checkpointing it needs {need(wl.seq_mem):.1f} GiB "
+        f"for max_seq_len {wl.seq_mem}. What would make it fit:"
+    ]
+    lines += [f"  - {f}" for f in fixes] or ["  - a smaller model"]
+    return "\n".join(lines)
