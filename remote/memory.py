@@ -398,6 +398,6 @@ def solve_least_squares(rows: Sequence[Sequence[float]], targets: Sequence[float
         for k in range(n):
             if k != col:
                 f = a[k][col] / a[col][col]
-                a[k] = [x - f * y for x, y in zip(a[k], a[col])]
+                a[k] = [x - f * y for x, y in zip(a[k], a[col], strict=True)]
                 b[k] -= f * b[col]
     return [b[i] / a[i][i] for i in range(n)]

@@ -144,7 +144,7 @@ class Estimate:
     def table(self) -> str:
         """Plain-text table, one line per row, then the notes."""
         head, body = self._cells()
-        widths = [max(len(c) for c in col) for col in zip(head, *body)]
+        widths = [max(len(c) for c in col) for col in zip(head, *body, strict=True)]
         lines = [self._title()]
         for cells in [head, *body]:
             lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
