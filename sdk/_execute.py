@@ -21,6 +21,7 @@ from ._exceptions import (
     ConfigError,
     JobCancelledError,
     JobError,
+    LoraburstError,
     PlacementError,
     ProviderError,
     TransportError,
@@ -74,9 +75,9 @@ def execute(
     progress: bool = True,
     env: Mapping[str, str] | None = None,
     ledger: Ledger | None = None,
-    reserve: Any = None,
+    allow_partial: bool = False,
 ) -> JobResult:
-    """See ``Job.run``. ``reserve`` is the Batch's budget hook (called with the plan)."""
+    """See ``Job.run``."""
     from ._job import new_job_id
     from ._placement import plan
 
@@ -95,9 +96,8 @@ def execute(
                              cost_usd=0.0, durations={"total": time.time() - t_start})
 
     candidates = plan(job, provider, gpu=gpu, max_price_per_hour=max_price_per_hour,
-                      prefer=prefer, deadline=deadline, max_cost=max_cost)
-    if reserve is not None:
-        reserve(candidates)
+                      prefer=prefer, deadline=deadline,
+                      max_cost=None if allow_partial else max_cost)
 
     t0 = time.time()
     bundle = build_bundle(job.spec, train, ev)
@@ -113,8 +113,15 @@ def execute(
                  f"{train.stats.describe()}")
     output_dir = Path(job.spec.output_dir).expanduser()
     with view, _sigterm_as_interrupt():
-        return _run_chain(job, job_id, candidates, bundle, ledger, view, output_dir,
-                          max_cost=max_cost, env=env, durations=durations, t_start=t_start)
+        try:
+            return _run_chain(job, job_id, candidates, bundle, ledger, view, output_dir,
+                              max_cost=max_cost, env=env, durations=durations, t_start=t_start)
+        except LoraburstError as exc:
+            row = ledger.job(job_id)
+            exc.context.update(job_id=job_id, cost_usd=row.cost_usd if row else 0.0)
+            if row is not None and row.status == "running":
+                ledger.update_job(job_id, status="failed", error=str(exc)[:500])
+            raise
 
 
 def _run_chain(job: Job, job_id: str, candidates: list[Candidate], bundle: Any, ledger: Ledger,

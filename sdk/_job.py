@@ -202,6 +202,7 @@ class Job:
         cache: bool = True,
         progress: bool = True,
         env: Mapping[str, str] | None = None,
+        allow_partial: bool = False,
     ) -> JobResult:
         """Run the job: validate, bundle, place, train, pull the verified adapter, tear down.
 
@@ -216,6 +217,11 @@ class Job:
                 skipped).
             max_cost: overrides the spec's ``max_cost``.
             cache: return an identical finished job's adapter at $0.
+            allow_partial: start even when the estimate's upper bound exceeds ``max_cost``;
+                training then stops at the cap and the partial adapter comes back
+                (``status="budget_exhausted"``). By default such a job is refused up front.
+            env: extra environment for the agent (e.g. ``AWS_*`` for ``artifacts=``); values
+                travel over SSH only, never into the bundle or the ledger.
 
         Raises:
             DatasetError, ConfigError: before anything is rented.
@@ -228,7 +234,7 @@ class Job:
         return execute(
             self, provider, gpu=gpu, max_price_per_hour=max_price_per_hour, prefer=prefer,
             deadline=deadline, max_cost=max_cost if max_cost is not None else self.spec.max_cost,
-            cache=cache, progress=progress, env=env,
+            cache=cache, progress=progress, env=env, allow_partial=allow_partial,
         )
 
     @classmethod

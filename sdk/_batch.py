@@ -1,0 +1,227 @@
+"""``Batch``: many jobs under one dollar budget.
+
+Each job's estimated upper cost bound is reserved against the budget before it starts and is
+passed to it as its ``max_cost`` (so the runtime cap holds it there); what a finished job did
+not spend is released. A job whose cheapest feasible bound no longer fits in what is left is
+never started. One job's failure does not stop the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.table import Table
+
+from ._exceptions import BudgetExceededError, ConfigError, LoraburstError
+from ._job import Job
+from ._placement import plan
+
+__all__ = ["Batch", "BatchResult", "BatchRow"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRow:
+    """One job's line in the batch table."""
+
+    name: str
+    status: str  # a JobResult status, "failed" or "skipped (budget)"
+    provider: str | None = None
+    gpu: str | None = None
+    reserved_usd: float = 0.0
+    cost_usd: float = 0.0
+    adapter_path: str | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchResult:
+    rows: tuple[BatchRow, ...]
+    budget: float
+    spent_usd: float
+
+    @property
+    def all_ok(self) -> bool:
+        return all(r.status in ("succeeded", "cached") for r in self.rows)
+
+    def table(self) -> Table:
+        t = Table("job", "status", "provider", "gpu", "reserved $", "spent $", "adapter / error",
+                  title=f"batch: spent ${self.spent_usd:.4f} of ${self.budget:.2f}")
+        for r in self.rows:
+            t.add_row(r.name, r.status, r.provider or "", r.gpu or "", f"{r.reserved_usd:.4f}",
+                      f"{r.cost_usd:.4f}", r.adapter_path or (r.error or "")[:80])
+        return t
+
+
+class Batch:
+    """Run ``jobs`` concurrently under one dollar ``budget``.
+
+    Args:
+        jobs: the jobs; each needs a distinct ``name`` (sweeps name them for you).
+        budget: dollars for the whole batch; the providers' billed total stays within it.
+        max_concurrent: jobs running at once.
+        provider, **run_kwargs: passed to each ``Job.run`` (chains, ``gpu=``, ``prefer=`` ...).
+    """
+
+    def __init__(self, jobs: Sequence[Job], *, budget: float, max_concurrent: int = 2,
+                 provider: Any = "auto", progress: bool = False, **run_kwargs: Any) -> None:
+        if budget <= 0:
+            raise ConfigError("Batch budget must be positive (dollars)")
+        if max_concurrent < 1:
+            raise ConfigError("max_concurrent must be at least 1")
+        names = [j.spec.name or f"job-{i}" for i, j in enumerate(jobs)]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ConfigError(f"batch job names must be unique; repeated: {sorted(dupes)}")
+        self.jobs = list(jobs)
+        self.names = names
+        self.budget = budget
+        self.max_concurrent = max_concurrent
+        self.provider = provider
+        self.progress = progress
+        self.run_kwargs = run_kwargs
+        self._lock = threading.Lock()
+        self._reserved = 0.0
+        self._spent = 0.0
+
+    @classmethod
+    def sweep(cls, job: Job, *, lora: Mapping[str, Sequence[Any]] | None = None,
+              train: Mapping[str, Sequence[Any]] | None = None,
+              quant: Mapping[str, Sequence[Any]] | None = None, **batch_kwargs: Any) -> Batch:
+        """The grid of ``job`` over every combination of the given values, as one Batch.
+
+        Example: ``Batch.sweep(job, lora={"r": [8, 16, 32]}, train={"learning_rate": [1e-4,
+        2e-4]}, budget=20)`` makes six jobs named ``<name>-0`` ... ``<name>-5``.
+        """
+        axes = [(sec, key, list(vals)) for sec, grid in
+                (("lora", lora), ("train", train), ("quant", quant)) if grid
+                for key, vals in grid.items()]
+        if not axes:
+            raise ConfigError("sweep needs at least one axis, e.g. lora={'r': [8, 16]}")
+        base = job.spec.model_dump()
+        stem = (job.spec.name or "sweep")[:32]
+        jobs = []
+        for i, combo in enumerate(itertools.product(*(vals for _, _, vals in axes))):
+            data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+            for (sec, key, _), value in zip(axes, combo, strict=True):
+                data[sec][key] = value
+            data["name"] = f"{stem}-{i}"
+            jobs.append(Job.from_spec(Job._validate(data)))
+        return cls(jobs, **batch_kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Batch:
+        """``budget:``, ``max_concurrent:``, ``provider:``, and ``jobs:`` (paths of job YAML
+        files relative to this file, or inline job mappings); or ``sweep:`` with ``job:`` and
+        the grid sections."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read batch file {path}: {exc}") from exc
+        if not isinstance(raw, dict) or "budget" not in raw:
+            raise ConfigError(f"{path}: a batch file needs budget: and jobs: (or sweep:)")
+        known = {"budget", "max_concurrent", "provider", "jobs", "sweep"}
+        unknown = set(raw) - known
+        if unknown:
+            raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        kwargs = {k: raw[k] for k in ("budget", "max_concurrent", "provider") if k in raw}
+        if "sweep" in raw:
+            sw = dict(raw["sweep"])
+            base = Job.from_yaml(path.parent / sw.pop("job"))
+            return cls.sweep(base, **sw, **kwargs)
+        jobs = []
+        for i, item in enumerate(raw.get("jobs") or []):
+            if isinstance(item, str):
+                jobs.append(Job.from_yaml(path.parent / item))
+            elif isinstance(item, dict):
+                tmp = path.parent / f".{path.stem}-job{i}.yaml"
+                tmp.write_text(yaml.safe_dump(item))
+                try:
+                    jobs.append(Job.from_yaml(tmp))
+                finally:
+                    tmp.unlink()
+            else:
+                raise ConfigError(f"{path}: jobs[{i}] must be a path or a mapping")
+        return cls(jobs, **kwargs)
+
+    # -- budget ---------------------------------------------------------------------------
+    def _reserve(self, job: Job) -> float | None:
+        """Reserve this job's upper bound; None when it cannot fit in what is left."""
+        with self._lock:
+            left = self.budget - self._spent - self._reserved
+        try:
+            cands = plan(job, self.provider, max_cost=left if left > 0 else 1e-9,
+                         **{k: v for k, v in self.run_kwargs.items()
+                            if k in ("gpu", "max_price_per_hour", "prefer", "deadline")})
+        except BudgetExceededError:
+            return None
+        amount = max(c.cost_high for c in cands)
+        with self._lock:
+            if amount > self.budget - self._spent - self._reserved + 1e-12:
+                return None
+            self._reserved += amount
+        return amount
+
+    def _settle(self, reserved: float, spent: float) -> None:
+        with self._lock:
+            self._reserved -= reserved
+            self._spent += spent
+
+    def _run_one(self, job: Job, name: str, reserved: float) -> BatchRow:
+        try:
+            # The reservation is the job's cap: the runtime budget keeps it there.
+            r = job.run(self.provider, max_cost=reserved if reserved > 0 else None,
+                        progress=self.progress, **self.run_kwargs)
+        except LoraburstError as exc:
+            spent = float(exc.context.get("cost_usd", 0.0))
+            self._settle(reserved, spent)
+            return BatchRow(name, "failed", reserved_usd=reserved, cost_usd=spent,
+                            error=str(exc).splitlines()[0])
+        self._settle(reserved, r.cost_usd)
+        return BatchRow(name, r.status, r.provider, r.gpu, reserved, r.cost_usd,
+                        str(r.adapter_path) if r.adapter_path else None)
+
+    def run(self) -> BatchResult:
+        """Run every job that fits the budget; return the table and the total spent."""
+        rows: dict[int, BatchRow] = {}
+        pending = list(range(len(self.jobs)))
+        running: dict[Future[BatchRow], int] = {}
+        with ThreadPoolExecutor(max_workers=self.max_concurrent) as pool:
+            while pending or running:
+                started = False
+                for i in list(pending):
+                    if len(running) >= self.max_concurrent:
+                        break
+                    try:
+                        amount = self._reserve(self.jobs[i])
+                    except LoraburstError as exc:
+                        rows[i] = BatchRow(self.names[i], "failed", error=str(exc).splitlines()[0])
+                        pending.remove(i)
+                        continue
+                    if amount is None:
+                        continue
+                    pending.remove(i)
+                    running[pool.submit(self._run_one, self.jobs[i], self.names[i], amount)] = i
+                    started = True
+                if not running:
+                    # Nothing runs and nothing else fits: what is left would break the budget.
+                    for i in pending:
+                        rows[i] = BatchRow(self.names[i], "skipped (budget)",
+                                           error="its estimate does not fit the budget left")
+                    break
+                if not started or len(running) >= self.max_concurrent or not pending:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        rows[running.pop(fut)] = fut.result()
+                time.sleep(0.01)
+        ordered = tuple(rows[i] for i in sorted(rows))
+        return BatchResult(rows=ordered, budget=self.budget,
+                           spent_usd=sum(r.cost_usd for r in ordered))
