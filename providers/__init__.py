@@ -16,7 +16,16 @@ from typing import Any
 
 from loraburst._exceptions import ConfigError
 
-from ._base import Feature, Host, LaunchRequest, Machine, MachineStatus, Offer, Provider, SSHEndpoint
+from ._base import (
+    Feature,
+    Host,
+    LaunchRequest,
+    Machine,
+    MachineStatus,
+    Offer,
+    Provider,
+    SSHEndpoint,
+)
 
 __all__ = [
     "Feature",

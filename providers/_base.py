@@ -161,7 +161,7 @@ class Provider(Protocol):
         """Terminate; idempotent (an instance already gone is success)."""
         ...
 
-    def connect(self, machine: Machine, key_path: Path, workdir: str) -> Host:
+    def connect(self, machine: Machine, key_path: Path | None, workdir: str) -> Host:
         """Open the runner's connection to a ready machine."""
         ...
 

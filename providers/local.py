@@ -6,6 +6,7 @@ agent runs detached (its own session), so it survives the client like a remote a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -33,7 +34,10 @@ def detect_gpus() -> list[tuple[str, float]]:
     try:
         out = subprocess.run(
             [exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
@@ -41,8 +45,12 @@ def detect_gpus() -> list[tuple[str, float]]:
     for line in out.strip().splitlines():
         name, _, mib = line.rpartition(",")
         try:
-            gpus.append((name.strip().removeprefix("NVIDIA ").removeprefix("GeForce "),
-                         round(float(mib) / 1024, 1)))
+            gpus.append(
+                (
+                    name.strip().removeprefix("NVIDIA ").removeprefix("GeForce "),
+                    round(float(mib) / 1024, 1),
+                )
+            )
         except ValueError:
             continue
     return gpus
@@ -78,8 +86,12 @@ class LocalHost:
         with open(self._dir / LOG_FILE, "ab") as log:
             proc = subprocess.Popen(
                 [self._python, "-m", "loraburst.remote.agent", self.workdir],
-                cwd=self._dir, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                cwd=self._dir,
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         (self._dir / _PID_FILE).write_text(str(proc.pid))
         self._proc = proc
@@ -113,10 +125,8 @@ class LocalHost:
         """Send SIGTERM to the agent's process group (used when a local job is cancelled)."""
         pid = self._pid()
         if pid is not None and self.agent_alive():
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     def read_text(self, rel: str) -> str | None:
         try:
@@ -166,27 +176,54 @@ class LocalProvider:
     def offers(self) -> list[Offer]:
         gpus = detect_gpus()
         if not gpus:
-            return [Offer(provider="local", gpu="cpu", gpu_count=0, vram_gb=0.0,
-                          price_per_hour=0.0, instance_type="cpu", price_source="local")]
+            return [
+                Offer(
+                    provider="local",
+                    gpu="cpu",
+                    gpu_count=0,
+                    vram_gb=0.0,
+                    price_per_hour=0.0,
+                    instance_type="cpu",
+                    price_source="local",
+                )
+            ]
         by_name: dict[tuple[str, float], int] = {}
         for g in gpus:
             by_name[g] = by_name.get(g, 0) + 1
         return [
-            Offer(provider="local", gpu=name, gpu_count=n, vram_gb=vram, price_per_hour=0.0,
-                  instance_type=name, price_source="local")
+            Offer(
+                provider="local",
+                gpu=name,
+                gpu_count=n,
+                vram_gb=vram,
+                price_per_hour=0.0,
+                instance_type=name,
+                price_source="local",
+            )
             for (name, vram), n in sorted(by_name.items())
         ]
 
     def launch(self, request: LaunchRequest) -> Machine:
-        m = Machine(provider="local", id=request.tag, tag=request.tag, status="running",
-                    python=self._python, workdir_root=str(runs_dir()))
+        m = Machine(
+            provider="local",
+            id=request.tag,
+            tag=request.tag,
+            status="running",
+            python=self._python,
+            workdir_root=str(runs_dir()),
+        )
         self._machines[m.id] = m
         return m
 
     def get(self, machine_id: str) -> Machine | None:
         return self._machines.get(machine_id) or Machine(
-            provider="local", id=machine_id, tag=machine_id, status="running",
-            python=self._python, workdir_root=str(runs_dir()))
+            provider="local",
+            id=machine_id,
+            tag=machine_id,
+            status="running",
+            python=self._python,
+            workdir_root=str(runs_dir()),
+        )
 
     def find(self, tag: str) -> Machine | None:
         return self._machines.get(tag)

@@ -52,11 +52,26 @@ class BatchResult:
         return all(r.status in ("succeeded", "cached") for r in self.rows)
 
     def table(self) -> Table:
-        t = Table("job", "status", "provider", "gpu", "reserved $", "spent $", "adapter / error",
-                  title=f"batch: spent ${self.spent_usd:.4f} of ${self.budget:.2f}")
+        t = Table(
+            "job",
+            "status",
+            "provider",
+            "gpu",
+            "reserved $",
+            "spent $",
+            "adapter / error",
+            title=f"batch: spent ${self.spent_usd:.4f} of ${self.budget:.2f}",
+        )
         for r in self.rows:
-            t.add_row(r.name, r.status, r.provider or "", r.gpu or "", f"{r.reserved_usd:.4f}",
-                      f"{r.cost_usd:.4f}", r.adapter_path or (r.error or "")[:80])
+            t.add_row(
+                r.name,
+                r.status,
+                r.provider or "",
+                r.gpu or "",
+                f"{r.reserved_usd:.4f}",
+                f"{r.cost_usd:.4f}",
+                r.adapter_path or (r.error or "")[:80],
+            )
         return t
 
 
@@ -70,8 +85,16 @@ class Batch:
         provider, **run_kwargs: passed to each ``Job.run`` (chains, ``gpu=``, ``prefer=`` ...).
     """
 
-    def __init__(self, jobs: Sequence[Job], *, budget: float, max_concurrent: int = 2,
-                 provider: Any = "auto", progress: bool = False, **run_kwargs: Any) -> None:
+    def __init__(
+        self,
+        jobs: Sequence[Job],
+        *,
+        budget: float,
+        max_concurrent: int = 2,
+        provider: Any = "auto",
+        progress: bool = False,
+        **run_kwargs: Any,
+    ) -> None:
         if budget <= 0:
             raise ConfigError("Batch budget must be positive (dollars)")
         if max_concurrent < 1:
@@ -92,17 +115,26 @@ class Batch:
         self._spent = 0.0
 
     @classmethod
-    def sweep(cls, job: Job, *, lora: Mapping[str, Sequence[Any]] | None = None,
-              train: Mapping[str, Sequence[Any]] | None = None,
-              quant: Mapping[str, Sequence[Any]] | None = None, **batch_kwargs: Any) -> Batch:
+    def sweep(
+        cls,
+        job: Job,
+        *,
+        lora: Mapping[str, Sequence[Any]] | None = None,
+        train: Mapping[str, Sequence[Any]] | None = None,
+        quant: Mapping[str, Sequence[Any]] | None = None,
+        **batch_kwargs: Any,
+    ) -> Batch:
         """The grid of ``job`` over every combination of the given values, as one Batch.
 
         Example: ``Batch.sweep(job, lora={"r": [8, 16, 32]}, train={"learning_rate": [1e-4,
         2e-4]}, budget=20)`` makes six jobs named ``<name>-0`` ... ``<name>-5``.
         """
-        axes = [(sec, key, list(vals)) for sec, grid in
-                (("lora", lora), ("train", train), ("quant", quant)) if grid
-                for key, vals in grid.items()]
+        axes = [
+            (sec, key, list(vals))
+            for sec, grid in (("lora", lora), ("train", train), ("quant", quant))
+            if grid
+            for key, vals in grid.items()
+        ]
         if not axes:
             raise ConfigError("sweep needs at least one axis, e.g. lora={'r': [8, 16]}")
         base = job.spec.model_dump()
@@ -158,9 +190,16 @@ class Batch:
         with self._lock:
             left = self.budget - self._spent - self._reserved
         try:
-            cands = plan(job, self.provider, max_cost=left if left > 0 else 1e-9,
-                         **{k: v for k, v in self.run_kwargs.items()
-                            if k in ("gpu", "max_price_per_hour", "prefer", "deadline")})
+            cands = plan(
+                job,
+                self.provider,
+                max_cost=left if left > 0 else 1e-9,
+                **{
+                    k: v
+                    for k, v in self.run_kwargs.items()
+                    if k in ("gpu", "max_price_per_hour", "prefer", "deadline")
+                },
+            )
         except BudgetExceededError:
             return None
         amount = max(c.cost_high for c in cands)
@@ -178,16 +217,32 @@ class Batch:
     def _run_one(self, job: Job, name: str, reserved: float) -> BatchRow:
         try:
             # The reservation is the job's cap: the runtime budget keeps it there.
-            r = job.run(self.provider, max_cost=reserved if reserved > 0 else None,
-                        progress=self.progress, **self.run_kwargs)
+            r = job.run(
+                self.provider,
+                max_cost=reserved if reserved > 0 else None,
+                progress=self.progress,
+                **self.run_kwargs,
+            )
         except LoraburstError as exc:
             spent = float(exc.context.get("cost_usd", 0.0))
             self._settle(reserved, spent)
-            return BatchRow(name, "failed", reserved_usd=reserved, cost_usd=spent,
-                            error=str(exc).splitlines()[0])
+            return BatchRow(
+                name,
+                "failed",
+                reserved_usd=reserved,
+                cost_usd=spent,
+                error=str(exc).splitlines()[0],
+            )
         self._settle(reserved, r.cost_usd)
-        return BatchRow(name, r.status, r.provider, r.gpu, reserved, r.cost_usd,
-                        str(r.adapter_path) if r.adapter_path else None)
+        return BatchRow(
+            name,
+            r.status,
+            r.provider,
+            r.gpu,
+            reserved,
+            r.cost_usd,
+            str(r.adapter_path) if r.adapter_path else None,
+        )
 
     def run(self) -> BatchResult:
         """Run every job that fits the budget; return the table and the total spent."""
@@ -214,8 +269,11 @@ class Batch:
                 if not running:
                     # Nothing runs and nothing else fits: what is left would break the budget.
                     for i in pending:
-                        rows[i] = BatchRow(self.names[i], "skipped (budget)",
-                                           error="its estimate does not fit the budget left")
+                        rows[i] = BatchRow(
+                            self.names[i],
+                            "skipped (budget)",
+                            error="its estimate does not fit the budget left",
+                        )
                     break
                 if not started or len(running) >= self.max_concurrent or not pending:
                     done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -223,5 +281,6 @@ class Batch:
                         rows[running.pop(fut)] = fut.result()
                 time.sleep(0.01)
         ordered = tuple(rows[i] for i in sorted(rows))
-        return BatchResult(rows=ordered, budget=self.budget,
-                           spent_usd=sum(r.cost_usd for r in ordered))
+        return BatchResult(
+            rows=ordered, budget=self.budget, spent_usd=sum(r.cost_usd for r in ordered)
+        )

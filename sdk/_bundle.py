@@ -145,7 +145,9 @@ def build_bundle(
                             with open(content, "rb") as f:
                                 tar.addfile(_tarinfo(name, os.fstat(f.fileno()).st_size), f)
                         except OSError as exc:
-                            raise ConfigError(f"cannot read {content} for the bundle: {exc}") from exc
+                            raise ConfigError(
+                                f"cannot read {content} for the bundle: {exc}"
+                            ) from exc
         digest = writer.sha.hexdigest()
         final = dest / f"{digest}.tar"
         os.replace(tmp, final)
@@ -157,4 +159,5 @@ def build_bundle(
 
 def extract_bundle(bundle: Path, dest: Path) -> list[str]:
     """Safely extract (no absolute paths, no ``..``, no links); see ``protocol.safe_extract``."""
-    return safe_extract(bundle, dest)
+    names: list[str] = safe_extract(bundle, dest)
+    return names

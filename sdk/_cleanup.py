@@ -65,8 +65,12 @@ def _job_of(tag: str) -> str:
     return tag.removeprefix("lb-").rpartition("-")[0]
 
 
-def cleanup(*, dry_run: bool = False, providers: Mapping[str, Provider] | None = None,
-            ledger: Ledger | None = None) -> CleanupReport:
+def cleanup(
+    *,
+    dry_run: bool = False,
+    providers: Mapping[str, Provider] | None = None,
+    ledger: Ledger | None = None,
+) -> CleanupReport:
     """Terminate orphaned tagged instances and close stale ledger rows."""
     ledger = ledger or Ledger()
     report = CleanupReport(dry_run=dry_run)
@@ -100,12 +104,21 @@ def cleanup(*, dry_run: bool = False, providers: Mapping[str, Provider] | None =
                 continue
             report.terminated.append(label)
             if ledger.instance(m.tag) is not None:
-                ledger.update_instance(m.tag, state="terminated", ended_at=time.time(),
-                                       note="terminated by cleanup")
+                ledger.update_instance(
+                    m.tag, state="terminated", ended_at=time.time(), note="terminated by cleanup"
+                )
         for row in ledger.instances(open_only=True):
-            if row.provider == name and row.provider_id not in live_ids and not dry_run \
-                    and not client_alive(row.job_id):
-                ledger.update_instance(row.tag, state="terminated", ended_at=time.time(),
-                                       note="gone at the provider (cleanup)")
+            if (
+                row.provider == name
+                and row.provider_id not in live_ids
+                and not dry_run
+                and not client_alive(row.job_id)
+            ):
+                ledger.update_instance(
+                    row.tag,
+                    state="terminated",
+                    ended_at=time.time(),
+                    note="gone at the provider (cleanup)",
+                )
                 report.closed.append(f"{name} {row.provider_id} ({row.tag})")
     return report

@@ -33,11 +33,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     job = Job.from_yaml(args.job)
     provider = args.provider[0] if len(args.provider) == 1 else args.provider
-    result = job.run(provider=provider, gpu=args.gpu, max_cost=args.max_cost,
-                     max_price_per_hour=args.max_price_per_hour, prefer=args.prefer,
-                     cache=not args.no_cache)
-    _out.print(f"{result.status}: adapter at {result.adapter_path} "
-               f"(job {result.job_id}, {result.provider} {result.gpu}, ${result.cost_usd:.4f})")
+    result = job.run(
+        provider=provider,
+        gpu=args.gpu,
+        max_cost=args.max_cost,
+        max_price_per_hour=args.max_price_per_hour,
+        prefer=args.prefer,
+        cache=not args.no_cache,
+    )
+    _out.print(
+        f"{result.status}: adapter at {result.adapter_path} "
+        f"(job {result.job_id}, {result.provider} {result.gpu}, ${result.cost_usd:.4f})"
+    )
     return 0
 
 
@@ -59,13 +66,20 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     ledger = Ledger()
     t = Table("job", "status", "provider", "gpu", "cost $", "adapter", title="jobs")
     for j in ledger.jobs():
-        t.add_row(j.id, j.status, j.provider or "", j.gpu or "", f"{j.cost_usd:.4f}",
-                  j.adapter_path or "")
+        t.add_row(
+            j.id, j.status, j.provider or "", j.gpu or "", f"{j.cost_usd:.4f}", j.adapter_path or ""
+        )
     _out.print(t)
     t = Table("instance tag", "provider", "id", "state", "$/h", "billed $", title="instances")
     for i in ledger.instances():
-        t.add_row(i.tag, i.provider, i.provider_id or "", i.state, f"{i.price_per_hour:.2f}",
-                  f"{i.billed_usd:.4f}")
+        t.add_row(
+            i.tag,
+            i.provider,
+            i.provider_id or "",
+            i.state,
+            f"{i.price_per_hour:.2f}",
+            f"{i.billed_usd:.4f}",
+        )
     _out.print(t)
     return 0
 
@@ -125,8 +139,12 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_validate)
     s = sub.add_parser("run", help="run a job")
     s.add_argument("job", type=Path)
-    s.add_argument("--provider", action="append", default=None,
-                   help="provider name; repeat for a fallback chain; 'auto' for all")
+    s.add_argument(
+        "--provider",
+        action="append",
+        default=None,
+        help="provider name; repeat for a fallback chain; 'auto' for all",
+    )
     s.add_argument("--gpu", action="append", default=None)
     s.add_argument("--max-cost", type=float, default=None)
     s.add_argument("--max-price-per-hour", type=float, default=None)

@@ -30,7 +30,7 @@ from ._home import runs_dir
 from ._ledger import Ledger
 from ._progress import ProgressView
 from ._result import Attempt as AttemptRow
-from ._result import JobResult
+from ._result import JobResult, JobStatus
 from ._runner import Attempt, Lost
 
 if TYPE_CHECKING:
@@ -91,31 +91,60 @@ def execute(
         hit = ledger.find_cached(cache_key)
         if hit is not None and hit.adapter_path and Path(hit.adapter_path).is_dir():
             view.message(f"cache hit: job {hit.id} trained this exact job; reusing its adapter")
-            return JobResult(job_id=hit.id, status="cached", adapter_path=Path(hit.adapter_path),
-                             metrics=hit.metrics, provider=hit.provider, gpu=hit.gpu,
-                             cost_usd=0.0, durations={"total": time.time() - t_start})
+            return JobResult(
+                job_id=hit.id,
+                status="cached",
+                adapter_path=Path(hit.adapter_path),
+                metrics=hit.metrics,
+                provider=hit.provider,
+                gpu=hit.gpu,
+                cost_usd=0.0,
+                durations={"total": time.time() - t_start},
+            )
 
-    candidates = plan(job, provider, gpu=gpu, max_price_per_hour=max_price_per_hour,
-                      prefer=prefer, deadline=deadline,
-                      max_cost=None if allow_partial else max_cost)
+    candidates = plan(
+        job,
+        provider,
+        gpu=gpu,
+        max_price_per_hour=max_price_per_hour,
+        prefer=prefer,
+        deadline=deadline,
+        max_cost=None if allow_partial else max_cost,
+    )
 
     t0 = time.time()
     bundle = build_bundle(job.spec, train, ev)
     durations = {"bundle": time.time() - t0}
 
     job_id = new_job_id(job.spec.name)
-    ledger.create_job(job_id, name=job.spec.name, cache_key=cache_key,
-                      bundle_sha256=bundle.sha256,
-                      spec_json=json.dumps(job.spec.model_dump(mode="json", exclude={
-                          "dataset", "eval_dataset"})))
+    ledger.create_job(
+        job_id,
+        name=job.spec.name,
+        cache_key=cache_key,
+        bundle_sha256=bundle.sha256,
+        spec_json=json.dumps(job.spec.model_dump(mode="json", exclude={"dataset", "eval_dataset"})),
+    )
     (runs_dir() / job_id).mkdir(parents=True, exist_ok=True)
-    view.message(f"job {job_id}: bundle {bundle.sha256[:12]} ({bundle.size / 1e6:.1f} MB), "
-                 f"{train.stats.describe()}")
+    view.message(
+        f"job {job_id}: bundle {bundle.sha256[:12]} ({bundle.size / 1e6:.1f} MB), "
+        f"{train.stats.describe()}"
+    )
     output_dir = Path(job.spec.output_dir).expanduser()
     with view, _sigterm_as_interrupt():
         try:
-            return _run_chain(job, job_id, candidates, bundle, ledger, view, output_dir,
-                              max_cost=max_cost, env=env, durations=durations, t_start=t_start)
+            return _run_chain(
+                job,
+                job_id,
+                candidates,
+                bundle,
+                ledger,
+                view,
+                output_dir,
+                max_cost=max_cost,
+                env=env,
+                durations=durations,
+                t_start=t_start,
+            )
         except LoraburstError as exc:
             row = ledger.job(job_id)
             exc.context.update(job_id=job_id, cost_usd=row.cost_usd if row else 0.0)
@@ -124,22 +153,40 @@ def execute(
             raise
 
 
-def _run_chain(job: Job, job_id: str, candidates: list[Candidate], bundle: Any, ledger: Ledger,
-               view: ProgressView, output_dir: Path, *, max_cost: float | None,
-               env: Mapping[str, str] | None, durations: dict[str, float],
-               t_start: float) -> JobResult:
+def _run_chain(
+    job: Job,
+    job_id: str,
+    candidates: list[Candidate],
+    bundle: Any,
+    ledger: Ledger,
+    view: ProgressView,
+    output_dir: Path,
+    *,
+    max_cost: float | None,
+    env: Mapping[str, str] | None,
+    durations: dict[str, float],
+    t_start: float,
+) -> JobResult:
     attempts: list[AttemptRow] = []
     spent = 0.0
     resume_dir = runs_dir() / job_id / CHECKPOINT_DIR
     index, lost_here = 0, 0
     while index < len(candidates):
         cand = candidates[index]
-        run = Attempt(job_id=job_id, attempt=ledger.next_attempt(job_id), provider=cand.provider,
-                      offer=cand.offer, ledger=ledger, view=view, spent_before=spent,
-                      max_cost=max_cost, max_runtime=job.spec.max_runtime, env=env)
+        run = Attempt(
+            job_id=job_id,
+            attempt=ledger.next_attempt(job_id),
+            provider=cand.provider,
+            offer=cand.offer,
+            ledger=ledger,
+            view=view,
+            spent_before=spent,
+            max_cost=max_cost,
+            max_runtime=job.spec.max_runtime,
+            env=env,
+        )
         label = f"{cand.provider.name} {cand.offer.gpu}"
-        ledger.update_job(job_id, status="running", provider=cand.provider.name,
-                          gpu=cand.offer.gpu)
+        ledger.update_job(job_id, status="running", provider=cand.provider.name, gpu=cand.offer.gpu)
         outcome = "ok"
         try:
             view.message(f"launching on {label} (${cand.offer.price_per_hour:.2f}/h)")
@@ -153,8 +200,9 @@ def _run_chain(job: Job, job_id: str, candidates: list[Candidate], bundle: Any, 
             adapter, metrics = run.collect(output_dir)
         except KeyboardInterrupt:
             outcome = "cancelled"
-            raise JobCancelledError(f"job {job_id} was cancelled during {label}; nothing is "
-                                    f"left running", job_id=job_id) from None
+            raise JobCancelledError(
+                f"job {job_id} was cancelled during {label}; nothing is left running", job_id=job_id
+            ) from None
         except (CapacityError, AuthError) as exc:
             outcome = f"{'capacity' if isinstance(exc, CapacityError) else 'auth'}: {exc}"
             index += 1
@@ -179,26 +227,50 @@ def _run_chain(job: Job, job_id: str, candidates: list[Candidate], bundle: Any, 
                 run.teardown()
             finally:
                 spent += run.cost_so_far() if run.launched_at else 0.0
-                attempts.append(AttemptRow(cand.provider.name, cand.offer.gpu,
-                                           outcome.splitlines()[0][:200], run.cost_so_far()))
+                attempts.append(
+                    AttemptRow(
+                        cand.provider.name,
+                        cand.offer.gpu,
+                        outcome.splitlines()[0][:200],
+                        run.cost_so_far(),
+                    )
+                )
                 ledger.update_job(job_id, cost_usd=spent)
                 if outcome not in ("ok",) and outcome != "cancelled":
                     ledger.update_job(job_id, error=outcome[:500])
         status = _status(state.phase, run.state.stop_reason, run.stop_requested)
         durations.update(run.durations)
         durations["total"] = time.time() - t_start
-        ledger.update_job(job_id, status=status, adapter_path=str(adapter),
-                          metrics_json=json.dumps(metrics), cost_usd=spent, error=None)
+        ledger.update_job(
+            job_id,
+            status=status,
+            adapter_path=str(adapter),
+            metrics_json=json.dumps(metrics),
+            cost_usd=spent,
+            error=None,
+        )
         view.message(f"adapter: {adapter} ({status}, ${spent:.4f})")
         if run.stop_requested == "user":
-            raise JobCancelledError(f"job {job_id} was cancelled; its partial adapter is at "
-                                    f"{adapter} and nothing is left running", job_id=job_id)
-        return JobResult(job_id=job_id, status=status, adapter_path=adapter, metrics=metrics,
-                         provider=cand.provider.name, gpu=cand.offer.gpu, cost_usd=spent,
-                         durations=durations, attempts=tuple(attempts))
+            raise JobCancelledError(
+                f"job {job_id} was cancelled; its partial adapter is at "
+                f"{adapter} and nothing is left running",
+                job_id=job_id,
+            )
+        return JobResult(
+            job_id=job_id,
+            status=status,
+            adapter_path=adapter,
+            metrics=metrics,
+            provider=cand.provider.name,
+            gpu=cand.offer.gpu,
+            cost_usd=spent,
+            durations=durations,
+            attempts=tuple(attempts),
+        )
     ledger.update_job(job_id, status="failed")
-    raise PlacementError(f"job {job_id}: every offer failed",
-                         [(a.provider, a.gpu, a.outcome) for a in attempts])
+    raise PlacementError(
+        f"job {job_id}: every offer failed", [(a.provider, a.gpu, a.outcome) for a in attempts]
+    )
 
 
 def _stop_gracefully(run: Attempt) -> Any:
@@ -228,8 +300,16 @@ def _status(phase: str, stop_reason: str | None, requested: str | None) -> Any:
     return "stopped"
 
 
-def attach(job_id: str, *, providers: Mapping[str, Provider] | None = None,
-           progress: bool = True) -> JobResult:
+def _status_of(text: str) -> JobStatus:
+    for status in ("succeeded", "budget_exhausted", "stopped", "cached"):
+        if text == status:
+            return status
+    return "failed"
+
+
+def attach(
+    job_id: str, *, providers: Mapping[str, Provider] | None = None, progress: bool = True
+) -> JobResult:
     """Re-attach to ``job_id``'s open instance, finish following it, pull, tear down."""
     from loraburst.providers import Offer, get_provider
 
@@ -240,19 +320,43 @@ def attach(job_id: str, *, providers: Mapping[str, Provider] | None = None,
     open_rows = ledger.instances(job_id=job_id, open_only=True)
     if not open_rows:
         if row.adapter_path:
-            return JobResult(job_id=job_id, status=row.status, adapter_path=Path(  # type: ignore[arg-type]
-                row.adapter_path), metrics=row.metrics, provider=row.provider, gpu=row.gpu,
-                cost_usd=row.cost_usd, durations={})
-        raise JobError(f"job {job_id} has no running instance to attach to "
-                       f"(status {row.status})", job_id=job_id)
+            return JobResult(
+                job_id=job_id,
+                status=_status_of(row.status),
+                adapter_path=Path(
+                    row.adapter_path
+                ),
+                metrics=row.metrics,
+                provider=row.provider,
+                gpu=row.gpu,
+                cost_usd=row.cost_usd,
+                durations={},
+            )
+        raise JobError(
+            f"job {job_id} has no running instance to attach to (status {row.status})",
+            job_id=job_id,
+        )
     inst = open_rows[-1]
     prov = (providers or {}).get(inst.provider) or get_provider(inst.provider)
-    offer = Offer(provider=inst.provider, gpu=inst.gpu or "?", gpu_count=1, vram_gb=0,
-                  price_per_hour=inst.price_per_hour, instance_type=inst.gpu or "?",
-                  billing_increment_s=inst.billing_increment_s)
+    offer = Offer(
+        provider=inst.provider,
+        gpu=inst.gpu or "?",
+        gpu_count=1,
+        vram_gb=0,
+        price_per_hour=inst.price_per_hour,
+        instance_type=inst.gpu or "?",
+        billing_increment_s=inst.billing_increment_s,
+    )
     view = ProgressView(row.name or job_id, enabled=progress)
-    run = Attempt(job_id=job_id, attempt=inst.attempt, provider=prov, offer=offer, ledger=ledger,
-                  view=view, spent_before=row.cost_usd)
+    run = Attempt(
+        job_id=job_id,
+        attempt=inst.attempt,
+        provider=prov,
+        offer=offer,
+        ledger=ledger,
+        view=view,
+        spent_before=row.cost_usd,
+    )
     run.tag = inst.tag
     from loraburst.providers import _keys
 
@@ -265,8 +369,11 @@ def attach(job_id: str, *, providers: Mapping[str, Provider] | None = None,
     with view, _sigterm_as_interrupt():
         try:
             if machine is None or machine.status in ("terminated", "preempted"):
-                raise JobError(f"job {job_id}'s instance {inst.provider_id} is gone; its "
-                               f"checkpoints are in {runs_dir() / job_id}", job_id=job_id)
+                raise JobError(
+                    f"job {job_id}'s instance {inst.provider_id} is gone; its "
+                    f"checkpoints are in {runs_dir() / job_id}",
+                    job_id=job_id,
+                )
             run.machine = machine
             run.connect()
             state = run.follow()
@@ -275,8 +382,20 @@ def attach(job_id: str, *, providers: Mapping[str, Provider] | None = None,
             run.teardown()
     status = _status(state.phase, state.stop_reason, None)
     cost = row.cost_usd + run.cost_so_far()
-    ledger.update_job(job_id, status=status, adapter_path=str(adapter),
-                      metrics_json=json.dumps(metrics), cost_usd=cost)
-    return JobResult(job_id=job_id, status=status, adapter_path=adapter, metrics=metrics,
-                     provider=inst.provider, gpu=inst.gpu, cost_usd=cost,
-                     durations={"total": time.time() - t0})
+    ledger.update_job(
+        job_id,
+        status=status,
+        adapter_path=str(adapter),
+        metrics_json=json.dumps(metrics),
+        cost_usd=cost,
+    )
+    return JobResult(
+        job_id=job_id,
+        status=status,
+        adapter_path=adapter,
+        metrics=metrics,
+        provider=inst.provider,
+        gpu=inst.gpu,
+        cost_usd=cost,
+        durations={"total": time.time() - t0},
+    )

@@ -69,8 +69,12 @@ class Job:
             "model": str(model),
             "dataset": str(dataset) if isinstance(dataset, Path) else dataset,
             "eval_dataset": str(eval_dataset) if isinstance(eval_dataset, Path) else eval_dataset,
-            "method": method, "output_dir": str(output_dir), "max_cost": max_cost,
-            "max_runtime": max_runtime, "name": name, "artifacts": artifacts,
+            "method": method,
+            "output_dir": str(output_dir),
+            "max_cost": max_cost,
+            "max_runtime": max_runtime,
+            "name": name,
+            "artifacts": artifacts,
             "model_revision": model_revision,
         }
         for key, section in (("lora", lora), ("train", train), ("quant", quant)):
@@ -110,8 +114,9 @@ class Job:
             where = f"{path}:{mark.line + 1}" if mark else str(path)
             raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a job file must be a mapping of keys such as model:, "
-                              f"dataset:, train:")
+            raise ConfigError(
+                f"{path}: a job file must be a mapping of keys such as model:, dataset:, train:"
+            )
         base = path.resolve().parent
         for key in ("dataset", "eval_dataset", "model", "output_dir"):
             value = raw.get(key)
@@ -133,12 +138,17 @@ class Job:
         if self._prepared is None:
             s = self.spec
             tok = s.model
-            train = prepare_dataset(s.dataset, max_seq_len=s.train.max_seq_len, tokenizer=tok,
-                                    field="dataset")
+            train = prepare_dataset(
+                s.dataset, max_seq_len=s.train.max_seq_len, tokenizer=tok, field="dataset"
+            )
             ev = None
             if s.eval_dataset is not None:
-                ev = prepare_dataset(s.eval_dataset, max_seq_len=s.train.max_seq_len,
-                                     tokenizer=tok, field="eval_dataset")
+                ev = prepare_dataset(
+                    s.eval_dataset,
+                    max_seq_len=s.train.max_seq_len,
+                    tokenizer=tok,
+                    field="eval_dataset",
+                )
             self._prepared = (train, ev)
         return self._prepared
 
@@ -155,13 +165,28 @@ class Job:
 
         train, ev = self.prepare()
         h = hashlib.sha256()
-        spec = self.spec.model_dump(mode="json", exclude={
-            "name", "output_dir", "max_cost", "max_runtime", "artifacts", "dataset",
-            "eval_dataset"})
+        spec = self.spec.model_dump(
+            mode="json",
+            exclude={
+                "name",
+                "output_dir",
+                "max_cost",
+                "max_runtime",
+                "artifacts",
+                "dataset",
+                "eval_dataset",
+            },
+        )
         h.update(json.dumps(spec, sort_keys=True).encode())
         for ds in (train, ev):
-            h.update(b"|" + (ds.to_jsonl_bytes() if ds and ds.kind != "hub" else
-                             str(ds.hub_id if ds else None).encode()))
+            h.update(
+                b"|"
+                + (
+                    ds.to_jsonl_bytes()
+                    if ds and ds.kind != "hub"
+                    else str(ds.hub_id if ds else None).encode()
+                )
+            )
         model_dir = local_model_dir(self.spec.model)
         if model_dir is not None:
             from loraburst.remote.protocol import sha256_file
@@ -232,22 +257,33 @@ class Job:
         from ._execute import execute
 
         return execute(
-            self, provider, gpu=gpu, max_price_per_hour=max_price_per_hour, prefer=prefer,
-            deadline=deadline, max_cost=max_cost if max_cost is not None else self.spec.max_cost,
-            cache=cache, progress=progress, env=env, allow_partial=allow_partial,
+            self,
+            provider,
+            gpu=gpu,
+            max_price_per_hour=max_price_per_hour,
+            prefer=prefer,
+            deadline=deadline,
+            max_cost=max_cost if max_cost is not None else self.spec.max_cost,
+            cache=cache,
+            progress=progress,
+            env=env,
+            allow_partial=allow_partial,
         )
 
     @classmethod
-    def attach(cls, job_id: str, *, providers: Mapping[str, Provider] | None = None,
-               progress: bool = True) -> JobResult:
+    def attach(
+        cls, job_id: str, *, providers: Mapping[str, Provider] | None = None, progress: bool = True
+    ) -> JobResult:
         """Re-attach to a job after the client died: follow it, pull the adapter, tear down."""
         from ._execute import attach
 
         return attach(job_id, providers=providers, progress=progress)
 
     def __repr__(self) -> str:
-        return f"Job(model={self.spec.model!r}, dataset={_short(self.spec.dataset)}, " \
-               f"method={self.spec.method!r})"
+        return (
+            f"Job(model={self.spec.model!r}, dataset={_short(self.spec.dataset)}, "
+            f"method={self.spec.method!r})"
+        )
 
 
 def _short(value: object) -> str:

@@ -110,8 +110,15 @@ class Ledger:
             conn.close()
 
     # jobs -------------------------------------------------------------------------------
-    def create_job(self, job_id: str, *, name: str | None, spec_json: str,
-                   cache_key: str | None, bundle_sha256: str | None) -> None:
+    def create_job(
+        self,
+        job_id: str,
+        *,
+        name: str | None,
+        spec_json: str,
+        cache_key: str | None,
+        bundle_sha256: str | None,
+    ) -> None:
         now = time.time()
         with self._conn() as c:
             c.execute(
@@ -121,15 +128,25 @@ class Ledger:
             )
 
     def update_job(self, job_id: str, **fields: Any) -> None:
-        allowed = {"status", "provider", "gpu", "adapter_path", "metrics_json", "cost_usd",
-                   "error", "bundle_sha256"}
+        allowed = {
+            "status",
+            "provider",
+            "gpu",
+            "adapter_path",
+            "metrics_json",
+            "cost_usd",
+            "error",
+            "bundle_sha256",
+        }
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"unknown job fields {sorted(bad)}")
         sets = ", ".join(f"{k} = ?" for k in fields)
         with self._conn() as c:
-            c.execute(f"UPDATE jobs SET {sets}, updated_at = ? WHERE id = ?",
-                      (*fields.values(), time.time(), job_id))
+            c.execute(
+                f"UPDATE jobs SET {sets}, updated_at = ? WHERE id = ?",
+                (*fields.values(), time.time(), job_id),
+            )
 
     def job(self, job_id: str) -> JobRow | None:
         with self._conn() as c:
@@ -145,12 +162,23 @@ class Ledger:
         with self._conn() as c:
             row = c.execute(
                 "SELECT * FROM jobs WHERE cache_key = ? AND status = 'succeeded'"
-                " ORDER BY updated_at DESC LIMIT 1", (cache_key,)).fetchone()
+                " ORDER BY updated_at DESC LIMIT 1",
+                (cache_key,),
+            ).fetchone()
         return JobRow(*row) if row else None
 
     # instances --------------------------------------------------------------------------
-    def record_instance(self, tag: str, *, job_id: str, attempt: int, provider: str,
-                        gpu: str | None, price_per_hour: float, billing_increment_s: int) -> None:
+    def record_instance(
+        self,
+        tag: str,
+        *,
+        job_id: str,
+        attempt: int,
+        provider: str,
+        gpu: str | None,
+        price_per_hour: float,
+        billing_increment_s: int,
+    ) -> None:
         """Write the row BEFORE the provider's create call."""
         now = time.time()
         with self._conn() as c:
@@ -162,8 +190,9 @@ class Ledger:
             )
             c.execute("INSERT INTO instance_events VALUES (?, ?, 'creating', NULL)", (tag, now))
 
-    def update_instance(self, tag: str, *, state: str | None = None, note: str | None = None,
-                        **fields: Any) -> None:
+    def update_instance(
+        self, tag: str, *, state: str | None = None, note: str | None = None, **fields: Any
+    ) -> None:
         allowed = {"provider_id", "launched_at", "ended_at", "billed_usd"}
         bad = set(fields) - allowed
         if bad:
@@ -179,8 +208,9 @@ class Ledger:
         with self._conn() as c:
             c.execute(f"UPDATE instances SET {sets} WHERE tag = ?", (*fields.values(), tag))
             if state is not None:
-                c.execute("INSERT INTO instance_events VALUES (?, ?, ?, ?)",
-                          (tag, now, state, note))
+                c.execute(
+                    "INSERT INTO instance_events VALUES (?, ?, ?, ?)", (tag, now, state, note)
+                )
 
     def instance(self, tag: str) -> InstanceRow | None:
         with self._conn() as c:
@@ -200,6 +230,7 @@ class Ledger:
 
     def next_attempt(self, job_id: str) -> int:
         with self._conn() as c:
-            row = c.execute("SELECT MAX(attempt) FROM instances WHERE job_id = ?",
-                            (job_id,)).fetchone()
+            row = c.execute(
+                "SELECT MAX(attempt) FROM instances WHERE job_id = ?", (job_id,)
+            ).fetchone()
         return (row[0] or 0) + 1

@@ -54,16 +54,20 @@ def resolve_providers(provider: Any) -> list[Provider]:
     """A name, a provider object, ``"auto"``, or a sequence of those -> provider objects."""
     if provider == "auto":
         return [get_provider(n) for n in configured_providers()]
-    items = [provider] if isinstance(provider, str) or not isinstance(provider, Sequence) \
+    items = (
+        [provider]
+        if isinstance(provider, str) or not isinstance(provider, Sequence)
         else list(provider)
+    )
     if not items:
         raise ConfigError("provider= must name at least one provider")
     out: list[Provider] = []
     for item in items:
         if isinstance(item, str):
             if item == "auto":
-                out.extend(p for p in resolve_providers("auto")
-                           if p.name not in {q.name for q in out})
+                out.extend(
+                    p for p in resolve_providers("auto") if p.name not in {q.name for q in out}
+                )
             else:
                 out.append(get_provider(item))
         else:
@@ -85,9 +89,14 @@ def _offers(providers: Sequence[Provider], *, strict: bool) -> list[Offer]:
     return offers
 
 
-def estimate_job(job: Job, *, gpus: Sequence[str] | None = None,
-                 providers: Sequence[str] | None = None, live: bool = True,
-                 offers: Sequence[Offer] | None = None) -> Estimate:
+def estimate_job(
+    job: Job,
+    *,
+    gpus: Sequence[str] | None = None,
+    providers: Sequence[str] | None = None,
+    live: bool = True,
+    offers: Sequence[Offer] | None = None,
+) -> Estimate:
     """The estimate for ``job``; live offers from configured providers when ``live``."""
     from loraburst.providers.local import detect_gpus
 
@@ -100,24 +109,38 @@ def estimate_job(job: Job, *, gpus: Sequence[str] | None = None,
         if providers is not None:
             names = [n for n in names if n in providers]
         offers = _offers([get_provider(n) for n in names], strict=False) or None
-    return estimate(job.spec, tokens=st.tokens or 0, rows=st.rows,
-                    tokens_exact=st.tokens_exact, gpus=gpus, providers=providers,
-                    offers=offers, local_gpus=detect_gpus())
+    return estimate(
+        job.spec,
+        tokens=st.tokens or 0,
+        rows=st.rows,
+        tokens_exact=st.tokens_exact,
+        gpus=gpus,
+        providers=providers,
+        offers=offers,
+        local_gpus=detect_gpus(),
+    )
 
 
 def _gpu_ok(offer: Offer, gpu: Any) -> bool:
     if gpu is None:
         return True
     if isinstance(gpu, (int, float)):
-        return offer.vram_gb >= float(gpu)
+        return bool(offer.vram_gb >= float(gpu))
     names = [gpu] if isinstance(gpu, str) else list(gpu)
     norm = {n.lower().replace("nvidia", "").replace(" ", "") for n in names}
     return offer.gpu.lower().replace(" ", "") in norm
 
 
-def plan(job: Job, provider: Any, *, gpu: Any = None, max_price_per_hour: float | None = None,
-         prefer: str = "cheapest", deadline: float | None = None,
-         max_cost: float | None = None) -> list[Candidate]:
+def plan(
+    job: Job,
+    provider: Any,
+    *,
+    gpu: Any = None,
+    max_price_per_hour: float | None = None,
+    prefer: str = "cheapest",
+    deadline: float | None = None,
+    max_cost: float | None = None,
+) -> list[Candidate]:
     """Ordered candidates for ``job``.
 
     Raises:
@@ -137,8 +160,9 @@ def plan(job: Job, provider: Any, *, gpu: Any = None, max_price_per_hour: float 
     rows: dict[tuple[str, str, int], EstimateRow] = {}
     est = None
     if gpu_offers:
-        est = estimate_job(job, offers=gpu_offers, live=False,
-                           providers=[p.name for p in providers])
+        est = estimate_job(
+            job, offers=gpu_offers, live=False, providers=[p.name for p in providers]
+        )
         rows = {(r.provider, r.gpu, r.gpu_count): r for r in est.rows}
     cands: list[Candidate] = []
     skipped: list[str] = []
@@ -171,7 +195,8 @@ def plan(job: Job, provider: Any, *, gpu: Any = None, max_price_per_hour: float 
                 f"(range ${best.row.cost_low_usd:.2f}-${best.row.cost_high_usd:.2f}, "
                 f"{best.row.total_s / 60:.0f} min). To fit, raise max_cost to "
                 f"${best.row.cost_high_usd:.2f}, or cut train.max_steps to about "
-                f"{_steps_within(job, best, max_cost)} steps, or choose a cheaper GPU.")
+                f"{_steps_within(job, best, max_cost)} steps, or choose a cheaper GPU."
+            )
         cands = within
 
     def key(c: Candidate) -> tuple[float, ...]:
@@ -182,15 +207,10 @@ def plan(job: Job, provider: Any, *, gpu: Any = None, max_price_per_hour: float 
 
 
 def _steps_within(job: Job, cand: Candidate, max_cost: float) -> int:
-    assert cand.row is not None
-    per_step = cand.row.cost_high_usd / max(1, _planned_steps(cand))
-    return max(1, int(max_cost / per_step)) if per_step > 0 else 0
-
-
-def _planned_steps(cand: Candidate) -> int:
-    from ._estimate import EstimateRow
-
-    row: EstimateRow | None = cand.row
-    steps = getattr(row, "steps", None)
-    return int(steps) if steps else 1
-
+    """About how many optimizer steps ``max_cost`` buys on ``cand`` (setup paid first)."""
+    row = cand.row
+    assert row is not None
+    per_hour = row.price_per_hour
+    setup_cost = per_hour * row.setup_s / 3600 * (row.cost_high_usd / max(row.cost_usd, 1e-12))
+    per_step = (row.cost_high_usd - setup_cost) / max(1, row.steps)
+    return max(0, int((max_cost - setup_cost) / per_step)) if per_step > 0 else 0

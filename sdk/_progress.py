@@ -5,10 +5,16 @@ from __future__ import annotations
 import sys
 from types import TracebackType
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from loraburst.remote.protocol import State
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 __all__ = ["ProgressView"]
 
@@ -21,23 +27,28 @@ class ProgressView:
         self._console = Console(stderr=True)
         self._live = enabled and sys.stderr.isatty()
         self._progress: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._label = label
         self._last_printed = -1
 
     def __enter__(self) -> ProgressView:
         if self._live:
             self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                console=self._console, transient=False,
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                console=self._console,
+                transient=False,
             )
             self._progress.start()
             self._task = self._progress.add_task(self._label, total=None, info="")
         return self
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._progress is not None:
             self._progress.stop()
 
@@ -58,9 +69,11 @@ class ProgressView:
         parts.append(f"${spent_usd:.4f}")
         info = " | ".join(parts)
         if self._progress is not None and self._task is not None:
-            self._progress.update(self._task, total=state.total_steps or None,
-                                  completed=state.step, info=info)
+            self._progress.update(
+                self._task, total=state.total_steps or None, completed=state.step, info=info
+            )
         elif state.step != self._last_printed:
             self._last_printed = state.step
-            self._console.print(f"{self._label}: step {state.step}/{state.total_steps} {info}",
-                                highlight=False)
+            self._console.print(
+                f"{self._label}: step {state.step}/{state.total_steps} {info}", highlight=False
+            )

@@ -8,6 +8,7 @@ budget, pulls checkpoints and reconnects when SSH drops while the detached agent
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -113,8 +114,9 @@ class Attempt:
         return time.time() - self.launched_at if self.launched_at else 0.0
 
     def cost_so_far(self) -> float:
-        return billed_cost(self.offer.price_per_hour, self.elapsed_billable(),
-                           self.offer.billing_increment_s)
+        return billed_cost(
+            self.offer.price_per_hour, self.elapsed_billable(), self.offer.billing_increment_s
+        )
 
     def _budget_deadline(self) -> float | None:
         """Unix time by which the agent must stop so that spend stays under ``max_cost``.
@@ -142,15 +144,20 @@ class Attempt:
         # While this file names a live process, `loraburst cleanup` leaves the instance alone.
         (self.local_dir / "client.pid").write_text(str(os.getpid()))
         self.ledger.record_instance(
-            self.tag, job_id=self.job_id, attempt=self.attempt, provider=self.provider.name,
-            gpu=self.offer.gpu, price_per_hour=self.offer.price_per_hour,
+            self.tag,
+            job_id=self.job_id,
+            attempt=self.attempt,
+            provider=self.provider.name,
+            gpu=self.offer.gpu,
+            price_per_hour=self.offer.price_per_hour,
             billing_increment_s=self.offer.billing_increment_s,
         )
         public_key = ""
         if self.provider.name != "local":
             self.key_path, public_key = _keys.generate_key(self.tag)
-        request = LaunchRequest(tag=self.tag, offer=self.offer, public_key=public_key,
-                                env=self.extra_env)
+        request = LaunchRequest(
+            tag=self.tag, offer=self.offer, public_key=public_key, env=self.extra_env
+        )
         try:
             machine = self.provider.launch(request)
         except ProviderError as exc:
@@ -158,15 +165,17 @@ class Attempt:
             # instead of creating twice.
             found = self.provider.find(self.tag) if not _is_refusal(exc) else None
             if found is None:
-                self.ledger.update_instance(self.tag, state="create_failed", note=str(exc),
-                                            ended_at=time.time())
+                self.ledger.update_instance(
+                    self.tag, state="create_failed", note=str(exc), ended_at=time.time()
+                )
                 self._drop_key()
                 raise
             machine = found
         self.machine = machine
         self.launched_at = time.time()
-        self.ledger.update_instance(self.tag, state="launched", provider_id=machine.id,
-                                    launched_at=self.launched_at)
+        self.ledger.update_instance(
+            self.tag, state="launched", provider_id=machine.id, launched_at=self.launched_at
+        )
         self.machine = self._wait_ready(machine)
         self.ledger.update_instance(self.tag, state="running")
         self.durations["provision"] = time.time() - t0
@@ -194,7 +203,7 @@ class Attempt:
         workdir = f"{self.machine.workdir_root}/runs/{self.job_id}"
         if self.provider.name == "local":
             workdir = str(self.local_dir)
-        self.host = self.provider.connect(self.machine, self.key_path, workdir)  # type: ignore[arg-type]
+        self.host = self.provider.connect(self.machine, self.key_path, workdir)
         return self.host
 
     # -- start ----------------------------------------------------------------------------
@@ -214,9 +223,7 @@ class Attempt:
         if self.provider.name != "local":
             env[ENV_HEARTBEAT_GRACE] = f"{self.heartbeat_grace_s:.0f}"
         host.write_text(HEARTBEAT_FILE, f"{time.time():.0f}\n")
-        if host.read_text(STATE_FILE) is None or uploaded:
-            host.start_agent(env)
-        elif not host.agent_alive():
+        if host.read_text(STATE_FILE) is None or uploaded or not host.agent_alive():
             host.start_agent(env)
 
     def _bootstrap(self, host: Host) -> None:
@@ -232,8 +239,9 @@ class Attempt:
 
             pins = [r for r in TRAINER_REQUIREMENTS if _req_name(r) in set(missing)]
             self.view.message(f"installing on the instance: {', '.join(pins)}")
-            rc, _, err = host.run(f"{host.python} -m pip install -q " + " ".join(
-                f"'{p}'" for p in pins), timeout=1200)
+            rc, _, err = host.run(
+                f"{host.python} -m pip install -q " + " ".join(f"'{p}'" for p in pins), timeout=1200
+            )
             if rc != 0:
                 raise AgentError(f"installing {pins} on the instance failed: {err[-800:]}")
             info = self._run_check(host, check)
@@ -310,8 +318,10 @@ class Attempt:
         self.durations["train"] = time.time() - t0
         if self.state.phase == "failed":
             err = self.state.error or {}
-            raise AgentError(f"training failed on {self.provider.name}: "
-                             f"{err.get('type', 'Error')}: {err.get('message', '')}")
+            raise AgentError(
+                f"training failed on {self.provider.name}: "
+                f"{err.get('type', 'Error')}: {err.get('message', '')}"
+            )
         return self.state
 
     def _check_alive(self) -> None:
@@ -320,16 +330,14 @@ class Attempt:
             return
         current = self.provider.get(self.machine.id)
         if current is None or current.status in ("terminated", "preempted"):
-            raise Lost(f"{self.provider.name} instance {self.machine.id} is gone "
-                       f"({current.status if current else 'unknown to the provider'})")
+            raise Lost(
+                f"{self.provider.name} instance {self.machine.id} is gone "
+                f"({current.status if current else 'unknown to the provider'})"
+            )
 
     def _reconnect(self) -> None:
         """SSH dropped: reconnect with backoff while the detached agent keeps training."""
-        if self.host is not None:
-            try:
-                self.host.close()
-            except Exception:  # noqa: BLE001 - the old connection is dead either way
-                pass
+        self._close_host()
         self.host = None
         deadline = time.time() + self.reconnect_timeout_s
         delay = 1.0
@@ -342,8 +350,10 @@ class Attempt:
             except TransportError:
                 time.sleep(delay + random.uniform(0, delay))
                 delay = min(delay * 2, 15.0)
-        raise TransportError(f"lost SSH to {self.provider.name} instance and could not "
-                             f"reconnect within {self.reconnect_timeout_s:.0f}s")
+        raise TransportError(
+            f"lost SSH to {self.provider.name} instance and could not "
+            f"reconnect within {self.reconnect_timeout_s:.0f}s"
+        )
 
     def _enforce_budget(self, host: Host) -> None:
         if self.max_cost is None or self.stop_requested:
@@ -368,7 +378,8 @@ class Attempt:
             return  # the run folder is already on this machine
         rc, out, _ = host.run(f"ls -1 {CHECKPOINT_DIR} 2>/dev/null", timeout=30)
         steps = sorted(
-            int(n.rsplit("-", 1)[1]) for n in out.split()
+            int(n.rsplit("-", 1)[1])
+            for n in out.split()
             if n.startswith("checkpoint-") and n.rsplit("-", 1)[1].isdigit()
         )
         done = [s for s in steps if s < self.state.step or self.state.terminal]
@@ -399,8 +410,10 @@ class Attempt:
                 break
             self.view.message(f"artifact check failed for {bad}; fetching again ({attempt})")
         else:
-            raise ArtifactError(f"pulled artifacts failed their sha256 check {retries} times: "
-                                f"{bad}", job_id=self.job_id)
+            raise ArtifactError(
+                f"pulled artifacts failed their sha256 check {retries} times: {bad}",
+                job_id=self.job_id,
+            )
         (pulled / MANIFEST_FILE).write_text(manifest_text)
         dest = output_dir / self.job_id
         if dest.exists():
@@ -418,11 +431,7 @@ class Attempt:
         """Terminate and confirm; returns the billed cost. Raises TeardownError loudly when
         the instance cannot be confirmed gone (the ledger row stays open for cleanup)."""
         t0 = time.time()
-        if self.host is not None:
-            try:
-                self.host.close()
-            except Exception:  # noqa: BLE001 - closing a dead connection must not stop teardown
-                pass
+        self._close_host()
         if self.machine is None:
             # Interrupted mid-create: the instance may exist although we never saw its id.
             try:
@@ -431,8 +440,9 @@ class Attempt:
                 self.machine = None
             if self.machine is None:
                 if self.ledger.instance(self.tag) is not None:
-                    self.ledger.update_instance(self.tag, state="never_created",
-                                                ended_at=time.time())
+                    self.ledger.update_instance(
+                        self.tag, state="never_created", ended_at=time.time()
+                    )
                 self._drop_key()
                 return 0.0
             self.launched_at = self.launched_at or time.time()
@@ -453,22 +463,33 @@ class Attempt:
             delay = min(delay * 2, 10.0)
         else:
             cost = self.cost_so_far()
-            self.ledger.update_instance(self.tag, state="teardown_failed", billed_usd=cost,
-                                        note=str(last_error or "still running"))
+            self.ledger.update_instance(
+                self.tag,
+                state="teardown_failed",
+                billed_usd=cost,
+                note=str(last_error or "still running"),
+            )
             raise TeardownError(
                 f"COULD NOT CONFIRM that {self.provider.name} instance {machine_id} "
                 f"({self.tag}) is terminated: {last_error or 'it is still listed as running'}. "
                 f"It may still be billing. Run `loraburst cleanup` or terminate it in the "
-                f"provider's console.", provider=self.provider.name, job_id=self.job_id,
+                f"provider's console.",
+                provider=self.provider.name,
+                job_id=self.job_id,
             )
         ended = time.time()
         cost = self.cost_so_far()
-        self.ledger.update_instance(self.tag, state="terminated", ended_at=ended,
-                                    billed_usd=cost)
+        self.ledger.update_instance(self.tag, state="terminated", ended_at=ended, billed_usd=cost)
         self._drop_key()
         (self.local_dir / "client.pid").unlink(missing_ok=True)
         self.durations["teardown"] = time.time() - t0
         return cost
+
+    def _close_host(self) -> None:
+        # A dropped connection may fail to close; that must never stop a reconnect or teardown.
+        if self.host is not None:
+            with contextlib.suppress(Exception):
+                self.host.close()
 
     def _drop_key(self) -> None:
         if self.key_path is not None:
@@ -495,5 +516,6 @@ def _req_name(requirement: str) -> str:
 
 
 def cancelled(job_id: str) -> JobCancelledError:
-    return JobCancelledError(f"job {job_id} was cancelled; its instance was torn down",
-                             job_id=job_id)
+    return JobCancelledError(
+        f"job {job_id} was cancelled; its instance was torn down", job_id=job_id
+    )
