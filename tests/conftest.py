@@ -21,3 +21,21 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     yield
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = ROOT / "examples" / "data" / "chat.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real Llama (random weights) with a tokenizer trained on the sample data."""
+    import json
+
+    from loraburst._tiny import make_tiny_model
+
+    texts = []
+    for line in SAMPLE_DATA.read_text().splitlines():
+        if line.strip():
+            texts.extend(m["content"] for m in json.loads(line)["messages"])
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", texts)
