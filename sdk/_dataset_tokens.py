@@ -1,0 +1,139 @@
+"""Token counts of normalised rows: exact with the model's tokenizer when it is on disk, else an
+estimate that says it is one.
+
+Exact counts follow what TRL's ``SFTTrainer`` feeds the model: a conversation is rendered with
+the tokenizer's chat template (or our ChatML default) and tokenised without extra special tokens;
+prompt/completion and text rows get the EOS token appended, as TRL does, and the tokenizer's
+usual special tokens (BOS, say).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from loraburst.remote.protocol import DEFAULT_CHAT_TEMPLATE
+
+__all__ = ["CHARS_PER_TOKEN", "TURN_OVERHEAD_TOKENS", "count_tokens", "load_tokenizer", "row_chars"]
+
+log = logging.getLogger(__name__)
+
+# English text runs at about 3.5-4 characters per token with Llama-3-class BPE vocabularies
+# (128k entries; Qwen2 and Mistral-Nemo's are similar). 3.6 leans to the low end so the
+# estimate errs towards more tokens, i.e. towards time and cost we will not exceed.
+CHARS_PER_TOKEN = 3.6
+# Tokens a chat template adds around each turn: ChatML's "<|im_start|>", role, "\n",
+# "<|im_end|>", "\n" is 4-5 tokens; Llama-3's header tokens are about the same.
+TURN_OVERHEAD_TOKENS = 4
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_BATCH = 1024
+
+
+def _on_disk(name: str) -> bool:
+    """Whether a tokenizer could load without the network, checked without importing transformers."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return any((folder / f).is_file() for f in _TOKENIZER_FILES)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return any(isinstance(try_to_load_from_cache(name, f), str) for f in _TOKENIZER_FILES)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def load_tokenizer(name: str | None) -> Any | None:
+    """The tokenizer at a local folder or in the local HF cache, or None when unavailable.
+
+    Never raises: a tokenizer that cannot be loaded only makes the counts estimates.
+    """
+    if not name or not _on_disk(name):
+        return None
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        log.info("transformers is not installed; token counts are estimates")
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(Path(name).expanduser()), local_files_only=True)
+    # Tokenizer loading fails in many library-specific ways (OSError, ValueError, KeyError,
+    # a missing sentencepiece); any of them only means we fall back to the estimate.
+    except Exception as e:
+        log.warning("cannot load tokenizer %s (%s); token counts are estimates", name, e)
+        return None
+
+
+def row_chars(row: dict[str, Any]) -> int:
+    """Characters of text in a normalised row (turn contents, prompt + completion, or text)."""
+    if "messages" in row:
+        return sum(len(m["content"]) for m in row["messages"])
+    if "prompt" in row:
+        return len(row["prompt"]) + len(row["completion"])
+    return len(row.get("text", ""))
+
+
+def _estimate(row: dict[str, Any]) -> int:
+    turns = len(row["messages"]) if "messages" in row else 1  # one EOS for non-chat rows
+    return math.ceil(row_chars(row) / CHARS_PER_TOKEN) + turns * TURN_OVERHEAD_TOKENS
+
+
+def _ids(encoding: Any) -> list[Any]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True); 4.x a list.
+    return list(encoding["input_ids"] if hasattr(encoding, "keys") else encoding)
+
+
+def _exact(rows: Sequence[dict[str, Any]], kind: str, tok: Any) -> list[int]:
+    if kind == "messages":
+        template = getattr(tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        texts = [
+            tok.apply_chat_template(r["messages"], chat_template=template, tokenize=False)
+            for r in rows
+        ]
+        special = False  # the template already writes any BOS it wants
+    else:
+        eos = getattr(tok, "eos_token", None) or ""
+        if kind == "prompt_completion":
+            joined = [r["prompt"] + r["completion"] for r in rows]
+        else:
+            joined = [r["text"] for r in rows]
+        texts = [t if not eos or t.endswith(eos) else t + eos for t in joined]
+        special = True
+    counts: list[int] = []
+    for i in range(0, len(texts), _BATCH):
+        batch = tok(texts[i : i + _BATCH], add_special_tokens=special)
+        counts += [len(ids) for ids in _ids(batch)]
+    return counts
+
+
+def count_tokens(
+    rows: Sequence[dict[str, Any]], kind: str, tokenizer: str | Any | None
+) -> tuple[list[int], bool]:
+    """Tokens per normalised row, as the trainer will see them.
+
+    Args:
+        rows: normalised rows (``messages``, ``prompt``/``completion`` or ``text``).
+        kind: ``"messages"``, ``"prompt_completion"`` or ``"text"``.
+        tokenizer: a local folder or a hub id in the local cache, an already loaded tokenizer,
+            or None.
+
+    Returns:
+        ``(counts, exact)``: one count per row, and whether they come from the real tokenizer
+        (else they are ``chars / CHARS_PER_TOKEN`` plus ``TURN_OVERHEAD_TOKENS`` a turn).
+    """
+    tok = (
+        load_tokenizer(tokenizer) if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+    )
+    if tok is not None:
+        try:
+            return _exact(rows, kind, tok), True
+        # A chat template may reject a conversation (raise_exception in Jinja) or need
+        # arguments we do not pass; the estimate is still a useful answer.
+        except Exception as e:
+            log.warning("exact token count failed (%s); falling back to the estimate", e)
+    return [_estimate(r) for r in rows], False
