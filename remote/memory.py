@@ -21,8 +21,9 @@ bandwidth ``B`` (``passes`` = 2, or 3 with recompute)::
     t = flops(T) / (F * utilisation)            compute-bound matmuls
       + passes * N_q * dequant_bytes / B        NF4 -> bf16 dequantisation, once per pass
       + passes * L * layer_overhead_s           kernel launches and Python per layer pass
+      + passes * L * T * heads * s * score_traffic / B   attention scores, where materialised
 
-``utilisation``, ``dequant_bytes`` and ``layer_overhead_s`` are fitted on the H200 by
+``utilisation``, ``dequant_bytes``, ``layer_overhead_s`` and ``score_traffic`` are fitted on the H200 by
 ``benchmarks/calibrate_estimator.py``; another GPU uses its own F (times its GEMM efficiency
 relative to the H200's) and B, so compute-heavy configs scale with TFLOP/s and small-batch ones
 with bandwidth. The layer overhead is CPU-side and taken as GPU-independent.
@@ -32,7 +33,8 @@ Peak VRAM (bytes torch allocates; nvidia-smi shows reserved + the CUDA context):
     weights   N_q x (0.5 NF4 + 1/64 int8 absmax + 4/16384 fp32 second-level constants)
               + embeddings / lm_head / norms x embed_bytes (2 = bf16, 4 once upcast to fp32)
     LoRA      P x 16 (fp32 weights, grads, AdamW m and v)
-    no ckpt   act_mult x T x L x (4 h + 3 q_dim + 3 kv_dim + 4 i) x 2 bytes
+    no ckpt   L x [act_mult x T x (4 h + 3 q_dim + 3 kv_dim + 4 i) x 2 bytes
+                   + T x heads x s x score_bytes]   (scores only where attention keeps them)
     ckpt      T x L x h x ckpt_bytes  +  one layer recomputed as above
     logits    T x vocab x logits_bytes  (bf16 logits, fp32 upcast, log-softmax and its grad)
     reserved  allocated x reserved_ratio;  context: cuda_context_gib
@@ -202,6 +204,8 @@ class Coefficients:
     ckpt_bytes: float = 4.0  # per token, layer and hidden unit kept at each checkpoint
     logits_bytes: float = 16.0  # per token and vocab entry
     fixed_gib: float = 0.3  # cuBLAS workspaces and other fixed allocations
+    attn_score_bytes: float = 0.0  # per attention score kept (a non-flash sdpa path keeps s^2)
+    attn_score_traffic: float = 0.0  # bytes moved per attention score per pass
     reserved_ratio: float = 1.10
     cuda_context_gib: float = 0.55
     gemm_efficiency_h200: float = 0.80  # 788 of 989 TFLOP/s measured on the calibration H200
@@ -229,13 +233,18 @@ def _bytes_per_quantised_param(bits: int, double_quant: bool) -> float:
     return 2.0
 
 
-def _act_per_token_layer(shape: Shape, seq_len: int) -> float:
+def _act_per_token_layer(shape: Shape) -> float:
     """Bytes saved for backward per token in one decoder layer (bf16, flash/sdpa attention)."""
     values = 4 * shape.hidden + 3 * shape.q_dim + 3 * shape.kv_dim + 4 * shape.intermediate
-    per_token = 2.0 * values
+    return 2.0 * values
+
+
+def _score_bytes(shape: Shape, coeffs: Coefficients) -> tuple[float, float]:
+    """Bytes kept and bytes moved per attention score; eager attention (Gemma 2) keeps the
+    fp32 scores and bf16 probabilities whatever the fitted sdpa path does."""
     if shape.eager_attention:
-        per_token += 8.0 * shape.heads * seq_len  # scores and probabilities are materialised
-    return per_token
+        return max(coeffs.attn_score_bytes, 8.0), max(coeffs.attn_score_traffic, 12.0)
+    return coeffs.attn_score_bytes, coeffs.attn_score_traffic
 
 
 def peak_vram(
@@ -255,7 +264,8 @@ def peak_vram(
     tokens = micro_batch_size * seq_len
     lora = lora_params(shape, lora_r, target_modules)
     emb_b = coeffs.embed_bytes if bits in (4, 8) else 2
-    act_layer = coeffs.act_mult * tokens * _act_per_token_layer(shape, seq_len)
+    scores = tokens * shape.heads * seq_len * _score_bytes(shape, coeffs)[0]
+    act_layer = coeffs.act_mult * tokens * _act_per_token_layer(shape) + scores
     if gradient_checkpointing:
         acts = tokens * shape.layers * shape.hidden * coeffs.ckpt_bytes + act_layer
     else:
@@ -301,6 +311,8 @@ def step_time(
         "compute": flops["total"] * tokens / (tflops * 1e12 * util),
         "dequant": passes * param_counts(shape)["linear"] * dq_bytes / (bandwidth_gbs * 1e9),
         "overhead": passes * shape.layers * coeffs.layer_overhead_s,
+        "attention_scores": passes * shape.layers * tokens * shape.heads * seq_len
+        * _score_bytes(shape, coeffs)[1] / (bandwidth_gbs * 1e9),
     }
     terms["total"] = sum(terms.values())
     terms["tokens_per_s"] = tokens / terms["total"]
