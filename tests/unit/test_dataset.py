@@ -523,3 +523,23 @@ def test_importing_the_module_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_missing_pyarrow_says_what_to_install(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.Table.from_pylist([{"text": "a"}]), path)
+    # A None entry in sys.modules makes the import fail, as on a light client install.
+    code = (
+        "import sys; sys.modules['pyarrow'] = sys.modules['pyarrow.parquet'] = None\n"
+        "from loraburst._dataset import prepare_dataset\n"
+        "from loraburst import ConfigError\n"
+        "try:\n    prepare_dataset(sys.argv[1])\n"
+        "except ConfigError as e:\n    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+    )
+    assert "pip install pyarrow" in out.stdout
