@@ -1,59 +1,39 @@
-"""loraburst: QLoRA fine-tunes of open LLMs on rented GPUs, as simply as calling a function."""
+"""loraburst: QLoRA fine-tunes of open LLMs on rented GPUs, as simply as calling a function.
+
+The public API is this module's ``__all__``; everything in ``loraburst._*`` is private.
+``loraburst.providers`` is the plugin-author API and ``loraburst.testing`` the provider
+contract suite.
+"""
 
 from __future__ import annotations
 
+from ._batch import Batch as Batch, BatchResult as BatchResult
+from ._estimate import Estimate as Estimate, EstimateRow as EstimateRow
 from ._exceptions import (
     AgentError as AgentError,
-)
-from ._exceptions import (
     ArtifactError as ArtifactError,
-)
-from ._exceptions import (
     AuthError as AuthError,
-)
-from ._exceptions import (
     BudgetExceededError as BudgetExceededError,
-)
-from ._exceptions import (
     CapacityError as CapacityError,
-)
-from ._exceptions import (
     ConfigError as ConfigError,
-)
-from ._exceptions import (
     DatasetError as DatasetError,
-)
-from ._exceptions import (
     EstimateError as EstimateError,
-)
-from ._exceptions import (
     JobCancelledError as JobCancelledError,
-)
-from ._exceptions import (
     JobError as JobError,
-)
-from ._exceptions import (
     LoraburstError as LoraburstError,
-)
-from ._exceptions import (
     PlacementError as PlacementError,
-)
-from ._exceptions import (
     ProviderError as ProviderError,
-)
-from ._exceptions import (
     TeardownError as TeardownError,
-)
-from ._exceptions import (
     TransportError as TransportError,
 )
 from ._job import Job as Job
-from ._result import Attempt as Attempt
-from ._result import JobResult as JobResult
-from ._spec import JobSpec as JobSpec
-from ._spec import LoraConfig as LoraConfig
-from ._spec import QuantConfig as QuantConfig
-from ._spec import TrainConfig as TrainConfig
+from ._result import Attempt as Attempt, JobResult as JobResult
+from ._spec import (
+    JobSpec as JobSpec,
+    LoraConfig as LoraConfig,
+    QuantConfig as QuantConfig,
+    TrainConfig as TrainConfig,
+)
 
 __version__ = "0.1.0"
 
@@ -62,13 +42,17 @@ __all__ = [
     "ArtifactError",
     "Attempt",
     "AuthError",
+    "Batch",
+    "BatchResult",
     "BudgetExceededError",
     "CapacityError",
     "ConfigError",
     "DatasetError",
+    "Estimate",
     "EstimateError",
-    "JobCancelledError",
+    "EstimateRow",
     "Job",
+    "JobCancelledError",
     "JobError",
     "JobResult",
     "JobSpec",
