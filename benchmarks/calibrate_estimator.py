@@ -29,20 +29,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from loraburst._shapes import model_shape
-from loraburst.remote.memory import (
-    GIB,
-    H200_BANDWIDTH_GBS,
-    H200_TFLOPS,
-    Coefficients,
-    flops_per_token,
-    lora_params,
-    param_counts,
-    peak_vram,
-    solve_least_squares,
-)
+# The measuring half runs on the GPU box with only measure_one.py's needs; loraburst is
+# imported by the fitting half alone.
+if TYPE_CHECKING:
+    from loraburst.remote.memory import Coefficients
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -158,6 +150,8 @@ def measure(out_dir: Path, budget_s: float, per_config_s: float) -> Path:
 
 
 def _shape(model: str) -> Any:
+    from loraburst._shapes import model_shape
+
     return model_shape(model).shape
 
 
@@ -166,6 +160,8 @@ def _bounded_fit(
 ) -> dict[int, float]:
     """Least squares with box bounds: a coefficient that leaves its (low, high) is pinned to
     the bound and the rest refitted; a column no point exercises takes its default."""
+    from loraburst.remote.memory import solve_least_squares
+
     fixed = {i: d for i, (_, _, d) in enumerate(bounds) if all(r[i] == 0 for r in rows)}
     while True:
         free = [i for i in range(len(bounds)) if i not in fixed]
@@ -183,6 +179,14 @@ def _bounded_fit(
 
 def fit_time(points: list[dict[str, Any]]) -> dict[str, float]:
     """Fit 1/utilisation, dequant bytes and per-layer-pass overhead on relative error."""
+    from loraburst.remote.memory import (
+        H200_BANDWIDTH_GBS,
+        H200_TFLOPS,
+        flops_per_token,
+        lora_params,
+        param_counts,
+    )
+
     rows, targets = [], []
     for p in points:
         s = _shape(p["model"])
@@ -213,6 +217,8 @@ def fit_time(points: list[dict[str, Any]]) -> dict[str, float]:
 
 def fit_memory(points: list[dict[str, Any]]) -> dict[str, float]:
     """Fit activation, checkpoint, logits and fixed terms; choose fp32 or bf16 embeddings."""
+    from loraburst.remote.memory import GIB, Coefficients, peak_vram
+
     best: tuple[float, dict[str, float]] | None = None
     for emb_bytes in (2, 4):
         base = Coefficients(
@@ -287,6 +293,8 @@ def fit_memory(points: list[dict[str, Any]]) -> dict[str, float]:
 
 def fit(measurements: Path) -> Coefficients:
     """Fit on the non-holdout points; write calibration.json and memory.py's defaults."""
+    from loraburst.remote.memory import Coefficients
+
     doc = json.loads(measurements.read_text())
     ok = [p for p in doc["points"] if p.get("ok")]
     train = [p for p in ok if not p["holdout"]]
