@@ -91,8 +91,13 @@ class Ledger:
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or home() / "ledger.sqlite3"
-        with self._conn() as c:
-            c.executescript(_SCHEMA)
+        # executescript manages its own transaction, so it gets its own plain connection.
+        conn = sqlite3.connect(self.path, timeout=30)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+        finally:
+            conn.close()
 
     @contextmanager
     def _conn(self) -> Iterator[sqlite3.Connection]:
