@@ -27,6 +27,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,18 +64,23 @@ CONFIGS: list[tuple[str, int, int, bool, bool]] = [
 
 
 def _versions() -> dict[str, str]:
+    """Package versions from metadata (importing torch here would cost device time)."""
+    from importlib import metadata
+
     out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "trl"):
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "trl", "accelerate"):
         try:
-            mod = __import__(name)
-            out[name] = str(getattr(mod, "__version__", "?"))
-        except Exception:  # a missing package is recorded, not fatal
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             out[name] = "missing"
     try:
-        import torch
-
-        out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    except Exception:
+        smi = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
+        out["gpu"], out["driver"] = (
+            subprocess.run(smi, capture_output=True, text=True, timeout=30)
+            .stdout.splitlines()[0]
+            .split(", ")
+        )
+    except (OSError, IndexError, ValueError, subprocess.SubprocessError):
         out["gpu"] = "unknown"
     return out
 
@@ -84,12 +90,15 @@ def measure(out_dir: Path, budget_s: float, per_config_s: float) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     points: list[dict[str, Any]] = []
+    path = out_dir / "estimator_h200_measurements.json"
+    doc = {"date": datetime.date.today().isoformat(), "versions": _versions(), "lora_r": LORA_R}
     for model, seq, mb, ckpt, holdout in CONFIGS:
         if time.monotonic() - start > budget_s:
             print(f"budget reached: skipping {model} seq {seq} mb {mb}", flush=True)
             continue
         tag = f"{model}-s{seq}-b{mb}-{'ck' if ckpt else 'nock'}"
-        out = out_dir / f".{tag}.json"
+        out = Path(tempfile.gettempdir()) / f"calib-{tag}.json"
+        out.unlink(missing_ok=True)
         cmd = [
             sys.executable,
             str(ROOT / "benchmarks" / "measure_one.py"),
@@ -117,13 +126,14 @@ def measure(out_dir: Path, budget_s: float, per_config_s: float) -> Path:
         except subprocess.TimeoutExpired as exc:
             text, err = "", f"timeout after {per_config_s}s: {exc}"
         result: dict[str, Any] = {}
-        if out.is_file():
-            result = json.loads(out.read_text())
-        else:
-            for line in reversed(text.splitlines()):
-                if line.startswith("{"):
-                    result = json.loads(line)
-                    break
+        candidates = [out.read_text()] if out.is_file() else []
+        candidates += [ln for ln in reversed(text.splitlines()) if ln.startswith("{")]
+        for candidate in candidates:
+            try:
+                result = json.loads(candidate)
+                break
+            except json.JSONDecodeError:
+                continue
         point = {
             "model": model,
             "seq": seq,
@@ -138,14 +148,7 @@ def measure(out_dir: Path, budget_s: float, per_config_s: float) -> Path:
             point["stderr_tail"] = err
         points.append(point)
         print(json.dumps({k: v for k, v in point.items() if k != "stderr_tail"}), flush=True)
-    path = out_dir / "estimator_h200_measurements.json"
-    doc = {
-        "date": datetime.date.today().isoformat(),
-        "versions": _versions(),
-        "lora_r": LORA_R,
-        "points": points,
-    }
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+        path.write_text(json.dumps({**doc, "points": points}, indent=1) + "\n")  # after each
     return path
 
 
