@@ -188,6 +188,7 @@ class _Workload:
     seq_mem: int  # sequence length memory must hold
     seq_speed: int  # sequence length that sets speed (mean padded length)
     sequences: float  # training sequences per epoch
+    tokens_unknown: bool
 
 
 def _workload(spec: JobSpec, tokens: int, rows: int) -> _Workload:
@@ -196,11 +197,13 @@ def _workload(spec: JobSpec, tokens: int, rows: int) -> _Workload:
     max_seq = t.max_seq_len
     if t.packing:
         seq = max_seq
-        sequences = max(1.0, math.ceil(tokens * keep / max_seq))
+        known = tokens if tokens > 0 else rows * max_seq / 2  # unknown: rows half full
+        sequences = max(1.0, math.ceil(known * keep / max_seq))
     else:
-        seq = max(1, min(max_seq, round(tokens / max(rows, 1))))
+        mean = tokens / rows if tokens > 0 and rows > 0 else max_seq / 2  # unknown: half full
+        seq = max(1, min(max_seq, round(mean)))
         sequences = max(1.0, rows * keep)
-    return _Workload(max_seq, seq, sequences)
+    return _Workload(max_seq, seq, sequences, tokens <= 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,6 +318,8 @@ def estimate(
             f"no packing: micro-batches padded to their longest row, taken as the mean row "
             f"({wl.seq_speed} tokens); memory sized for max_seq_len {wl.seq_mem}"
         )
+    if tokens <= 0:
+        notes.append("token count unknown: rows taken as half of max_seq_len")
     if skipped:
         notes.append("skipped: " + "; ".join(skipped))
     steps = best.steps if best else 0
@@ -391,6 +396,8 @@ def _row(
     if s.gpu.name != "H200":
         err_speed += OTHER_GPU_ERROR
     err_tok = 0.0 if exact or spec.train.max_steps else TOKEN_GUESS_ERROR
+    if wl.tokens_unknown:
+        err_tok = 0.5
     low_s = train_s * (1 - err_speed) * (1 - err_tok) + setup_s * SETUP_RANGE[0]
     high_s = train_s * (1 + err_speed) * (1 + err_tok) + setup_s * SETUP_RANGE[1]
 
