@@ -85,7 +85,7 @@ def make_tiny_model(
             show_progress=False,
         ),
     )
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=bpe,
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
@@ -94,8 +94,8 @@ def make_tiny_model(
     )
     tokenizer.save_pretrained(out_dir)
 
-    eos_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    im_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos_id = int(tokenizer.convert_tokens_to_ids("<|endoftext|>"))  # type: ignore[arg-type]
+    im_end_id = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))  # type: ignore[arg-type]
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -110,8 +110,8 @@ def make_tiny_model(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(
+    model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
         eos_token_id=[im_end_id, eos_id], pad_token_id=eos_id, bos_token_id=None
     )
     model.save_pretrained(out_dir)
