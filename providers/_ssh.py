@@ -1,0 +1,466 @@
+"""The SSH transport (paramiko): ``SSHHost`` implements the ``Host`` Protocol over one machine.
+
+Connecting waits for sshd with a timeout, pins the host key on first contact under
+``$LORABURST_HOME/known_hosts/<provider>-<machine id>`` and refuses a different one later, and
+resolves the instance's remote root and interpreter from its environment
+(``LORABURST_REMOTE_ROOT``, ``LORABURST_REMOTE_PYTHON``). Idempotent operations reconnect with
+backoff once when the connection drops; paramiko and socket errors become ``TransportError``
+here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import posixpath
+import random
+import shlex
+import stat
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+import paramiko
+from loraburst._exceptions import HostKeyMismatchError, TransportError
+from loraburst._home import home
+from loraburst.remote import protocol
+from loraburst.remote.protocol import BUNDLE_DIR, LOG_FILE
+
+from ._base import LaunchRequest, Machine, Provider
+
+__all__ = ["SSHHost", "known_hosts_path", "launch_and_wait"]
+
+log = logging.getLogger("loraburst.providers.ssh")
+T = TypeVar("T")
+_PID_FILE = "agent.pid"
+_DROPS = (paramiko.SSHException, OSError, EOFError)
+
+
+def known_hosts_path(provider: str, machine_id: str) -> Path:
+    """Where the host key of ``machine_id`` is pinned."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{provider}-{machine_id}")
+    folder = Path(home()) / "known_hosts"
+    folder.mkdir(exist_ok=True, mode=0o700)
+    return folder / safe
+
+
+class _PinPolicy(paramiko.MissingHostKeyPolicy):
+    """Trust on first use, per machine (not per address: RunPod remaps ports on reset)."""
+
+    def __init__(self, pin: Path, label: str) -> None:
+        self.pin = pin
+        self.label = label
+
+    def missing_host_key(
+        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+    ) -> None:
+        line = f"{key.get_name()} {key.get_base64()}"
+        if not self.pin.exists():
+            self.pin.write_text(line + "\n")
+            return
+        if self.pin.read_text().strip() != line:
+            raise HostKeyMismatchError(
+                f"{self.label} at {hostname} presented a different host key than the one pinned "
+                f"on first connect ({self.pin}); refusing to connect. If the instance was really "
+                f"rebuilt, delete that file."
+            )
+
+
+class SSHHost:
+    """A work directory on a machine reached over SSH.
+
+    Args:
+        machine: the ready machine (its ``ssh`` endpoint is used).
+        key_path: the private key (None: paramiko's agent/default keys).
+        workdir: the run's work directory; a prefix of ``machine.workdir_root`` is replaced by
+            the root the instance reports, a relative path is taken under that root.
+        python: the interpreter used when the instance does not set ``LORABURST_REMOTE_PYTHON``.
+        connect_timeout_s: how long to wait for sshd to accept us.
+        keepalive_s: SSH keepalive interval.
+    """
+
+    def __init__(
+        self,
+        machine: Machine,
+        key_path: Path | None,
+        workdir: str,
+        *,
+        python: str | None = None,
+        connect_timeout_s: float = 120.0,
+        keepalive_s: int = 15,
+        reconnect_timeout_s: float = 30.0,
+    ) -> None:
+        if machine.ssh is None:
+            raise TransportError(
+                f"{machine.provider} instance {machine.id} has no SSH endpoint yet",
+                provider=machine.provider,
+            )
+        self.machine = machine
+        self.endpoint = machine.ssh
+        self.key_path = key_path
+        self.connect_timeout_s = connect_timeout_s
+        self.keepalive_s = keepalive_s
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self._default_python = python or machine.python
+        self._requested_workdir = workdir
+        self._client: paramiko.SSHClient | None = None
+        self._sftp: paramiko.SFTPClient | None = None
+        self.root = ""
+        self._python = self._default_python
+        self.workdir = workdir
+        self.label = f"{machine.provider} instance {machine.id}"
+
+    # -- connection -------------------------------------------------------------------------
+    @property
+    def python(self) -> str:
+        return self._python
+
+    def connect(self) -> SSHHost:
+        """Wait until sshd accepts us (bounded), then resolve the root and make the workdir.
+
+        Raises:
+            HostKeyMismatchError: the host key differs from the pinned one.
+            TransportError: not reachable within ``connect_timeout_s`` (says why).
+        """
+        deadline = time.monotonic() + self.connect_timeout_s
+        delay = 0.25
+        reason = "no attempt made"
+        while True:
+            try:
+                self._open(max(1.0, min(10.0, deadline - time.monotonic())))
+                break
+            except HostKeyMismatchError:
+                raise
+            except paramiko.AuthenticationException as exc:
+                # The key may not be installed yet (the instance is still starting).
+                reason = f"authentication refused ({exc})"
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._drop()
+            if time.monotonic() + delay > deadline:
+                raise TransportError(
+                    f"SSH to {self.label} ({self.endpoint.user}@{self.endpoint.host}:"
+                    f"{self.endpoint.port}) was not ready after {self.connect_timeout_s:.0f}s: "
+                    f"{reason}",
+                    provider=self.machine.provider,
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        self._resolve()
+        return self
+
+    def _open(self, timeout: float) -> None:
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(
+            _PinPolicy(known_hosts_path(self.machine.provider, self.machine.id), self.label)
+        )
+        self._client = client
+        client.connect(
+            self.endpoint.host,
+            port=self.endpoint.port,
+            username=self.endpoint.user,
+            key_filename=str(self.key_path) if self.key_path else None,
+            look_for_keys=self.key_path is None,
+            allow_agent=self.key_path is None,
+            timeout=timeout,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+        )
+        transport = client.get_transport()
+        if transport is not None:
+            transport.set_keepalive(self.keepalive_s)
+
+    def _resolve(self) -> None:
+        script = (
+            'printf "%s\\n%s\\n" "${LORABURST_REMOTE_ROOT:-$HOME/loraburst}" '
+            f'"${{LORABURST_REMOTE_PYTHON:-{self._default_python}}}"'
+        )
+        rc, out, err = self._exec(script, timeout=30)
+        lines = out.splitlines()
+        if rc != 0 or len(lines) < 2:
+            raise TransportError(f"could not read the environment of {self.label}: {err[-300:]}")
+        self.root, self._python = lines[0].rstrip("/"), lines[1]
+        base = self.machine.workdir_root.rstrip("/")
+        req = self._requested_workdir
+        if req == base or req.startswith(base + "/"):
+            req = self.root + req[len(base) :]
+        elif not req.startswith("/"):
+            req = f"{self.root}/{req}"
+        self.workdir = req
+        rc, _, err = self._exec(f"mkdir -p {shlex.quote(self.workdir)}", timeout=30)
+        if rc != 0:
+            raise TransportError(f"could not create {self.workdir} on {self.label}: {err[-300:]}")
+
+    def _drop(self) -> None:
+        for closer in (self._sftp, self._client):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    closer.close()
+        self._sftp = None
+        self._client = None
+
+    def _reconnect(self) -> None:
+        self._drop()
+        saved = self.connect_timeout_s
+        self.connect_timeout_s = self.reconnect_timeout_s
+        try:
+            self.connect()
+        finally:
+            self.connect_timeout_s = saved
+
+    def _retrying(self, what: str, fn: Callable[[], T]) -> T:
+        """Run ``fn``; on a dropped connection reconnect (with backoff) and try once more."""
+        try:
+            return fn()
+        except HostKeyMismatchError:
+            raise
+        except _DROPS as exc:
+            log.info("SSH to %s dropped during %s (%s); reconnecting", self.label, what, exc)
+            time.sleep(random.uniform(0.1, 0.5))
+            try:
+                self._reconnect()
+                return fn()
+            except TransportError:
+                raise
+            except _DROPS as exc2:
+                raise TransportError(f"{what} on {self.label} failed: {exc2}") from exc2
+
+    def _sftp_client(self) -> paramiko.SFTPClient:
+        if self._sftp is None:
+            if self._client is None:
+                raise OSError("not connected")
+            self._sftp = self._client.open_sftp()
+        return self._sftp
+
+    def _exec(
+        self, command: str, timeout: float = 600.0, stdin: bytes | None = None
+    ) -> tuple[int, str, str]:
+        if self._client is None:
+            raise OSError("not connected")
+        chan = self._client.get_transport().open_session(timeout=30)  # type: ignore[union-attr]
+        chan.settimeout(timeout)
+        chan.exec_command(command)
+        if stdin is not None:
+            chan.sendall(stdin)
+        chan.shutdown_write()
+        out, err = bytearray(), bytearray()
+        deadline = time.monotonic() + timeout
+        while True:
+            if chan.recv_ready():
+                out += chan.recv(65536)
+            elif chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+            elif chan.exit_status_ready():
+                while chan.recv_ready():
+                    out += chan.recv(65536)
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                break
+            elif time.monotonic() > deadline:
+                chan.close()
+                raise TransportError(f"command on {self.label} timed out after {timeout:.0f}s")
+            else:
+                if chan.closed and not chan.exit_status_ready():
+                    raise EOFError("channel closed before the command finished")
+                time.sleep(0.005)
+        rc = chan.recv_exit_status()
+        chan.close()
+        return rc, out.decode(errors="replace"), err.decode(errors="replace")
+
+    def _abs(self, rel: str) -> str:
+        return posixpath.join(self.workdir, rel)
+
+    # -- Host -------------------------------------------------------------------------------
+    def run(self, command: str, timeout: float = 600.0) -> tuple[int, str, str]:
+        """Run ``command`` with ``sh`` in the work directory; return (rc, stdout, stderr)."""
+        full = f"cd {shlex.quote(self.workdir)} && {command}"
+        try:
+            return self._exec(full, timeout=timeout)
+        except _DROPS as exc:
+            self._drop()
+            raise TransportError(f"command on {self.label} failed: {exc}") from exc
+
+    def upload_bundle(self, local_path: Path, sha256: str) -> bool:
+        """SFTP the bundle to ``<root>/bundles/<sha256>.tar`` unless it is there, then extract it
+        into ``<workdir>/bundle`` with the remote interpreter. Returns False when the transfer
+        was skipped because a bundle with that sha256 was already on the instance."""
+        bundles = f"{self.root}/bundles"
+        remote = f"{bundles}/{sha256}.tar"
+
+        def put() -> bool:
+            sftp = self._sftp_client()
+            try:
+                sftp.stat(remote)
+                return False
+            except FileNotFoundError:
+                pass
+            self._exec(f"mkdir -p {shlex.quote(bundles)}", timeout=30)
+            part = f"{remote}.part"
+            sftp.put(str(local_path), part, confirm=True)
+            sftp.posix_rename(part, remote)
+            return True
+
+        uploaded = self._retrying("bundle upload", put)
+        dest = self._abs(BUNDLE_DIR)
+        source = Path(protocol.__file__).read_bytes()
+        cmd = (
+            f"rm -rf {shlex.quote(dest)} && {shlex.quote(self._python)} - extract "
+            f"{shlex.quote(remote)} {shlex.quote(dest)} && printf %s {sha256} > "
+            f"{shlex.quote(dest + '/.sha256')}"
+        )
+        rc, _, err = self._retrying(
+            "bundle extract", lambda: self._exec(cmd, timeout=600, stdin=source)
+        )
+        if rc != 0:
+            raise TransportError(
+                f"extracting the bundle on {self.label} failed (exit {rc}): {err[-800:]}"
+            )
+        return uploaded
+
+    def start_agent(self, env: Mapping[str, str]) -> None:
+        """Start the agent detached (``setsid nohup``) so that it outlives this connection.
+
+        ``env`` travels on the command line, quoted, and is never logged (it may hold keys).
+        """
+        assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if _valid_name(k))
+        code = shlex.quote(self._abs(f"{BUNDLE_DIR}/code"))
+        cmd = (
+            f"env {assigns} PYTHONPATH={code} PYTHONUNBUFFERED=1 setsid nohup "
+            f"{shlex.quote(self._python)} -m loraburst.remote.agent {shlex.quote(self.workdir)} "
+            f">> {LOG_FILE} 2>&1 < /dev/null & echo $! > {_PID_FILE}"
+        )
+        try:
+            rc, _, err = self.run(cmd, timeout=60)
+        except TransportError as exc:
+            raise TransportError(f"starting the agent on {self.label} failed: {exc}") from None
+        if rc != 0:
+            raise TransportError(f"starting the agent on {self.label} failed (exit {rc})")
+        log.info("agent started on %s", self.label)
+
+    def agent_alive(self) -> bool:
+        script = (
+            f'pid=$(cat {_PID_FILE} 2>/dev/null) && kill -0 "$pid" 2>/dev/null && '
+            "[ \"$(cut -d')' -f2 /proc/$pid/stat 2>/dev/null | cut -d' ' -f2)\" != Z ]"
+        )
+        rc, _, _ = self._retrying("agent check", lambda: self.run(script, timeout=30))
+        return rc == 0
+
+    def read_text(self, rel: str) -> str | None:
+        def read() -> str | None:
+            try:
+                with self._sftp_client().open(self._abs(rel), "r") as f:
+                    data: bytes = f.read()
+            except FileNotFoundError:
+                return None
+            return data.decode("utf-8")
+
+        return self._retrying(f"reading {rel}", read)
+
+    def write_text(self, rel: str, text: str) -> None:
+        path = self._abs(rel)
+        tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp")
+
+        def write() -> None:
+            sftp = self._sftp_client()
+            with sftp.open(tmp, "w") as f:
+                f.write(text.encode("utf-8"))
+            sftp.posix_rename(tmp, path)
+
+        self._retrying(f"writing {rel}", write)
+
+    def fetch_tree(self, rel: str, dest: Path) -> None:
+        """Copy a file or folder of the work directory to ``dest`` (replacing it)."""
+        import shutil
+
+        def fetch() -> None:
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            elif dest.exists():
+                dest.unlink()
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            self._get(self._sftp_client(), self._abs(rel), dest)
+
+        self._retrying(f"fetching {rel}", fetch)
+
+    def _get(self, sftp: paramiko.SFTPClient, remote: str, dest: Path) -> None:
+        st = sftp.stat(remote)
+        if st.st_mode is not None and stat.S_ISDIR(st.st_mode):
+            dest.mkdir(parents=True, exist_ok=True)
+            for entry in sftp.listdir_attr(remote):
+                self._get(sftp, f"{remote}/{entry.filename}", dest / entry.filename)
+        else:
+            sftp.get(remote, str(dest))
+
+    def close(self) -> None:
+        self._drop()
+
+
+def _valid_name(name: str) -> bool:
+    return name.replace("_", "a").isalnum() and not name[0].isdigit()
+
+
+def launch_and_wait(
+    provider: Provider,
+    request: LaunchRequest,
+    *,
+    key_path: Path | None,
+    timeout_s: float = 900.0,
+    poll_s: float = 1.0,
+) -> Machine:
+    """Launch, wait until the provider reports the machine ready *and* SSH answers ``echo ok``;
+    on any failure terminate the instance before re-raising.
+
+    Raises:
+        TransportError: not ready within ``timeout_s`` (the instance was terminated).
+        ProviderError: the launch itself failed.
+    """
+    machine = provider.launch(request)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            current = provider.get(machine.id)
+            if current is None or current.status in ("terminated", "preempted"):
+                raise TransportError(
+                    f"{provider.name} instance {machine.id} vanished while booting "
+                    f"({current.status if current else 'unknown to the provider'})",
+                    provider=provider.name,
+                )
+            if current.ready:
+                break
+            if time.monotonic() > deadline:
+                raise TransportError(
+                    f"{provider.name} instance {machine.id} was not ready after {timeout_s:.0f}s "
+                    f"(status {current.status!r}, ssh {'mapped' if current.ssh else 'not mapped'})",
+                    provider=provider.name,
+                )
+            time.sleep(poll_s)
+        host = SSHHost(
+            current,
+            key_path,
+            current.workdir_root,
+            connect_timeout_s=max(1.0, deadline - time.monotonic()),
+        )
+        try:
+            host.connect()
+            rc, out, _ = host.run("echo ok", timeout=30)
+        finally:
+            host.close()
+        if rc != 0 or out.strip() != "ok":
+            raise TransportError(f"{provider.name} instance {machine.id}: `echo ok` failed")
+        return current
+    except TransportError as exc:
+        _terminate_quietly(provider, machine.id)
+        if "terminated" in str(exc):
+            raise
+        raise TransportError(f"{exc}; the instance was terminated", provider=provider.name) from exc
+    except BaseException:
+        _terminate_quietly(provider, machine.id)
+        raise
+
+
+def _terminate_quietly(provider: Provider, machine_id: str) -> None:
+    try:
+        provider.terminate(machine_id)
+    except Exception as exc:  # the original error matters more; say what was left behind
+        log.error("could not terminate %s instance %s: %s", provider.name, machine_id, exc)

@@ -1,0 +1,144 @@
+"""A real OpenSSH ``sshd`` per emulated instance, on a free loopback port.
+
+Each instance gets its own folder (host key, config, ``authorized_keys`` holding only the key the
+client passed, and a ``root/`` that plays the instance's disk) and its own environment through
+``SetEnv``, so the client resolves the same variables it would read on a real pod.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+SSHD_BIN = "/usr/sbin/sshd"
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class SSHD:
+    """One sshd process serving one emulated instance.
+
+    Args:
+        folder: the instance's folder (created); ``folder/root`` is its remote root.
+        authorized_key: the only public key allowed in (an OpenSSH ``ssh-ed25519 ...`` line).
+        env: variables every SSH session sees (``SetEnv``), besides the remote root and python.
+    """
+
+    def __init__(
+        self, folder: Path, authorized_key: str, env: Mapping[str, str] | None = None
+    ) -> None:
+        self.folder = folder
+        self.root = folder / "root"
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.authorized_key = authorized_key.strip()
+        self.env = {
+            "LORABURST_REMOTE_ROOT": str(self.root),
+            "LORABURST_REMOTE_PYTHON": sys.executable,
+            **(env or {}),
+        }
+
+    @property
+    def host_key_path(self) -> Path:
+        return self.folder / "ssh_host_ed25519_key"
+
+    def start(self) -> int:
+        """Write the config and start sshd; return its port once it accepts connections."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(exist_ok=True)
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+        if not self.host_key_path.exists():
+            self.regenerate_host_key()
+        auth = self.folder / "authorized_keys"
+        auth.write_text(self.authorized_key + "\n")
+        auth.chmod(0o600)
+        self.port = self.port or free_port()
+        setenv = " ".join(f'{k}="{v}"' for k, v in self.env.items())
+        cfg = self.folder / "sshd_config"
+        cfg.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\n"
+            f"HostKey {self.host_key_path}\nPidFile {self.folder / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {auth}\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\n"
+            "StrictModes no\nUsePAM no\nSubsystem sftp internal-sftp\n"
+            f"SetEnv {setenv}\nLogLevel ERROR\nMaxStartups 50\nClientAliveInterval 0\n"
+        )
+        log = open(self.folder / "sshd.log", "ab")  # noqa: SIM115 - the process owns it
+        self.proc = subprocess.Popen(
+            [SSHD_BIN, "-D", "-e", "-f", str(cfg)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"sshd exited: {(self.folder / 'sshd.log').read_text(errors='replace')}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
+                return self.port
+            time.sleep(0.02)
+        raise RuntimeError(f"sshd on port {self.port} did not start")
+
+    def regenerate_host_key(self) -> None:
+        """A new host key (used to emulate a changed host behind the same address)."""
+        self.host_key_path.unlink(missing_ok=True)
+        self.host_key_path.with_suffix(".pub").unlink(missing_ok=True)
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key_path)],
+            check=True,
+            stdin=subprocess.DEVNULL,
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """Kill sshd and every session it forked (the instance is gone)."""
+        if self.proc is None:
+            return
+        # Sessions (and agents they started with setsid) live in other process groups: kill
+        # every process whose environment names this instance's root.
+        for pid in _pids_with_env("LORABURST_REMOTE_ROOT", str(self.root)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+
+def _pids_with_env(key: str, value: str) -> list[int]:
+    needle = f"{key}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
