@@ -1,1 +1,117 @@
-"""Pytest fixtures that start the emulators and sshd instances (owned by the providers work)."""
+"""Pytest fixtures that start the emulators and sshd instances (owned by the providers work).
+
+* ``runpod_fake`` / ``lambda_fake``: an emulator serving on ``127.0.0.1:<free port>`` from a
+  thread, with a fresh random API key; every sshd it started is killed at teardown.
+* ``runpod_provider`` / ``lambda_provider``: a provider pointed at that emulator with short
+  timeouts and fast retries (tests may build their own with different options).
+* ``sshd_host`` / ``ssh_provider``: a plain sshd (bring-your-own host) and the provider for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .lambdalabs import LambdaFake
+from .runpod import RunPodFake
+from .sshd import SSHD
+
+
+@pytest.fixture
+def runpod_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunPodFake]:
+    fake = RunPodFake(
+        api_key="rpa_" + secrets.token_hex(16), folder=tmp_path_factory.mktemp("runpod")
+    )
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture
+def lambda_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LambdaFake]:
+    fake = LambdaFake(
+        api_key="secret_" + secrets.token_hex(16), folder=tmp_path_factory.mktemp("lambda")
+    )
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture
+def runpod_provider(runpod_fake: RunPodFake):  # type: ignore[no-untyped-def]
+    from loraburst.providers.runpod import RunPodProvider
+
+    return RunPodProvider(
+        runpod_fake.api_key,
+        base_url=runpod_fake.url,
+        connect_timeout_s=15,
+        max_attempts=4,
+        backoff_s=0.05,
+    )
+
+
+@pytest.fixture
+def lambda_provider(lambda_fake: LambdaFake):  # type: ignore[no-untyped-def]
+    from loraburst.providers.lambdalabs import LambdaProvider
+
+    return LambdaProvider(
+        lambda_fake.api_key,
+        base_url=f"{lambda_fake.url}/api/v1",
+        ssh_user="root",
+        ssh_port=lambda_fake.ssh_port,
+        launch_interval_s=lambda_fake.launch_interval_s,
+        connect_timeout_s=15,
+        max_attempts=4,
+        backoff_s=0.05,
+    )
+
+
+@dataclasses.dataclass
+class SSHDHost:
+    """A plain sshd: log in as ``target`` with ``key_path``; ``root`` is its remote root."""
+
+    sshd: SSHD
+    key_path: Path
+    public_key: str
+
+    @property
+    def target(self) -> str:
+        return f"root@{self.sshd.host}:{self.sshd.port}"
+
+    @property
+    def root(self) -> Path:
+        return self.sshd.root
+
+
+@pytest.fixture
+def sshd_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHDHost]:
+    folder = tmp_path_factory.mktemp("sshd")
+    key = folder / "client_key"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
+    public = key.with_suffix(".pub").read_text().strip()
+    sshd = SSHD(folder / "host", public)
+    sshd.start()
+    try:
+        yield SSHDHost(sshd=sshd, key_path=key, public_key=public)
+    finally:
+        sshd.stop()
+
+
+@pytest.fixture
+def ssh_provider(sshd_host: SSHDHost):  # type: ignore[no-untyped-def]
+    from loraburst.providers.ssh import SSHProvider
+
+    return SSHProvider(sshd_host.target, key_path=sshd_host.key_path, connect_timeout_s=15)

@@ -43,6 +43,7 @@ class SSHD:
         self.folder = folder
         self.root = folder / "root"
         self.port = 0
+        self.host = "127.0.0.1"
         self.proc: subprocess.Popen[bytes] | None = None
         self.authorized_key = authorized_key.strip()
         self.env = {
@@ -69,7 +70,7 @@ class SSHD:
         setenv = " ".join(f'{k}="{v}"' for k, v in self.env.items())
         cfg = self.folder / "sshd_config"
         cfg.write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\n"
+            f"Port {self.port}\nListenAddress {self.host}\n"
             f"HostKey {self.host_key_path}\nPidFile {self.folder / 'sshd.pid'}\n"
             f"AuthorizedKeysFile {auth}\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\n"
@@ -93,7 +94,7 @@ class SSHD:
                 )
             with (
                 contextlib.suppress(OSError),
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+                socket.create_connection((self.host, self.port), timeout=0.5),
             ):
                 return self.port
             time.sleep(0.02)
