@@ -1,0 +1,195 @@
+"""The fast path computes the same function as the stock peft + bnb model (CPU, tiny real models)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from loraburst.remote import fastpath  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "intermediate_size": 128, "vocab_size": 300, "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+}  # fmt: skip
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _rel(a: Any, b: Any) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _tiny_lora(quantised: bool, seed: int = 0) -> Any:
+    """A tiny Llama (fp32, or NF4 on bnb's CPU path) with LoRA r=8 whose B is non-zero."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**TINY)
+    model = transformers.LlamaForCausalLM(config)
+    if quantised:
+        import bitsandbytes as bnb
+
+        for layer in model.model.layers:
+            for parent in (layer.self_attn, layer.mlp):
+                for name in PROJ:
+                    lin = getattr(parent, name, None)
+                    if lin is None:
+                        continue
+                    q = bnb.nn.Linear4bit(
+                        lin.in_features, lin.out_features, bias=False,
+                        compute_dtype=torch.float32, quant_type="nf4",
+                    )  # fmt: skip
+                    q.weight = bnb.nn.Params4bit(
+                        lin.weight.data.clone(), requires_grad=False, quant_type="nf4"
+                    )._quantize("cpu")
+                    setattr(parent, name, q)
+    cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=PROJ)
+    model = peft.get_peft_model(model, cfg)
+    with torch.no_grad():  # B starts at zero; make the adapters matter for the test
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _loss_and_grads(model: Any, x: Any) -> tuple[float, dict[str, Any]]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return float(loss), grads
+
+
+def _apply(model: Any, **kw: Any) -> Any:
+    opts = dict(
+        every=0, dequant_cache=False, chunked_loss=True, fused_lora=True,
+        fuse_elementwise=False, compile_layers=False, offload_checkpoints=False, loss_chunk=7,
+    )  # fmt: skip
+    opts.update(kw)
+    return fastpath._apply(model, fastpath.FastpathReport(), **opts)
+
+
+@pytest.mark.parametrize("quantised", [False, True], ids=["bf16-free", "nf4"])
+@pytest.mark.parametrize("every", [0, 1, 2])
+def test_patched_model_matches_peft(quantised: bool, every: int) -> None:
+    x = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    ref = _tiny_lora(quantised)
+    ours = copy.deepcopy(ref)
+    ref_loss, ref_grads = _loss_and_grads(ref, x)
+    cache = 2 if quantised else False
+    report = _apply(ours, every=every, dequant_cache=cache).fastpath_report
+    assert report["fused_lora_linears"] == 3 * 7
+    assert report["chunked_loss"] is True
+    assert report["checkpointed_layers"] == (0 if every == 0 else 3 // every)
+    if quantised:
+        assert report["cached_linears"] == 2 * 7
+    loss, grads = _loss_and_grads(ours, x)
+    assert abs(loss - ref_loss) / ref_loss < 1e-5
+    assert grads.keys() == ref_grads.keys() and len(grads) == 3 * 7 * 2
+    for name, g in grads.items():
+        assert _rel(g, ref_grads[name]) < 1e-4, name
+
+
+def test_cached_weight_is_what_bnb_dequantises() -> None:
+    import bitsandbytes.functional as bnbf
+
+    model = _tiny_lora(quantised=True)
+    _apply(model, dequant_cache=True)
+    base = model.base_model.model.model.layers[1].mlp.down_proj.base_layer
+    w = base.weight
+    assert torch.equal(base._fastpath_weight, bnbf.dequantize_4bit(w.data, w.quant_state))
+
+
+def test_training_steps_change_every_adapter_and_track_reference() -> None:
+    x = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(2))
+    ref, ours = _tiny_lora(True), _tiny_lora(True)
+    _apply(ours, every=1, dequant_cache=1)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
+    curves = []
+    for model in (ref, ours):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for _ in range(5):
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss))
+        curves.append(losses)
+    assert curves[1][-1] < curves[1][0]
+    assert abs(curves[1][-1] - curves[0][-1]) / curves[0][-1] < 1e-3
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[name]), f"{name} did not train"
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64, None])
+def test_linear_cross_entropy_matches_full_logits(chunk: int | None) -> None:
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 11, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(97, 32, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 97, (3, 11), generator=gen)
+    labels[0, 4:7] = -100
+    from transformers.loss.loss_utils import ForCausalLMLoss  # what HF's forward uses
+
+    hf_loss = ForCausalLMLoss(logits=hidden @ weight.t(), labels=labels, vocab_size=97)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    ref_loss = torch.nn.functional.cross_entropy(  # the same in float64
+        (hidden @ weight.t()).reshape(-1, 97), shifted.reshape(-1), ignore_index=-100
+    )
+    ref_gh, ref_gw = torch.autograd.grad(ref_loss, (hidden, weight))
+    loss = fastpath.linear_cross_entropy(hidden, weight, labels, chunk=chunk)
+    gh, gw = torch.autograd.grad(loss * 1.0, (hidden, weight))
+    assert _rel(loss, hf_loss) < 1e-6  # HF upcasts to fp32 only
+    assert _rel(loss, ref_loss) < 1e-12
+    assert _rel(gh, ref_gh) < 1e-12 and _rel(gw, ref_gw) < 1e-12
+    summed = fastpath.linear_cross_entropy(hidden, weight, labels, num_items=7, chunk=chunk)
+    n = int((shifted != -100).sum())
+    assert _rel(summed, ref_loss * n / 7) < 1e-12
+
+
+def test_rms_norm_matches_hugging_face() -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(48, eps=1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(5, 48, dtype=torch.bfloat16)
+    assert torch.equal(fastpath._rms_norm(x, norm.weight, 1e-5), norm(x))
+
+
+def test_optimize_leaves_a_cpu_model_alone() -> None:
+    model = _tiny_lora(quantised=False)
+    forwards = [m.forward for m in model.modules()]
+    out = fastpath.optimize(model, seq_len=32, micro_batch_size=2, gradient_checkpointing=False)
+    assert out is model
+    assert out.fastpath_report["applied"] is False
+    assert "CUDA-only" in out.fastpath_report["reason"]
+    assert [m.forward for m in model.modules()] == forwards
+
+
+def test_optimize_rejects_negative_checkpoint_interval() -> None:
+    with pytest.raises(ValueError, match="gradient_checkpointing=-1"):
+        fastpath.optimize(
+            _tiny_lora(False), seq_len=8, micro_batch_size=1, gradient_checkpointing=-1
+        )
+
+
+def test_fastpath_imports_only_the_standard_library() -> None:
+    code = "import sys, loraburst.remote.fastpath; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True
+    )
+    mods = set(json.loads(out.stdout))
+    assert not {"torch", "transformers", "peft", "bitsandbytes"} & mods
