@@ -1,0 +1,240 @@
+"""Tokenisation and loss masks: rows in, ``{"input_ids", "labels"}`` out (``-100`` = no loss).
+
+We tokenise ourselves and hand TRL a pre-tokenised dataset, so the mask is right for any chat
+template, with or without ``{% generation %}`` markers. An assistant turn's span is found by
+rendering the conversation twice, up to the turn (with the generation prompt) and through it;
+the characters in between (the reply and the template's end-of-turn text) carry the loss, and a
+token carries it when its character span overlaps. Templates that do not render prefixes
+stably fall back to locating each reply's text, plus the one token after it (the end of turn).
+
+Standard library only: the tokenizer is passed in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .protocol import CHATML_SPECIAL_TOKENS, DEFAULT_CHAT_TEMPLATE
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataError",
+    "encode_row",
+    "encode_rows",
+    "ensure_chat_template",
+    "normalise_row",
+    "read_jsonl",
+]
+
+IGNORE_INDEX = -100
+_SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "gpt": "assistant",
+    "user": "user",
+    "assistant": "assistant",
+}
+
+
+class DataError(ValueError):
+    """A row the trainer cannot use; the message names the file and row."""
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read the bundle's normalised JSONL.
+
+    Raises:
+        DataError: naming ``path:line`` of a line that is not a JSON object.
+    """
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def normalise_row(row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Detect a hub row's format and normalise it like the client does for local files.
+
+    Returns:
+        ``(data_format, row)`` with ``data_format`` one of messages / prompt_completion / text.
+
+    Raises:
+        DataError: the row has none of the known keys.
+    """
+    if row.get("messages") is not None:
+        return "messages", {"messages": list(row["messages"])}
+    if row.get("conversations") is not None:
+        turns = [
+            {"role": _SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t["value"]}
+            for t in row["conversations"]
+        ]
+        return "messages", {"messages": turns}
+    if row.get("instruction") is not None and row.get("output") is not None:
+        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        messages = [{"role": "user", "content": user}]
+        return "messages", {
+            "messages": [*messages, {"role": "assistant", "content": row["output"]}]
+        }
+    if row.get("prompt") is not None and row.get("completion") is not None:
+        return "prompt_completion", {"prompt": row["prompt"], "completion": row["completion"]}
+    if row.get("text") is not None:
+        return "text", {"text": row["text"]}
+    raise DataError(
+        f"unknown row format with keys {sorted(row)}; expected 'messages', 'conversations', "
+        "'instruction'+'output', 'prompt'+'completion' or 'text'"
+    )
+
+
+def ensure_chat_template(tokenizer: Any) -> list[str]:
+    """Give a tokenizer without a chat template the ChatML default.
+
+    Returns:
+        The special tokens that had to be added (the caller resizes the embeddings and makes
+        those rows trainable).
+    """
+    if tokenizer.chat_template:
+        return []
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in CHATML_SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    return missing
+
+
+def _render(tokenizer: Any, messages: list[dict[str, Any]], generation_prompt: bool) -> str:
+    text: str = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+    return text
+
+
+def _assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[Any]]:
+    """The rendered conversation and the character spans of its assistant turns.
+
+    A span is ``(start, end, extra)`` where ``extra`` = 1 asks for the next token too.
+    """
+    full = _render(tokenizer, messages, False)
+    spans: list[tuple[int, int, int]] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], True) if i else ""
+        through = _render(tokenizer, messages[: i + 1], False)
+        if through.startswith(before) and full.startswith(through) and len(through) > len(before):
+            spans.append((len(before), len(through), 0))
+            continue
+        # Not prefix-stable (e.g. templates that rewrite earlier turns): find the reply itself.
+        start = full.find(message["content"], spans[-1][1] if spans else 0)
+        if start < 0:
+            raise DataError("the chat template drops an assistant reply; set train.loss_on='all'")
+        spans.append((start, start + len(message["content"]), 1))
+    return full, spans
+
+
+def _mask(offsets: list[tuple[int, int]], spans: Iterable[tuple[int, int, int]]) -> list[bool]:
+    keep = [False] * len(offsets)
+    for start, end, extra in spans:
+        last = -1
+        for k, (s, e) in enumerate(offsets):
+            if e > s and s < end and e > start:
+                keep[k] = True
+                last = k
+        if extra and 0 <= last < len(offsets) - 1:
+            keep[last + 1] = True
+    return keep
+
+
+def encode_row(
+    row: Mapping[str, Any], data_format: str, tokenizer: Any, *, loss_on: str = "assistant"
+) -> dict[str, list[int]]:
+    """Tokenise one normalised row (not truncated) with its labels.
+
+    ``loss_on="assistant"`` keeps the loss on assistant turns (messages) or on the completion
+    (prompt_completion); ``"all"`` trains on every token. Plain text always trains on all of it.
+
+    Raises:
+        DataError: an unknown ``data_format`` or a template that loses a reply.
+    """
+    if data_format == "messages":
+        text, spans = _assistant_spans(tokenizer, list(row["messages"]))
+        special = False  # the template writes its own bos
+    elif data_format == "prompt_completion":
+        completion = row["completion"]
+        if tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
+            completion += tokenizer.eos_token
+        text = row["prompt"] + completion
+        spans, special = [(len(row["prompt"]), len(text), 0)], True
+    elif data_format == "text":
+        text = row["text"] + (tokenizer.eos_token or "")
+        spans, special = [(0, len(text), 0)], True
+    else:
+        raise DataError(f"unknown data_format {data_format!r}")
+    enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    keep = _mask([tuple(o) for o in enc["offset_mapping"]], spans)
+    if loss_on == "all":
+        keep = [True] * len(ids)
+    return {
+        "input_ids": ids,
+        "labels": [t if k else IGNORE_INDEX for t, k in zip(ids, keep, strict=True)],
+    }
+
+
+def encode_rows(
+    rows: Iterable[Mapping[str, Any]],
+    data_format: str,
+    tokenizer: Any,
+    *,
+    max_seq_len: int,
+    loss_on: str = "assistant",
+    source: str = "data",
+) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
+    """Tokenise, mask and truncate every row to ``max_seq_len`` tokens.
+
+    ``data_format="hub"`` detects each row's format. Rows left without any loss token after
+    truncation are dropped (they would teach nothing) and counted.
+
+    Returns:
+        The encoded rows and stats: ``rows``, ``tokens``, ``loss_tokens``, ``truncated``,
+        ``dropped``.
+
+    Raises:
+        DataError: naming ``source`` and the row number, or when no row is left.
+    """
+    out: list[dict[str, list[int]]] = []
+    stats = {"rows": 0, "tokens": 0, "loss_tokens": 0, "truncated": 0, "dropped": 0}
+    for n, row in enumerate(rows, start=1):
+        try:
+            fmt, norm = normalise_row(row) if data_format == "hub" else (data_format, row)
+            enc = encode_row(norm, fmt, tokenizer, loss_on=loss_on)
+        except (DataError, KeyError, TypeError) as exc:
+            raise DataError(f"{source} row {n}: {exc}") from exc
+        if len(enc["input_ids"]) > max_seq_len:
+            stats["truncated"] += 1
+            enc = {k: v[:max_seq_len] for k, v in enc.items()}
+        loss_tokens = sum(1 for t in enc["labels"] if t != IGNORE_INDEX)
+        if loss_tokens == 0:
+            stats["dropped"] += 1
+            continue
+        stats["rows"] += 1
+        stats["tokens"] += len(enc["input_ids"])
+        stats["loss_tokens"] += loss_tokens
+        out.append(enc)
+    if not out:
+        raise DataError(
+            f"{source}: no row has a trainable token left (max_seq_len={max_seq_len} cuts every "
+            "row before its answer); raise train.max_seq_len"
+        )
+    return out, stats

@@ -1,0 +1,207 @@
+"""The on-instance agent: ``python -m loraburst.remote.agent WORKDIR`` (or ``--check``).
+
+It owns the run's wire files (``state.json``, ``events.jsonl``; see :mod:`.protocol`), starts
+the :class:`~.watchdog.Watchdog`, runs the trainer, and reports any failure as
+``{"type", "message"}``. After training it stays only as long as the watchdog may still have to
+terminate the instance. Standard library only: the trainer's imports happen inside
+:func:`loraburst.remote.trainer.run`, so a missing dependency becomes a ``failed`` state, not a
+crash without one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import re
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .protocol import (
+    MANIFEST_FILE,
+    PROTOCOL_VERSION,
+    STATE_FILE,
+    TRAINER_REQUIREMENTS,
+    State,
+    append_event,
+    error_dict,
+    write_atomic,
+)
+from .watchdog import Watchdog
+
+__all__ = ["Reporter", "check", "main"]
+
+_GIB = 1024**3
+
+
+class Reporter:
+    """Writes ``state.json`` (atomically) and ``events.jsonl``, and says whether to stop.
+
+    Args:
+        workdir: The run's work directory.
+        stop_source: Returns why training should stop (the watchdog's reason), or None.
+        echo: Also print each event to stdout (which the runner keeps as agent.log).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        stop_source: Callable[[], str | None] | None = None,
+        *,
+        echo: bool = True,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.state = State(pid=os.getpid(), started_at=time.time())
+        self._stop_source = stop_source
+        self._echo = echo
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why training should stop now, or None."""
+        return self._stop_source() if self._stop_source is not None else None
+
+    def update(self, **fields: Any) -> None:
+        """Set fields of the State and replace ``state.json``."""
+        for key, value in fields.items():
+            setattr(self.state, key, value)
+        self.state.updated_at = time.time()
+        write_atomic(self.workdir / STATE_FILE, self.state.to_json())
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Append an event (and echo it to the log)."""
+        append_event(self.workdir, kind, **fields)
+        if self._echo:
+            detail = " ".join(f"{k}={v}" for k, v in fields.items())
+            print(f"[agent {time.strftime('%H:%M:%S')}] {kind} {detail}".rstrip(), flush=True)
+
+
+def _min_version_ok(installed: str, requirement: str) -> bool:
+    """``installed`` satisfies a ``>=`` floor (the only kind TRAINER_REQUIREMENTS uses)."""
+    floor = requirement.partition(">=")[2]
+    if not floor:
+        return True
+
+    def nums(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
+
+    return nums(installed) >= nums(floor)
+
+
+def _bnb_smoke(torch: Any) -> str:
+    """A 4-bit NF4 matmul on the GPU, compared with the dequantised weights; "ok" or why not."""
+    try:
+        bnb: Any = importlib.import_module("bitsandbytes")
+
+        layer = bnb.nn.Linear4bit(
+            64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"
+        ).cuda()
+        x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+        y = layer(x)
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        ref = x @ weight.to(torch.bfloat16).t()
+        err = float((y.float() - ref.float()).abs().max())
+        return "ok" if torch.isfinite(y).all() and err < 0.5 else f"max error {err:.3g}"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def check() -> dict[str, Any]:
+    """What this machine offers the trainer; runs with only the standard library present."""
+    info: dict[str, Any] = {
+        "protocol_version": PROTOCOL_VERSION,
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "torch": None,
+        "cuda": False,
+        "gpus": [],
+        "bitsandbytes": importlib.util.find_spec("bitsandbytes") is not None,
+        "bnb_smoke": None,
+        "missing": [],
+        "errors": {},
+    }
+    for requirement in TRAINER_REQUIREMENTS:
+        name = re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0]
+        try:
+            ok = _min_version_ok(importlib.metadata.version(name), requirement)
+        except importlib.metadata.PackageNotFoundError:
+            ok = False
+        if not ok or importlib.util.find_spec(name) is None:
+            info["missing"].append(name)
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = bool(torch.cuda.is_available())
+        for i in range(torch.cuda.device_count() if info["cuda"] else 0):
+            props = torch.cuda.get_device_properties(i)
+            info["gpus"].append(
+                {"name": props.name, "vram_gb": round(props.total_memory / _GIB, 1)}
+            )
+    except Exception as exc:  # report a broken torch, never raise: the client decides
+        info["errors"]["torch"] = f"{type(exc).__name__}: {exc}"
+    if info["cuda"] and info["bitsandbytes"]:
+        import torch
+
+        info["bnb_smoke"] = _bnb_smoke(torch)
+    return info
+
+
+def run(workdir: Path) -> int:
+    """Run one job in ``workdir``; returns the process exit code (0 done/stopped, 1 failed)."""
+    workdir = Path(workdir).resolve()
+    # A manifest means "complete": one left by an earlier (stopped) run is not this run's.
+    (workdir / MANIFEST_FILE).unlink(missing_ok=True)
+    watchdog = Watchdog(workdir)
+    reporter = Reporter(workdir, stop_source=lambda: watchdog.stop_reason)
+    reporter.update(phase="preparing")
+    reporter.event("agent_started", pid=os.getpid(), protocol_version=PROTOCOL_VERSION)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        watchdog.request_stop("signal")
+        # A second signal is not asked twice: the default handler ends the process.
+        signal.signal(signum, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    watchdog.start()
+    code = 0
+    try:
+        from .trainer import run as train
+
+        train(workdir, reporter)
+    except Exception as exc:
+        traceback.print_exc(file=sys.stdout)
+        reporter.update(phase="failed", error=error_dict(exc))
+        reporter.event("failed", error=error_dict(exc))
+        code = 1
+    finally:
+        watchdog.close()
+        sys.stdout.flush()
+    watchdog.linger()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: ``agent WORKDIR`` runs the job, ``agent --check`` prints the environment."""
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--check"]:
+        print(json.dumps(check(), sort_keys=True), flush=True)
+        return 0
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m loraburst.remote.agent WORKDIR | --check", file=sys.stderr)
+        return 2
+    return run(Path(args[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
