@@ -179,7 +179,6 @@ def load_unsloth(path: Path, *, seq: int, lora_r: int, grad_ckpt: bool) -> Any:
 
     model, _tok = FastLanguageModel.from_pretrained(
         str(path), max_seq_length=seq, dtype=torch.bfloat16, load_in_4bit=True,
-        local_files_only=True,
     )  # fmt: skip
     return FastLanguageModel.get_peft_model(
         model, r=lora_r, lora_alpha=LORA_ALPHA, lora_dropout=0, bias="none",

@@ -292,6 +292,8 @@ def _offloaded_checkpoint(fn: Any, hidden: Any, *args: Any) -> Any:
     """Checkpoint one layer, keeping its input in pinned host memory until the backward pass."""
     if args:
         raise ValueError("offloaded checkpointing takes the hidden states as the only positional")
+    if not hidden.requires_grad:  # the first layer's input: its LoRA still needs a backward
+        hidden = hidden.detach().requires_grad_(True)
     return _offload_function().apply(fn, hidden)
 
 
@@ -303,7 +305,7 @@ def _offload_function() -> Any:
         @staticmethod
         def forward(ctx: Any, fn: Any, hidden: Any) -> Any:
             ctx.fn, ctx.device = fn, hidden.device
-            ctx.host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            ctx.host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=hidden.is_cuda)
             ctx.host.copy_(hidden, non_blocking=True)
             with torch.no_grad():
                 return fn(hidden)

@@ -81,14 +81,16 @@ def _apply(model: Any, **kw: Any) -> Any:
 
 
 @pytest.mark.parametrize("quantised", [False, True], ids=["bf16-free", "nf4"])
-@pytest.mark.parametrize("every", [0, 1, 2])
-def test_patched_model_matches_peft(quantised: bool, every: int) -> None:
+@pytest.mark.parametrize(("every", "offload"), [(0, False), (1, False), (2, False), (1, True)])
+def test_patched_model_matches_peft(quantised: bool, every: int, offload: bool) -> None:
     x = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
     ref = _tiny_lora(quantised)
     ours = copy.deepcopy(ref)
     ref_loss, ref_grads = _loss_and_grads(ref, x)
     cache = 2 if quantised else False
-    report = _apply(ours, every=every, dequant_cache=cache).fastpath_report
+    report = _apply(
+        ours, every=every, dequant_cache=cache, offload_checkpoints=offload
+    ).fastpath_report
     assert report["fused_lora_linears"] == 3 * 7
     assert report["chunked_loss"] is True
     assert report["checkpointed_layers"] == (0 if every == 0 else 3 // every)
