@@ -274,7 +274,8 @@ class SSHHost:
     # -- Host -------------------------------------------------------------------------------
     def run(self, command: str, timeout: float = 600.0) -> tuple[int, str, str]:
         """Run ``command`` with ``sh`` in the work directory; return (rc, stdout, stderr)."""
-        full = f"cd {shlex.quote(self.workdir)} && {command}"
+        # A newline, not "&&": a trailing "&" in ``command`` must not background the cd too.
+        full = f"cd {shlex.quote(self.workdir)} || exit 97\n{command}"
         try:
             return self._exec(full, timeout=timeout)
         except _DROPS as exc:
