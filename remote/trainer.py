@@ -54,6 +54,11 @@ def compute_dtype(name: str) -> Any:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def _quantized(spec: dict[str, Any]) -> bool:
+    """Base weights in 4/8 bits (QLoRA, QDoRA); plain LoRA and bits=16 keep them unquantised."""
+    return bool(spec["method"] != "lora" and spec["quant"]["bits"] in (4, 8))
+
+
 def _revision(spec: dict[str, Any], model_path: str) -> str | None:
     return None if Path(model_path).is_dir() else spec.get("model_revision")
 
@@ -88,7 +93,7 @@ def load_model(
         tokenizer, added = load_tokenizer(spec, model_path)
     quant, lora = spec["quant"], spec["lora"]
     dtype = compute_dtype(quant["compute_dtype"])
-    quantized = spec["method"] != "lora" and quant["bits"] in (4, 8)
+    quantized = _quantized(spec)
     bnb = None
     if quantized and quant["bits"] == 4:
         bnb = BitsAndBytesConfig(  # type: ignore[no-untyped-call]
@@ -194,7 +199,7 @@ def _settings(spec: dict[str, Any], model_path: str, seq_len: int, rows: int) ->
     from .memory import choose_settings
 
     config = AutoConfig.from_pretrained(model_path, revision=_revision(spec, model_path))
-    quantized = spec["method"] != "lora" and spec["quant"]["bits"] in (4, 8)
+    quantized = _quantized(spec)
     return choose_settings(
         config.to_dict(),
         vram_gb=torch.cuda.get_device_properties(0).total_memory / _GIB,
@@ -342,6 +347,18 @@ def _quiet() -> None:
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
+def _model_path(workdir: Path, spec: dict[str, Any]) -> str:
+    """The bundled or local model folder (checked), else the hub id as given."""
+    model = spec["model"]
+    if model != "model" and not Path(model).is_absolute():
+        return str(model)  # a hub id
+    path = workdir / BUNDLE_DIR / model  # an absolute path stays itself
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise FileNotFoundError(f"model folder {path} {what}; check the job's `model`")
+    return str(path)
+
+
 def run(workdir: Path, reporter: Reporter | None = None) -> None:
     """Train the job in ``workdir`` (see :mod:`.protocol`) and write its artifacts.
 
@@ -353,24 +370,18 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
         from .agent import Reporter
 
         reporter = Reporter(workdir)
-    import torch
-    from transformers import PrinterCallback
-
-    _quiet()
     doc = json.loads((workdir / BUNDLE_DIR / "spec.json").read_text())
     spec = doc["spec"]
+    model_path = _model_path(workdir, spec)  # before the heavy imports: fail in a second
     upload = os.environ.get(ENV_ARTIFACTS) or spec.get("artifacts")
-    model_path = str(workdir / BUNDLE_DIR / spec["model"])
-    if spec["model"] == "model" or Path(spec["model"]).is_absolute():
-        if not (Path(model_path) / "config.json").is_file():
-            raise FileNotFoundError(f"model folder {model_path} has no config.json")
-    else:
-        model_path = spec["model"]  # a hub id
-
     reporter.update(phase="loading")
     reporter.event(
         "loading", model=spec["model"], method=spec["method"], bits=spec["quant"]["bits"]
     )
+    import torch
+    from transformers import PrinterCallback
+
+    _quiet()
     tokenizer, added = load_tokenizer(spec, model_path)
     train_ds, eval_ds, stats = _datasets(workdir, doc, tokenizer)
     reporter.event("data", **stats)
@@ -395,16 +406,17 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
             if param.requires_grad:
                 param.data = param.data.float()
     resume = _resume_point(workdir, upload, reporter)
+    tokens_before = 0
     if resume is not None:
         reporter.event("resuming", checkpoint=resume.name)
+        tokens_before = _tokens_at(resume)  # read now: checkpoint rotation may delete it
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     stopped = reporter.stop_reason
     reporter.update(phase="saving")
-    adapter = workdir / ADAPTER_DIR
-    model.save_pretrained(adapter)
-    tokenizer.save_pretrained(adapter)
-    metrics = _metrics(trainer, output, stats, settings, resume, stopped)
+    model.save_pretrained(workdir / ADAPTER_DIR)
+    tokenizer.save_pretrained(workdir / ADAPTER_DIR)
+    metrics = _metrics(spec, trainer, output, stats, settings, resume, stopped, tokens_before)
     if eval_ds is not None and stopped is None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     write_atomic(workdir / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True))
@@ -419,12 +431,14 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
 
 
 def _metrics(
+    spec: dict[str, Any],
     trainer: Any,
     output: Any,
     stats: dict[str, int],
     settings: dict[str, Any],
     resume: Path | None,
     stopped: str | None,
+    tokens_before: int,
 ) -> dict[str, Any]:
     import torch
 
@@ -432,7 +446,7 @@ def _metrics(
     history = [(h["step"], h["loss"]) for h in state.log_history if "loss" in h]
     losses = [loss for _, loss in history]
     runtime = output.metrics.get("train_runtime", 0.0)
-    session_tokens = state.num_input_tokens_seen - (_tokens_at(resume) if resume is not None else 0)
+    session_tokens = state.num_input_tokens_seen - tokens_before
     return {
         "steps": state.global_step,
         "total_steps": state.max_steps,
@@ -450,6 +464,8 @@ def _metrics(
         "peak_vram_gb": torch.cuda.max_memory_allocated() / _GIB
         if torch.cuda.is_available()
         else None,
+        "method": spec["method"],
+        "quantized_bits": spec["quant"]["bits"] if _quantized(spec) else None,
         "micro_batch_size": settings["micro_batch_size"],
         "gradient_checkpointing": settings["gradient_checkpointing"],
         "data": stats,
