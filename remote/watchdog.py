@@ -205,7 +205,7 @@ class Watchdog:
             self.deadline = float(control["deadline"])
         # A stop left over from an earlier agent (the client restarted us) is not for us.
         stop = control.get("stop")
-        return str(stop) if stop and mtime >= self.started_at - 1.0 else None
+        return str(stop) if stop and mtime >= self.started_at else None
 
     def decide(self, now: float | None = None) -> Decision:
         """What should happen now, given control.json, the deadline and the heartbeat."""
