@@ -216,14 +216,20 @@ class LocalProvider:
         return m
 
     def get(self, machine_id: str) -> Machine | None:
-        return self._machines.get(machine_id) or Machine(
-            provider="local",
-            id=machine_id,
-            tag=machine_id,
-            status="running",
-            python=self._python,
-            workdir_root=str(runs_dir()),
-        )
+        """Running while this provider launched it or its agent still runs; else gone."""
+        if machine_id in self._machines:
+            return self._machines[machine_id]
+        host = self._host_for(machine_id)
+        if host is not None and host.agent_alive():
+            return Machine(provider="local", id=machine_id, tag=machine_id, status="running",
+                           python=self._python, workdir_root=str(runs_dir()))
+        return None
+
+    def _host_for(self, tag: str) -> LocalHost | None:
+        # Tags are "lb-<job id>-<attempt>" and the run folder is named by the job id.
+        job_id = tag.removeprefix("lb-").rpartition("-")[0]
+        folder = runs_dir() / job_id
+        return LocalHost(folder, python=self._python) if job_id and folder.is_dir() else None
 
     def find(self, tag: str) -> Machine | None:
         return self._machines.get(tag)
@@ -234,10 +240,9 @@ class LocalProvider:
     def terminate(self, machine_id: str) -> None:
         """Stop the run's agent if it is still running (a cancelled or abandoned local job)."""
         self._machines.pop(machine_id, None)
-        # Tags are "lb-<job id>-<attempt>" and the run folder is named by the job id.
-        job_id = machine_id.removeprefix("lb-").rpartition("-")[0]
-        if job_id:
-            LocalHost(runs_dir() / job_id, python=self._python).stop_agent()
+        host = self._host_for(machine_id)
+        if host is not None:
+            host.stop_agent()
 
     def connect(self, machine: Machine, key_path: Path | None, workdir: str) -> Host:
         return LocalHost(Path(workdir), python=machine.python)
