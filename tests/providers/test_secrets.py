@@ -1,0 +1,90 @@
+"""No API key or private key reaches a log, an exception or a repr (checked by grepping)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+from loraburst._exceptions import LoraburstError
+from loraburst.providers import LaunchRequest, Offer, _keys
+from loraburst.providers._http import ApiClient, resolve_key
+from loraburst.providers._ssh import launch_and_wait
+from loraburst.providers.lambdalabs import LambdaProvider
+from loraburst.providers.runpod import RunPodProvider
+
+from tests.fakes.lambdalabs import LambdaFake
+from tests.fakes.runpod import RunPodFake
+
+
+def _private_key_body(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    return [line for line in lines if line and not line.startswith("-----")]
+
+
+def _errors_text(fn: object) -> str:
+    try:
+        fn()  # type: ignore[operator]
+    except LoraburstError as exc:
+        chain = []
+        e: BaseException | None = exc
+        while e is not None:
+            chain.append(f"{type(e).__name__}: {e} {e!r}")
+            e = e.__cause__ or e.__context__
+        return "\n".join(chain)
+    return ""
+
+
+def test_runpod_flow_leaks_no_secret(
+    runpod_fake: RunPodFake, runpod_provider: RunPodProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    key_path, public = _keys.generate_key("lb-sec-1")
+    offer = Offer("runpod", "RTX 4090", 1, 24, 0.69, "NVIDIA GeForce RTX 4090")
+    request = LaunchRequest("lb-sec-1", offer, public, env={"HF_TOKEN": "hf_supersecret123"})
+    machine = launch_and_wait(runpod_provider, request, key_path=key_path, timeout_s=20)
+    host = runpod_provider.connect(machine, key_path, f"{machine.workdir_root}/runs/s")
+    host.start_agent({"HF_TOKEN": "hf_supersecret123"})  # no bundle: the agent fails, fine
+    host.close()
+    texts = [caplog.text, repr(runpod_provider), repr(machine)]
+    runpod_fake.faults.unauthorized = True
+    texts.append(_errors_text(runpod_provider.offers))
+    runpod_fake.faults.unauthorized = False
+    runpod_fake.faults.server_error = 100
+    texts.append(_errors_text(runpod_provider.offers))
+    runpod_fake.faults.server_error = 0
+    runpod_provider.terminate(machine.id)
+    texts.append(caplog.text)
+    secrets = [runpod_fake.api_key, "hf_supersecret123", *_private_key_body(key_path)]
+    for text in texts:
+        for secret in secrets:
+            assert secret not in text
+    assert "HTTP 401" in texts[3] and "HTTP 500" in texts[4]  # the texts were real errors
+
+
+def test_lambda_errors_leak_no_key(
+    lambda_fake: LambdaFake, lambda_provider: LambdaProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    lambda_fake.faults.capacity = True
+    _, public = _keys.generate_key("lb-sec-2")
+    offer = Offer("lambda", "A10", 1, 24, 0.75, "gpu_1x_a10", region="us-east-1")
+    text = _errors_text(lambda: lambda_provider.launch(LaunchRequest("lb-sec-2", offer, public)))
+    assert "Not enough capacity" in text
+    bad = LambdaProvider("wrong-key-value", base_url=f"{lambda_fake.url}/api/v1")
+    text += _errors_text(bad.offers)
+    assert "invalid-api-key" in text
+    for secret in (lambda_fake.api_key, "wrong-key-value"):
+        assert secret not in text + caplog.text + repr(lambda_provider)
+
+
+def test_api_client_repr_and_key_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAMBDA_API_KEY", "env-secret-1")
+    key = resolve_key("lambda", None, ["LORABURST_LAMBDA_API_KEY", "LAMBDA_API_KEY"])
+    assert "env-secret-1" not in repr(key) and key.get_secret_value() == "env-secret-1"
+    api = ApiClient(provider="x", base_url="http://127.0.0.1:9", api_key=key, client=httpx.Client())
+    assert "env-secret-1" not in repr(api)
+    api.max_attempts = 1
+    text = _errors_text(lambda: api.request("GET", "/"))
+    assert "cannot connect" in text and "env-secret-1" not in text
