@@ -17,8 +17,14 @@ from tests.conftest import SAMPLE_DATA
 
 
 def _job(model: Path, out: Path, **train: object) -> Job:
-    settings = {"max_steps": 12, "micro_batch_size": 4, "learning_rate": 3e-3,
-                "save_every_steps": 6, "max_seq_len": 128, **train}
+    settings = {
+        "max_steps": 12,
+        "micro_batch_size": 4,
+        "learning_rate": 3e-3,
+        "save_every_steps": 6,
+        "max_seq_len": 128,
+        **train,
+    }
     return Job(str(model), SAMPLE_DATA, train=settings, output_dir=out, name="e2e")
 
 
@@ -55,7 +61,8 @@ def test_cache_hit_reuses_the_adapter(tiny_model: Path, tmp_path: Path) -> None:
     assert again.status == "cached" and again.adapter_path == first.adapter_path
     assert again.cost_usd == 0.0
     fresh = _job(tiny_model, tmp_path / "c", max_steps=2).run(
-        provider="local", progress=False, cache=False)
+        provider="local", progress=False, cache=False
+    )
     assert fresh.status == "succeeded" and fresh.job_id != first.job_id
 
 
@@ -70,8 +77,9 @@ def test_bad_dataset_fails_before_anything_runs(tiny_model: Path, tmp_path: Path
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "loraburst._cli", *args], capture_output=True,
-                          text=True, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "loraburst._cli", *args], capture_output=True, text=True, cwd=cwd
+    )
 
 
 def test_cli_validate(tmp_path: Path) -> None:
@@ -94,7 +102,8 @@ def test_cli_run_and_ls(tiny_model: Path, tmp_path: Path) -> None:
     job = tmp_path / "job.yaml"
     job.write_text(
         f"model: {tiny_model}\ndataset: {SAMPLE_DATA}\noutput_dir: {tmp_path / 'out'}\n"
-        "train:\n  max_steps: 2\n  micro_batch_size: 2\n  max_seq_len: 64\n")
+        "train:\n  max_steps: 2\n  micro_batch_size: 2\n  max_seq_len: 64\n"
+    )
     res = _cli("run", str(job), "--provider", "local", "--no-cache")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "succeeded" in res.stdout

@@ -12,8 +12,9 @@ from loraburst import Job
 from loraburst._bundle import build_bundle, extract_bundle
 from loraburst.remote.protocol import UnsafeArchiveError
 
-ROWS = [{"messages": [{"role": "user", "content": "hi"},
-                      {"role": "assistant", "content": "hello"}]}] * 3
+ROWS = [
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+] * 3
 
 
 def _bundle(tmp: Path, sub: str) -> tuple[bytes, str]:
@@ -36,8 +37,12 @@ def test_bundle_contents(tmp_path: Path) -> None:
     assert b.path.name == f"{b.sha256}.tar"
     names = extract_bundle(b.path, tmp_path / "out")
     assert names == sorted(names)
-    assert {"spec.json", "data/train.jsonl", "code/loraburst/remote/agent.py",
-            "code/loraburst/remote/protocol.py"} <= set(names)
+    assert {
+        "spec.json",
+        "data/train.jsonl",
+        "code/loraburst/remote/agent.py",
+        "code/loraburst/remote/protocol.py",
+    } <= set(names)
     with tarfile.open(b.path) as t:
         assert {m.mtime for m in t.getmembers()} == {0}
 
@@ -59,8 +64,12 @@ def _tar(tmp: Path, member: tarfile.TarInfo, data: bytes = b"x") -> Path:
 
 @pytest.mark.parametrize(
     ("name", "kind", "needle"),
-    [("/etc/passwd", tarfile.REGTYPE, "absolute"), ("a/../../x", tarfile.REGTYPE, "'..'"),
-     ("link", tarfile.SYMTYPE, "link"), ("hard", tarfile.LNKTYPE, "link")],
+    [
+        ("/etc/passwd", tarfile.REGTYPE, "absolute"),
+        ("a/../../x", tarfile.REGTYPE, "'..'"),
+        ("link", tarfile.SYMTYPE, "link"),
+        ("hard", tarfile.LNKTYPE, "link"),
+    ],
 )
 def test_unsafe_members_refused(tmp_path: Path, name: str, kind: bytes, needle: str) -> None:
     m = tarfile.TarInfo(name)
