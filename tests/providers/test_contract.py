@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-
 from loraburst.providers.lambdalabs import LambdaProvider
 from loraburst.providers.runpod import RunPodProvider
 from loraburst.providers.ssh import SSHProvider
 from loraburst.testing import ProviderContract
+
 from tests.fakes.fixtures import SSHDHost
 from tests.fakes.lambdalabs import LambdaFake
 from tests.fakes.runpod import RunPodFake
