@@ -53,6 +53,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-fuse-elementwise", action="store_true")
     ap.add_argument("--compile-layers", action="store_true")
     ap.add_argument("--offload", action="store_true")
+    ap.add_argument("--loss-chunk", type=int, default=None, help="ours: tokens per loss chunk")
     ap.add_argument("--tag", default="", help="free text copied into the result")
     return ap.parse_args(argv)
 
@@ -95,6 +96,7 @@ def _ours(args: argparse.Namespace, path: Path) -> tuple[Any, dict[str, Any]]:
         dequant_cache=cache, chunked_loss=not args.no_chunked_loss,
         fused_lora=not args.no_fused_lora, fuse_elementwise=not args.no_fuse_elementwise,
         compile_layers=args.compile_layers, offload_checkpoints=args.offload,
+        loss_chunk=args.loss_chunk,
     )  # fmt: skip
     return model, {"fastpath": dict(model.fastpath_report), "plan": planned}
 

@@ -43,7 +43,7 @@ RUNS: list[tuple[str, str, str, list[str]]] = [
     ("parity/unsloth", "parity", "unsloth", ["--model", "llama-3-8b", "--seq", "512", "--micro-batch", "4", "--grad-ckpt", "on", "--loss-steps", "30", "--steps", "0", "--warmup", "0"]),
     ("b/ours", "b", "ours", ["--model", "llama-3-8b", "--seq", "2048", "--micro-batch", "4", "--grad-ckpt", "auto", "--cache", "auto", "--mem-cap-gib", "24"]),
     ("b/vanilla", "b", "vanilla", ["--model", "llama-3-8b", "--seq", "2048", "--micro-batch", "2", "--grad-ckpt", "on", "--mem-cap-gib", "24", "--steps", "4", "--warmup", "1"]),
-    ("c/ours", "c", "ours", ["--model", "llama-3-8b", "--seq", "2048", "--micro-batch", "4", "--grad-ckpt", "on", "--cache", "none", "--offload"]),
+    ("c/ours", "c", "ours", ["--model", "llama-3-8b", "--seq", "2048", "--micro-batch", "4", "--grad-ckpt", "on", "--cache", "none", "--offload", "--loss-chunk", "1024"]),
     ("d-8k/ours", "d-8k", "ours", ["--model", "llama-3-8b", "--seq", "8192", "--micro-batch", "1", "--grad-ckpt", "auto", "--cache", "auto"]),
     ("d-8k/unsloth", "d-8k", "unsloth", ["--model", "llama-3-8b", "--seq", "8192", "--micro-batch", "1", "--grad-ckpt", "on"]),
     ("d-mistral/ours", "d-mistral", "ours", ["--model", "mistral-7b", "--seq", "2048", "--micro-batch", "4", "--grad-ckpt", "auto", "--cache", "auto"]),
@@ -61,7 +61,7 @@ RUNS: list[tuple[str, str, str, list[str]]] = [
     ("lever/ckpt-off-nocache", "lever", "ours", ["--model", "llama-3-8b", "--seq", "2048", "--micro-batch", "4", "--grad-ckpt", "off", "--cache", "none"]),
     ("lever/no-fused-lora", "lever", "ours", ["--model", "llama-3-8b", "--seq", "2048", "--micro-batch", "4", "--grad-ckpt", "off", "--cache", "all", "--no-fused-lora"]),
     ("lever/no-fuse-elementwise", "lever", "ours", ["--model", "llama-3-8b", "--seq", "2048", "--micro-batch", "4", "--grad-ckpt", "off", "--cache", "all", "--no-fuse-elementwise"]),
-    ("lever/lean-mb2", "lever", "ours", ["--model", "llama-3-8b", "--seq", "2048", "--micro-batch", "2", "--grad-ckpt", "on", "--cache", "none", "--offload"]),
+    ("lever/lean-mb2", "lever", "ours", ["--model", "llama-3-8b", "--seq", "2048", "--micro-batch", "2", "--grad-ckpt", "on", "--cache", "none", "--offload", "--loss-chunk", "1024"]),
 ]  # fmt: skip
 STEPS = ["--steps", "8", "--warmup", "2"]
 
