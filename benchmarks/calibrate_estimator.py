@@ -134,13 +134,13 @@ def measure(out_dir: Path, budget_s: float, per_config_s: float) -> Path:
             except json.JSONDecodeError:
                 continue
         point = {
+            **result,  # measure_one's fields first: ours (booleans, holdout flag) win
             "model": model,
             "seq": seq,
             "micro_batch": mb,
             "grad_ckpt": ckpt,
             "holdout": holdout,
             "wall_s": round(time.monotonic() - t0, 1),
-            **result,
         }
         if not result.get("ok"):
             point["ok"] = False
@@ -180,40 +180,55 @@ def _bounded_fit(
 
 
 def fit_time(points: list[dict[str, Any]]) -> dict[str, float]:
-    """Fit 1/utilisation, dequant bytes and per-layer-pass overhead on relative error."""
-    from loraburst.remote.memory import (
-        H200_BANDWIDTH_GBS,
-        H200_TFLOPS,
-        flops_per_token,
-        lora_params,
-        param_counts,
-    )
+    """Grid-fit utilisation, host seconds per layer pass and the overlap p-norm.
 
-    rows, targets = [], []
+    Minimises the squared log error of tokens/s; dequantisation stays at its physical bytes.
+    """
+    import math
+
+    from loraburst.remote.memory import Coefficients, step_time
+
+    unit = Coefficients(utilisation=1.0, layer_overhead_s=1.0, overlap_p=1.0)
+    parts = []
     for p in points:
-        s = _shape(p["model"])
-        tokens = p["micro_batch"] * p["seq"]
-        t_meas = tokens / p["tokens_per_s"]
-        lora = lora_params(s, LORA_R)
-        f = flops_per_token(s, p["seq"], lora, gradient_checkpointing=p["grad_ckpt"])["total"]
-        passes = 3 if p["grad_ckpt"] else 2
-        x = [
-            f * tokens / (H200_TFLOPS * 1e12),
-            passes * param_counts(s)["linear"] / (H200_BANDWIDTH_GBS * 1e9),
-            passes * s.layers,
-            passes * s.layers * tokens * s.heads * p["seq"] / (H200_BANDWIDTH_GBS * 1e9),
-        ]
-        rows.append([v / t_meas for v in x])
-        targets.append(1.0)
-    # bounds keep each coefficient physical when the points cannot separate it
-    coef = _bounded_fit(
-        rows, targets, [(1.0, 20.0, 3.0), (0.0, 16.0, 4.0), (0.0, 0.005, 0.0), (0.0, 128.0, 0.0)]
+        t = step_time(
+            _shape(p["model"]),
+            seq_len=p["seq"],
+            micro_batch_size=p["micro_batch"],
+            lora_r=LORA_R,
+            gradient_checkpointing=p["grad_ckpt"],
+            coeffs=unit,
+        )
+        measured = p["micro_batch"] * p["seq"] / p["tokens_per_s"]
+        parts.append((t["compute"], t["dequant"] + t["attention_scores"], t["host"], measured))
+
+    def loss(u: float, oh: float, pn: float) -> float:
+        err = 0.0
+        for compute, other, host, measured in parts:
+            gpu = compute / u + other
+            total = max(gpu, host * oh) if pn > 50 else (gpu**pn + (host * oh) ** pn) ** (1 / pn)
+            err += math.log(total / measured) ** 2
+        return err
+
+    best = min(
+        (loss(u / 200, oh / 1e5, pn), u / 200, oh / 1e5, pn)
+        for pn in (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0, 100.0)
+        for u in range(20, 201, 2)  # utilisation 0.10 .. 1.00
+        for oh in range(0, 801, 10)  # 0 .. 8 ms per layer pass
+    )
+    _, u0, oh0, pn = best
+    _, u, oh = min(
+        (loss(u0 + du / 1000, oh0 + do / 1e6, pn), u0 + du / 1000, oh0 + do / 1e6)
+        for du in range(-10, 11)
+        for do in range(-100, 101, 5)
+        if u0 + du / 1000 > 0 and oh0 + do / 1e6 >= 0
     )
     return {
-        "utilisation": round(1.0 / coef[0], 4),
-        "dequant_bytes": round(coef[1], 3),
-        "layer_overhead_s": round(coef[2], 6),
-        "attn_score_traffic": round(coef[3], 3),
+        "utilisation": round(u, 4),
+        "layer_overhead_s": round(oh, 6),
+        "overlap_p": pn,
+        "dequant_bytes": unit.dequant_bytes,
+        "attn_score_traffic": 0.0,
     }
 
 
