@@ -360,6 +360,7 @@ def choose_settings(
     bandwidth_gbs: float = H200_BANDWIDTH_GBS,
     gemm_efficiency: float | None = None,
     target_modules: str | Sequence[str] = "all-linear",
+    mean_seq_len: int | None = None,
     headroom: float = 0.97,
     coeffs: Coefficients = DEFAULT_COEFFS,
 ) -> dict[str, Any]:
@@ -367,8 +368,9 @@ def choose_settings(
 
     Without recompute where memory allows; among settings within 3% of the fastest, the
     smallest micro-batch (least memory, same speed). ``tokens_per_step`` caps the micro-batch
-    at ``tokens_per_step // seq_len``. When nothing fits, returns the smallest setting with
-    ``fits=False`` so the caller can say so.
+    at ``tokens_per_step // seq_len``. Memory is sized for full ``seq_len`` batches; speed is
+    judged at ``mean_seq_len`` (padded batches of typical rows) when given. When nothing fits,
+    returns the smallest setting with ``fits=False`` so the caller can say so.
 
     Returns:
         ``micro_batch_size``, ``gradient_checkpointing``, ``peak_vram_gb`` (GiB, with the CUDA
@@ -396,7 +398,7 @@ def choose_settings(
             )
             speed = step_time(
                 shape,
-                seq_len=seq_len,
+                seq_len=mean_seq_len or seq_len,
                 micro_batch_size=mb,
                 lora_r=lora_r,
                 gradient_checkpointing=ckpt,

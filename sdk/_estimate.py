@@ -351,6 +351,7 @@ def _row(
         ms.config,
         vram_gb=s.vram_gb,
         seq_len=wl.seq_mem,
+        mean_seq_len=wl.seq_speed,
         micro_batch_size=spec.train.micro_batch_size,
         gradient_checkpointing=spec.train.gradient_checkpointing,
         tflops=s.gpu.bf16_tflops,
@@ -383,7 +384,7 @@ def _row(
             f"{' with checkpointing' if ckpt else ''}"
         )
     elif spec.train.gradient_checkpointing == "auto" and ckpt:
-        notes.append("checkpointing on to fit")
+        notes.append(f"checkpointing on: fits micro-batch {mb}")
     if s.count > 1:
         notes.append(f"trainer uses 1 of {s.count} GPUs")
     if not s.gpu.bf16:
