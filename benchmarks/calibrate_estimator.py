@@ -330,6 +330,8 @@ def fit(measurements: Path) -> Coefficients:
         "date": doc["date"],
         "versions": doc["versions"],
         "lora_r": doc.get("lora_r", LORA_R),
+        "stack": "benchmarks/measure_one.py --stack ours (remote/fastpath.py, default options)",
+        "note": doc.get("note", ""),
         "coefficients": coeffs.to_dict(),
         "accuracy": {"max_rel_error_tokens_per_s": round(max(errors), 3)},
         "points": [
