@@ -10,6 +10,7 @@ and a 429 is waited out by ``_http``.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -93,7 +94,7 @@ class LambdaProvider:
         self,
         api_key: str | SecretStr | None = None,
         *,
-        base_url: str = "https://cloud.lambda.ai/api/v1",
+        base_url: str | None = None,
         client: httpx.Client | None = None,
         python: str = "python3",
         ssh_user: str = "ubuntu",
@@ -103,6 +104,9 @@ class LambdaProvider:
         max_attempts: int = 6,
         backoff_s: float = 2.0,
     ) -> None:
+        base_url = base_url or os.environ.get(
+            "LORABURST_LAMBDA_BASE_URL", "https://cloud.lambda.ai/api/v1"
+        )
         self.base_url = base_url.rstrip("/")
         self.python = python
         self.ssh_user = ssh_user

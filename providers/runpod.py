@@ -10,6 +10,7 @@ removed with ``podTerminate``. RunPod answers application errors with HTTP 200 a
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -115,7 +116,7 @@ class RunPodProvider:
         self,
         api_key: str | SecretStr | None = None,
         *,
-        base_url: str = "https://api.runpod.io",
+        base_url: str | None = None,
         client: httpx.Client | None = None,
         image: str = DEFAULT_IMAGE,
         cloud_type: str = "SECURE",
@@ -124,6 +125,12 @@ class RunPodProvider:
         max_attempts: int = 5,
         backoff_s: float = 0.5,
     ) -> None:
+        # RUNPOD_API_BASE_URL is the variable runpod-python itself honours.
+        base_url = (
+            base_url
+            or os.environ.get("LORABURST_RUNPOD_BASE_URL")
+            or os.environ.get("RUNPOD_API_BASE_URL", "https://api.runpod.io")
+        )
         self.base_url = base_url.rstrip("/")
         self.image = image
         self.cloud_type = cloud_type

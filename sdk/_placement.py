@@ -166,10 +166,14 @@ def plan(
         rows = {(r.provider, r.gpu, r.gpu_count): r for r in est.rows}
     cands: list[Candidate] = []
     skipped: list[str] = []
+    unestimated: list[Offer] = list(cpu_offers)
     for o in gpu_offers:
         row = rows.get((o.provider, o.gpu, o.gpu_count))
-        if row is None or not row.fits:
-            skipped.append(f"{o.provider} {o.gpu}: {row.note if row else 'not estimated'}")
+        if row is None:
+            unestimated.append(o)  # e.g. a bring-your-own host of unknown GPU
+            continue
+        if not row.fits:
+            skipped.append(f"{o.provider} {o.gpu}: {row.note}")
             continue
         if not o.available or not _gpu_ok(o, gpu):
             continue
@@ -178,9 +182,9 @@ def plan(
         if deadline is not None and row.total_s > deadline:
             continue
         cands.append(Candidate(by_name[o.provider], o, row))
-    # The local CPU has no estimate: it is the last resort, and only for tiny models.
+    # The local CPU and hosts of unknown GPU have no estimate: they come last, as given.
     if gpu is None:
-        cands.extend(Candidate(by_name[o.provider], o, None) for o in cpu_offers)
+        cands.extend(Candidate(by_name[o.provider], o, None) for o in unestimated)
     if not cands:
         detail = "\n  ".join(skipped) or "no offer matched the filters"
         raise EstimateError(f"no offer can run this job:\n  {detail}")

@@ -155,9 +155,10 @@ class Attempt:
         public_key = ""
         if self.provider.name != "local":
             self.key_path, public_key = _keys.generate_key(self.tag)
-        request = LaunchRequest(
-            tag=self.tag, offer=self.offer, public_key=public_key, env=self.extra_env
-        )
+        request = LaunchRequest(tag=self.tag, offer=self.offer, public_key=public_key)
+        # User env (credentials for artifacts=, a Lambda key for the watchdog) is not sent to
+        # the provider's API, where it would be stored with the instance: it travels only
+        # over SSH when the agent starts.
         try:
             machine = self.provider.launch(request)
         except ProviderError as exc:

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from loraburst import Job
 from loraburst._ledger import Ledger
 from loraburst.remote.protocol import verify_manifest
+
 from tests.conftest import SAMPLE_DATA
 
 

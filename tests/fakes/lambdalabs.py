@@ -94,6 +94,7 @@ class LambdaFake:
         self._last_launch = 0.0
         self._ips = itertools.count(2)
         self._host = InstanceHost(folder)
+        self.folder = self._host.folder  # every instance's root folder lives under it
         self._server = JsonServer(self.handle)
         self._lock = threading.RLock()
         self.url = ""

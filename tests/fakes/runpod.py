@@ -117,6 +117,7 @@ class RunPodFake:
         self.account_pubkey = ""
         self.requests = 0
         self._host = InstanceHost(folder)
+        self.folder = self._host.folder  # every instance's root folder lives under it
         self._server = JsonServer(self.handle)
         self._lock = threading.RLock()
         self.url = ""
