@@ -81,6 +81,9 @@ class LambdaProvider:
         launch_interval_s: minimum spacing of launches (Lambda's limit is 1 per 12 s).
         connect_timeout_s: how long ``connect`` waits for sshd once the instance is active.
         max_attempts / backoff_s: retry policy for 429/5xx/timeouts.
+        self_terminate: opt in to giving the on-instance watchdog this API key (over SSH, in
+            the agent's environment only) so it can terminate its own instance when the
+            client is gone for good; without it the watchdog can only stop training.
     """
 
     name: ClassVar[str] = "lambda"
@@ -103,7 +106,10 @@ class LambdaProvider:
         connect_timeout_s: float = 300.0,
         max_attempts: int = 6,
         backoff_s: float = 2.0,
+        self_terminate: bool = False,
     ) -> None:
+        self.self_terminate = self_terminate
+        self._key: SecretStr | None = None
         base_url = base_url or os.environ.get(
             "LORABURST_LAMBDA_BASE_URL", "https://cloud.lambda.ai/api/v1"
         )
@@ -120,6 +126,7 @@ class LambdaProvider:
         except AuthError as exc:
             self._key_error = exc  # raised on first use: constructing must not need a key
             return
+        self._key = key
         self._api = ApiClient(
             provider=self.name,
             base_url=self.base_url,
@@ -131,6 +138,16 @@ class LambdaProvider:
             backoff_s=backoff_s,
             key_hint=f"Check {ENV_KEYS[0]} (or {ENV_KEYS[1]}).",
         )
+
+    def agent_env(self, machine: Machine) -> dict[str, str]:
+        """What the agent's watchdog needs to terminate ``machine`` itself (opt-in only)."""
+        if not self.self_terminate or self._key is None:
+            return {}
+        return {
+            "LORABURST_LAMBDA_API_KEY": self._key.get_secret_value(),
+            "LORABURST_LAMBDA_INSTANCE_ID": machine.id,
+            "LORABURST_LAMBDA_API_URL": self.base_url,
+        }
 
     def __repr__(self) -> str:
         return f"LambdaProvider(base_url={self.base_url!r})"

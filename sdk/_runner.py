@@ -223,6 +223,11 @@ class Attempt:
             env[ENV_DEADLINE] = f"{deadline:.0f}"
         if self.provider.name != "local":
             env[ENV_HEARTBEAT_GRACE] = f"{self.heartbeat_grace_s:.0f}"
+        # Optional provider hook: credentials the watchdog needs to terminate its own instance
+        # (RunPod pods already carry a pod-scoped key; Lambda's is opt-in).
+        agent_env = getattr(self.provider, "agent_env", None)
+        if agent_env is not None and self.machine is not None:
+            env.update(agent_env(self.machine))
         host.write_text(HEARTBEAT_FILE, f"{time.time():.0f}\n")
         if host.read_text(STATE_FILE) is None or uploaded or not host.agent_alive():
             host.start_agent(env)

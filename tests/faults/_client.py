@@ -1,0 +1,34 @@
+"""A client process the fault tests can SIGKILL or SIGINT: runs one job on the RunPod emulator.
+
+Usage: python -m tests.faults._client MODEL_DIR OUT_DIR MAX_STEPS [GRACE_S]
+(``LORABURST_HOME``, ``LORABURST_RUNPOD_BASE_URL`` and ``RUNPOD_API_KEY`` come from the env.)
+"""
+
+from __future__ import annotations
+
+import sys
+
+from loraburst import Job, JobCancelledError
+from loraburst._runner import Attempt
+from tests.conftest import SAMPLE_DATA
+
+
+def main(argv: list[str]) -> int:
+    model, out, steps = argv[0], argv[1], int(argv[2])
+    if len(argv) > 3:
+        Attempt.heartbeat_grace_s = float(argv[3])
+    Attempt.poll_s = 0.3
+    job = Job(model, SAMPLE_DATA, output_dir=out, name="victim",
+              train={"max_steps": steps, "micro_batch_size": 4, "learning_rate": 3e-3,
+                     "save_every_steps": 5, "max_seq_len": 96})
+    try:
+        result = job.run(provider="runpod", progress=False)
+    except JobCancelledError as exc:
+        print(f"CANCELLED {exc}", flush=True)
+        return 130
+    print(f"DONE {result.job_id} {result.status}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
