@@ -1,8 +1,9 @@
 """Content-addressed, deterministic bundles: spec + normalised data + (local) model + agent code.
 
 The tar has sorted entries, fixed mtimes/owners/modes and no compression, so the same job gives
-the same bytes and therefore the same sha256 — which is also its name. Files are streamed into
-the tar (and hashed on the way), so client memory stays flat whatever the model's size.
+the same bytes and therefore the same sha256 — which is also its name. Files (model weights and
+the normalised dataset JSONL that ``prepare_dataset`` spilled to disk) are streamed into the tar
+and hashed on the way, so client memory stays flat whatever the model's or dataset's size.
 """
 
 from __future__ import annotations
@@ -75,10 +76,11 @@ def _members(
     spec: JobSpec, train: PreparedDataset, eval_ds: PreparedDataset | None
 ) -> list[tuple[str, bytes | Path]]:
     members: list[tuple[str, bytes | Path]] = [("spec.json", _bundle_spec(spec, train, eval_ds))]
-    if train.kind != "hub":
-        members.append(("data/train.jsonl", train.to_jsonl_bytes()))
-    if eval_ds is not None and eval_ds.kind != "hub":
-        members.append(("data/eval.jsonl", eval_ds.to_jsonl_bytes()))
+    # The normalised rows are already on disk (content-addressed): streamed like model files.
+    if train.jsonl_path is not None:
+        members.append(("data/train.jsonl", train.jsonl_path))
+    if eval_ds is not None and eval_ds.jsonl_path is not None:
+        members.append(("data/eval.jsonl", eval_ds.jsonl_path))
     model_dir = local_model_dir(spec.model)
     if model_dir is not None:
         for p in sorted(model_dir.rglob("*")):

@@ -7,6 +7,11 @@ row format and checks every row, collecting *all* problems into one ``DatasetErr
 estimates them and says so (``_dataset_tokens``). A hub id is not loaded here: the instance loads
 it, so its size is unknown until then.
 
+It streams: rows are read, checked, normalised and counted one at a time, and the normalised
+JSONL is spilled to ``$LORABURST_HOME/datasets/<sha256>.jsonl`` (content-addressed, so the same
+rows are stored once) from where the bundle streams it. Memory stays flat for JSONL, CSV,
+Parquet and ``save_to_disk`` sources; a ``.json`` file is one document and is parsed whole.
+
 torch, transformers and pyarrow are imported only inside the functions that need them, so that
 ``import loraburst`` stays light.
 """
@@ -14,16 +19,21 @@ torch, transformers and pyarrow are imported only inside the functions that need
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import os
 import re
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from ._dataset_formats import KIND_OF_FORMAT, check_rows
-from ._dataset_read import DATA_SUFFIXES, read_path, read_rows
-from ._dataset_tokens import count_tokens, row_chars
+from ._dataset_formats import KIND_OF_FORMAT, RowChecker
+from ._dataset_read import DATA_SUFFIXES, Located, read_path, read_rows
+from ._dataset_tokens import TokenTally, count_tokens
 from ._exceptions import ConfigError, DatasetError
+from ._home import home
 
 __all__ = ["DatasetStats", "PreparedDataset", "count_tokens", "is_hub_id", "prepare_dataset"]
 
@@ -78,29 +88,82 @@ class DatasetStats:
 class PreparedDataset:
     """A checked, normalised dataset ready to go into a bundle.
 
+    The rows are not held in memory: they are in ``jsonl_path``, one normalised row a line
+    (sorted keys, UTF-8, ``\\n``-terminated), so the same rows always give the same bytes and
+    the same ``sha256``.
+
     Attributes:
         source: display name: the path as given, ``"<rows>"``, or the hub id.
         kind: ``"messages"``, ``"prompt_completion"``, ``"text"`` or ``"hub"``.
-        rows: normalised rows (empty for a hub dataset).
         hub_id: the hub id when ``kind == "hub"``, else None.
         stats: rows, tokens and lengths.
+        jsonl_path: ``$LORABURST_HOME/datasets/<sha256>.jsonl`` (None for a hub dataset).
+        sha256: hex digest of that file's bytes (None for a hub dataset).
+        size: that file's size in bytes (0 for a hub dataset).
     """
 
     source: str
     kind: str
-    rows: tuple[dict[str, Any], ...]
     hub_id: str | None
     stats: DatasetStats
+    jsonl_path: Path | None = None
+    sha256: str | None = None
+    size: int = 0
 
-    def to_jsonl_bytes(self) -> bytes:
-        """The rows as JSONL: sorted keys, one ``\\n``-terminated line each, UTF-8.
+    def open(self) -> IO[bytes]:
+        """The normalised JSONL for reading (empty for a hub dataset); close it when done.
 
-        The same rows always give the same bytes, so the bundle's sha256 is stable.
+        Raises:
+            ConfigError: the cached file was deleted since the dataset was prepared.
         """
-        return b"".join(
-            json.dumps(r, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
-            for r in self.rows
-        )
+        if self.jsonl_path is None:
+            return io.BytesIO(b"")
+        try:
+            return open(self.jsonl_path, "rb")
+        except FileNotFoundError:
+            raise ConfigError(
+                f"{self.source}: its normalised copy {self.jsonl_path} is gone (was "
+                f"$LORABURST_HOME cleaned?); prepare the dataset again",
+                source=self.source,
+            ) from None
+
+    def iter_rows(self) -> Iterator[dict[str, Any]]:
+        """The normalised rows, one at a time (nothing for a hub dataset)."""
+        with self.open() as f:
+            for line in f:
+                row: dict[str, Any] = json.loads(line)
+                yield row
+
+
+class _Spill:
+    """Writes normalised rows to a temp file under ``datasets/``, hashing as it goes; ``keep``
+    renames it to ``<sha256>.jsonl`` and ``discard`` deletes it."""
+
+    def __init__(self) -> None:
+        self.folder = home() / "datasets"
+        self.folder.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".spill-", suffix=".jsonl")
+        self.tmp = Path(tmp)
+        self._f = os.fdopen(fd, "wb", buffering=1 << 20)
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
+        self._f.write(line)
+        self._sha.update(line)
+        self.size += len(line)
+
+    def keep(self) -> tuple[Path, str]:
+        self._f.close()
+        digest = self._sha.hexdigest()
+        final = self.folder / f"{digest}.jsonl"
+        os.replace(self.tmp, final)
+        return final, digest
+
+    def discard(self) -> None:
+        self._f.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def is_hub_id(text: str) -> bool:
@@ -119,7 +182,7 @@ def _hub(hub_id: str, max_seq_len: int) -> PreparedDataset:
         chars=0,
         max_seq_len=max_seq_len,
     )
-    return PreparedDataset(source=hub_id, kind="hub", rows=(), hub_id=hub_id, stats=stats)
+    return PreparedDataset(source=hub_id, kind="hub", hub_id=hub_id, stats=stats)
 
 
 def prepare_dataset(
@@ -165,21 +228,55 @@ def prepare_dataset(
         raise ConfigError(
             f"{field}: expected a path, a hub id or a list of row dicts, got {type(source).__name__}"
         )
-    fmt, rows, problems = check_rows(located)
-    if not located:
-        problems.append(f"{name}: dataset is empty (no rows); add at least one row")
-    if problems or fmt is None:
-        raise DatasetError(problems, source=name)
-    kind = KIND_OF_FORMAT[fmt]
-    counts, exact = count_tokens(rows, kind, tokenizer)
+    return _stream(located, name, max_seq_len, tokenizer)
+
+
+def _stream(
+    located: Located, name: str, max_seq_len: int, tokenizer: str | None
+) -> PreparedDataset:
+    """Check, normalise, spill and count in one pass over ``located``."""
+    checker = RowChecker()
+    tally: TokenTally | None = None
+    rows = 0
+    spill = _Spill()
+    try:
+        for where, row in located:
+            normalised = checker.check(where, row)
+            # After the first problem the job will not run: keep checking, stop the rest.
+            if normalised is None or checker.problems:
+                continue
+            if tally is None:
+                assert checker.format is not None
+                tally = TokenTally(KIND_OF_FORMAT[checker.format], tokenizer, max_seq_len)
+            spill.write(normalised)
+            tally.add(normalised)
+            rows += 1
+        problems = checker.problems
+        if not problems and not rows and checker.format is None:
+            problems = [f"{name}: dataset is empty (no rows); add at least one row"]
+        if problems or checker.format is None or tally is None:
+            raise DatasetError(problems, source=name)
+        sums, exact = tally.result()
+        path, digest = spill.keep()
+    except BaseException:
+        spill.discard()
+        raise
     stats = DatasetStats(
-        rows=len(rows),
-        format=fmt,
-        tokens=sum(counts),
+        rows=rows,
+        format=checker.format,
+        tokens=sums.total,
         tokens_exact=exact,
-        max_tokens=max(counts),
-        over_max_seq_len=sum(c > max_seq_len for c in counts),
-        chars=sum(row_chars(r) for r in rows),
+        max_tokens=sums.longest,
+        over_max_seq_len=sums.over,
+        chars=tally.chars,
         max_seq_len=max_seq_len,
     )
-    return PreparedDataset(source=name, kind=kind, rows=tuple(rows), hub_id=None, stats=stats)
+    return PreparedDataset(
+        source=name,
+        kind=tally.kind,
+        hub_id=None,
+        stats=stats,
+        jsonl_path=path,
+        sha256=digest,
+        size=spill.size,
+    )

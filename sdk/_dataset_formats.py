@@ -22,7 +22,7 @@ from typing import Any
 
 from ._dataset_read import Located, Unreadable
 
-__all__ = ["KIND_OF_FORMAT", "check_rows", "detect_format"]
+__all__ = ["KIND_OF_FORMAT", "RowChecker", "check_rows", "detect_format"]
 
 KIND_OF_FORMAT = {
     "messages": "messages",
@@ -193,41 +193,54 @@ _CHECKERS: dict[str, Callable[[Mapping[str, Any]], _Checked]] = {
 }
 
 
+class RowChecker:
+    """Checks rows one at a time, in file order, and collects every problem.
+
+    Feed each ``(where, row)`` to ``check``; it returns the normalised row, or None when the row
+    has problems (they are appended to ``problems``). ``format`` is the format of the first
+    recognisable row: every later row must share it.
+    """
+
+    def __init__(self) -> None:
+        self.format: str | None = None
+        self.problems: list[str] = []
+        self._first = ""
+
+    def check(self, where: str, row: Any) -> dict[str, Any] | None:
+        """The normalised row, or None (with its problems recorded)."""
+        if isinstance(row, Unreadable):
+            self.problems.append(f"{where}: {row.reason}")
+            return None
+        if not isinstance(row, dict):
+            self.problems.append(
+                f"{where}: row is a {_type(row)}, not an object; each row must be a dict"
+            )
+            return None
+        row_fmt = detect_format(row)
+        if row_fmt is None:
+            keys = ", ".join(repr(k) for k in sorted(map(str, row))) or "none"
+            self.problems.append(f"{where}: no known fields (found: {keys}); a row needs {_KNOWN}")
+            return None
+        if self.format is None:
+            self.format, self._first = row_fmt, where
+        elif row_fmt != self.format:
+            self.problems.append(
+                f"{where}: mixed formats: this row is {row_fmt} but the first row "
+                f"({self._first}) is {self.format}; convert the file to one format"
+            )
+            return None
+        normalised, row_problems = _CHECKERS[row_fmt](row)
+        self.problems += [f"{where}: {p}" for p in row_problems]
+        return normalised
+
+
 def check_rows(located: Located) -> tuple[str | None, list[dict[str, Any]], list[str]]:
-    """Check every row and collect every problem.
+    """Check every row and collect every problem (in memory; ``RowChecker`` streams).
 
     Returns:
         ``(format, normalised_rows, problems)``: the format of the first recognisable row, the
         rows that passed (normalised), and one ``"<where>: <what is wrong>"`` per problem.
     """
-    problems: list[str] = []
-    rows: list[dict[str, Any]] = []
-    fmt: str | None = None
-    first = ""
-    for where, row in located:
-        if isinstance(row, Unreadable):
-            problems.append(f"{where}: {row.reason}")
-            continue
-        if not isinstance(row, dict):
-            problems.append(
-                f"{where}: row is a {_type(row)}, not an object; each row must be a dict"
-            )
-            continue
-        row_fmt = detect_format(row)
-        if row_fmt is None:
-            keys = ", ".join(repr(k) for k in sorted(map(str, row))) or "none"
-            problems.append(f"{where}: no known fields (found: {keys}); a row needs {_KNOWN}")
-            continue
-        if fmt is None:
-            fmt, first = row_fmt, where
-        elif row_fmt != fmt:
-            problems.append(
-                f"{where}: mixed formats: this row is {row_fmt} but the first row ({first}) is "
-                f"{fmt}; convert the file to one format"
-            )
-            continue
-        normalised, row_problems = _CHECKERS[row_fmt](row)
-        problems += [f"{where}: {p}" for p in row_problems]
-        if normalised is not None:
-            rows.append(normalised)
-    return fmt, rows, problems
+    checker = RowChecker()
+    rows = [r for where, row in located if (r := checker.check(where, row)) is not None]
+    return checker.format, rows, checker.problems

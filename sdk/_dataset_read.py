@@ -1,19 +1,22 @@
 """Readers that turn a dataset file or folder into rows, each tagged with where it came from.
 
-Every reader returns a list of ``(where, row)`` pairs, where ``where`` is the place a person
-would look (``data.jsonl:3`` for a physical line, ``data.json:row 3`` for an element of an
-array). A row that could not be read at all (malformed JSON, bad UTF-8) is an ``Unreadable`` in
-its place, so that problems come out in file order. Nothing is checked for meaning here; that is
+Every reader yields ``(where, row)`` pairs, where ``where`` is the place a person would look
+(``data.jsonl:3`` for a physical line, ``data.json:row 3`` for an element of an array). A row
+that could not be read at all (malformed JSON, bad UTF-8) is an ``Unreadable`` in its place, so
+that problems come out in file order. Nothing is checked for meaning here; that is
 ``_dataset_formats``'s job, so that every problem of a file is reported in one go.
+
+Readers stream: JSONL and CSV are read a line at a time, Parquet and ``save_to_disk`` folders a
+record batch at a time, so memory stays flat whatever the file's size. A ``.json`` file is one
+document and is parsed whole.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,43 +32,62 @@ class Unreadable:
     reason: str
 
 
-Located = list[tuple[str, Any]]
+Located = Iterable[tuple[str, Any]]
 _Reader = Callable[[Path, str], Located]
 
 # Cells of these CSV columns hold a JSON list (a conversation), since CSV has no nesting.
 _JSON_COLUMNS = ("messages", "conversations")
+# Rows per Parquet batch: small enough that memory stays flat, large enough to be fast.
+_BATCH_ROWS = 4096
 
 
-def _decode(path: Path, name: str) -> str | Located:
-    """The file's text, or a one-row ``Located`` that says where the bad UTF-8 is."""
+def _decode(path: Path, name: str) -> str | list[tuple[str, Any]]:
+    """The whole file's text (for ``.json``, one document), or a one-row list that says where
+    the bad UTF-8 is."""
     data = path.read_bytes()
     try:
         # utf-8-sig: spreadsheet tools often prepend a BOM that json would reject.
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        reason = f"not valid UTF-8 (byte {e.start}); re-save the file as UTF-8"
-        return [(f"{name}:{line}", Unreadable(reason))]
+        return [(f"{name}:{line}", _bad_utf8(e.start))]
+
+
+def _bad_utf8(offset: int) -> Unreadable:
+    return Unreadable(f"not valid UTF-8 (byte {offset}); re-save the file as UTF-8")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | Unreadable]]:
+    """``(line number, text)`` of each physical line, decoded one at a time; a line that is not
+    UTF-8 comes as an ``Unreadable`` naming the file offset of its first bad byte."""
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            # A BOM from a spreadsheet tool would make the first row malformed.
+            skip = 3 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else 0
+            try:
+                yield lineno, raw[skip:].decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, _bad_utf8(offset + skip + e.start)
+            offset += len(raw)
 
 
 def _malformed(e: json.JSONDecodeError, hint: str) -> Unreadable:
     return Unreadable(f"malformed JSON: {e.msg} (column {e.colno}); {hint}")
 
 
-def _read_jsonl(path: Path, name: str) -> Located:
-    text = _decode(path, name)
-    if not isinstance(text, str):
-        return text
-    rows: Located = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+def _read_jsonl(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    for lineno, line in _lines(path):
+        if isinstance(line, Unreadable):
+            yield f"{name}:{lineno}", line
+            continue
         if not line.strip():
             continue
         try:
             row: Any = json.loads(line)
         except json.JSONDecodeError as e:
             row = _malformed(e, "each line must be one complete JSON object")
-        rows.append((f"{name}:{lineno}", row))
-    return rows
+        yield f"{name}:{lineno}", row
 
 
 # Keys that mark a JSON object as one row rather than a wrapper such as {"data": [...]}.
@@ -101,12 +123,19 @@ def _read_json(path: Path, name: str) -> Located:
     return [(f"{name}:row {i}", row) for i, row in enumerate(doc, start=1)]
 
 
-def _read_csv(path: Path, name: str) -> Located:
-    text = _decode(path, name)
-    if not isinstance(text, str):
-        return text
-    rows: Located = []
-    reader = csv.reader(io.StringIO(text, newline=""))
+def _csv_lines(path: Path, bad: list[tuple[int, Unreadable]]) -> Iterator[str]:
+    """Decoded lines for ``csv.reader``; the first line that is not UTF-8 ends the input and is
+    recorded in ``bad`` (a quoted cell may span lines, so what follows cannot be trusted)."""
+    for lineno, line in _lines(path):
+        if isinstance(line, Unreadable):
+            bad.append((lineno, line))
+            return
+        yield line
+
+
+def _read_csv(path: Path, name: str) -> Iterator[tuple[str, Any]]:
+    bad: list[tuple[int, Unreadable]] = []
+    reader = csv.reader(_csv_lines(path, bad))
     header = [h.strip() for h in next(reader, [])]
     while header:
         # A quoted cell may span lines, so a row starts one line after the previous one ended.
@@ -116,7 +145,7 @@ def _read_csv(path: Path, name: str) -> Located:
         except StopIteration:
             break
         except csv.Error as e:
-            rows.append((where, Unreadable(f"malformed CSV: {e}")))
+            yield where, Unreadable(f"malformed CSV: {e}")
             break
         if not any(c.strip() for c in cells):
             continue
@@ -125,10 +154,10 @@ def _read_csv(path: Path, name: str) -> Located:
                 f"has {len(cells)} cells but the header has {len(header)} "
                 f"({', '.join(header)}); quote cells that contain commas"
             )
-            rows.append((where, Unreadable(reason)))
+            yield where, Unreadable(reason)
             continue
-        rows.append((where, _csv_row(dict(zip(header, cells, strict=True)))))
-    return rows
+        yield where, _csv_row(dict(zip(header, cells, strict=True)))
+    yield from ((f"{name}:{lineno}", reason) for lineno, reason in bad)
 
 
 def _csv_row(row: dict[str, Any]) -> dict[str, Any] | Unreadable:
@@ -150,17 +179,20 @@ def _pyarrow_missing(e: ImportError) -> ConfigError:
     )
 
 
-def _read_parquet(path: Path, name: str) -> Located:
+def _read_parquet(path: Path, name: str) -> Iterator[tuple[str, Any]]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as e:
         raise _pyarrow_missing(e) from e
+    i = 0
     try:
-        records = pq.read_table(path).to_pylist()
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS):
+            for record in batch.to_pylist():
+                i += 1
+                yield f"{name}:row {i}", record
     except (pa.ArrowException, OSError) as e:
-        return [(f"{name}:row 1", Unreadable(f"not a readable Parquet file: {e}"))]
-    return [(f"{name}:row {i}", r) for i, r in enumerate(records, start=1)]
+        yield f"{name}:row {i + 1}", Unreadable(f"not a readable Parquet file: {e}")
 
 
 def is_saved_dataset(path: Path) -> bool:
@@ -181,7 +213,7 @@ def _arrow_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.arrow"))
 
 
-def _read_saved(folder: Path, name: str) -> Located:
+def _read_saved(folder: Path, name: str) -> Iterator[tuple[str, Any]]:
     try:
         import pyarrow as pa
         import pyarrow.ipc as ipc
@@ -190,17 +222,24 @@ def _read_saved(folder: Path, name: str) -> Located:
     files = _arrow_files(folder)
     if not files:
         raise ConfigError(f"{name}: looks like a save_to_disk folder but holds no *.arrow file")
-    records: list[Any] = []
+    return _saved_rows(files, name, pa, ipc)
+
+
+def _saved_rows(files: list[Path], name: str, pa: Any, ipc: Any) -> Iterator[tuple[str, Any]]:
+    i = 0
     for f in files:
-        # datasets writes the Arrow stream format; the file format is accepted for hand-made data.
-        try:
-            with pa.memory_map(str(f)) as src:
-                table = ipc.open_stream(src).read_all()
-        except pa.ArrowInvalid:
-            with pa.memory_map(str(f)) as src:
-                table = ipc.open_file(src).read_all()
-        records += table.to_pylist()
-    return [(f"{name}:row {i}", r) for i, r in enumerate(records, start=1)]
+        with pa.memory_map(str(f)) as src:
+            # datasets writes the Arrow stream format; the file format is accepted for hand-made
+            # data. Either way one record batch at a time is in memory.
+            try:
+                batches: Iterable[Any] = ipc.open_stream(src)
+            except pa.ArrowInvalid:
+                reader = ipc.open_file(src)
+                batches = (reader.get_batch(b) for b in range(reader.num_record_batches))
+            for batch in batches:
+                for record in batch.to_pylist():
+                    i += 1
+                    yield f"{name}:row {i}", record
 
 
 _READERS: dict[str, _Reader] = {
@@ -246,4 +285,4 @@ def read_path(path: Path, name: str) -> Located:
 
 def read_rows(rows: list[Any], name: str = "<rows>") -> Located:
     """Tag an in-memory list of rows with ``<rows>:row n`` (1-based)."""
-    return [(f"{name}:row {i}", r) for i, r in enumerate(rows, start=1)]
+    return ((f"{name}:row {i}", r) for i, r in enumerate(rows, start=1))

@@ -9,6 +9,7 @@ usual special tokens (BOS, say).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -17,7 +18,14 @@ from typing import Any
 
 from loraburst.remote.protocol import DEFAULT_CHAT_TEMPLATE
 
-__all__ = ["CHARS_PER_TOKEN", "TURN_OVERHEAD_TOKENS", "count_tokens", "load_tokenizer", "row_chars"]
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "TURN_OVERHEAD_TOKENS",
+    "TokenTally",
+    "count_tokens",
+    "load_tokenizer",
+    "row_chars",
+]
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +145,77 @@ def count_tokens(
         except Exception as e:
             log.warning("exact token count failed (%s); falling back to the estimate", e)
     return [_estimate(r) for r in rows], False
+
+
+@dataclasses.dataclass
+class TokenSums:
+    """Aggregates of per-row token counts: all that ``DatasetStats`` needs."""
+
+    max_seq_len: int
+    total: int = 0
+    longest: int = 0
+    over: int = 0
+
+    def add(self, count: int) -> None:
+        self.total += count
+        self.longest = max(self.longest, count)
+        self.over += count > self.max_seq_len
+
+
+class TokenTally:
+    """Running token totals over normalised rows fed one at a time, in flat memory.
+
+    The estimate is always kept. With a tokenizer on disk, rows are also counted exactly in
+    batches of 1024 (loading the tokenizer only when the first batch is full, so a small
+    dataset that fails validation never pays for it); if exact counting fails, the whole
+    dataset falls back to the estimate, as ``count_tokens`` does.
+
+    Args:
+        kind: ``"messages"``, ``"prompt_completion"`` or ``"text"``.
+        tokenizer: a local folder, a hub id in the local cache, a loaded tokenizer, or None.
+        max_seq_len: rows longer than this are counted in ``over``.
+    """
+
+    def __init__(self, kind: str, tokenizer: str | Any | None, max_seq_len: int) -> None:
+        self.kind = kind
+        self.chars = 0
+        self.estimate = TokenSums(max_seq_len)
+        wanted = tokenizer is not None and (not isinstance(tokenizer, str) or _on_disk(tokenizer))
+        self.exact: TokenSums | None = TokenSums(max_seq_len) if wanted else None
+        self._tokenizer = tokenizer
+        self._loaded: Any | None = None
+        self._pending: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.chars += row_chars(row)
+        self.estimate.add(_estimate(row))
+        if self.exact is not None:
+            self._pending.append(row)
+            if len(self._pending) >= _BATCH:
+                self._flush()
+
+    def _flush(self) -> None:
+        rows, self._pending = self._pending, []
+        if self.exact is None or not rows:
+            return
+        if self._loaded is None:
+            tok = self._tokenizer
+            self._loaded = load_tokenizer(tok) if isinstance(tok, str) else tok
+            if self._loaded is None:
+                self.exact = None
+                return
+        try:
+            counts = _exact(rows, self.kind, self._loaded)
+        # See count_tokens: a template may reject a conversation; the estimate still stands.
+        except Exception as e:
+            log.warning("exact token count failed (%s); falling back to the estimate", e)
+            self.exact = None
+            return
+        for c in counts:
+            self.exact.add(c)
+
+    def result(self) -> tuple[TokenSums, bool]:
+        """``(sums, exact)``: the exact sums when every row was counted exactly, else the
+        estimate's."""
+        self._flush()
+        return (self.exact, True) if self.exact is not None else (self.estimate, False)

@@ -179,14 +179,8 @@ class Job:
         )
         h.update(json.dumps(spec, sort_keys=True).encode())
         for ds in (train, ev):
-            h.update(
-                b"|"
-                + (
-                    ds.to_jsonl_bytes()
-                    if ds and ds.kind != "hub"
-                    else str(ds.hub_id if ds else None).encode()
-                )
-            )
+            # The normalised rows' sha256 stands for their bytes (they are never all in memory).
+            h.update(b"|" + str(ds and (ds.sha256 or ds.hub_id)).encode())
         model_dir = local_model_dir(self.spec.model)
         if model_dir is not None:
             from loraburst.remote.protocol import sha256_file

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import subprocess
 import sys
@@ -29,6 +30,10 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
     return path
 
 
+def rows_of(ds: PreparedDataset) -> tuple[dict[str, Any], ...]:
+    return tuple(ds.iter_rows())
+
+
 def problems_of(source: Any, **kwargs: Any) -> list[str]:
     with pytest.raises(DatasetError) as info:
         prepare_dataset(source, **kwargs)
@@ -49,7 +54,7 @@ def test_jsonl_skips_blank_lines_and_counts_physical_lines(tmp_path: Path) -> No
     path.write_text(f"{json.dumps(CHAT)}\n\n   \n{json.dumps(CHAT)}\n", encoding="utf-8")
     ds = prepare_dataset(path)
     assert (ds.kind, ds.stats.format, ds.stats.rows) == ("messages", "messages", 2)
-    assert ds.rows == (CHAT_NORMALISED, CHAT_NORMALISED)
+    assert rows_of(ds) == (CHAT_NORMALISED, CHAT_NORMALISED)
     assert ds.source == str(path) and ds.hub_id is None
 
 
@@ -62,13 +67,13 @@ def test_json_array_or_object_with_one_list(tmp_path: Path, doc: Any) -> None:
     path = tmp_path / "data.json"
     path.write_text(json.dumps(doc, indent=2), encoding="utf-8")
     ds = prepare_dataset(path)
-    assert ds.rows == (CHAT_NORMALISED, CHAT_NORMALISED)
+    assert rows_of(ds) == (CHAT_NORMALISED, CHAT_NORMALISED)
 
 
 def test_json_single_row_object_is_one_row(tmp_path: Path) -> None:
     path = tmp_path / "one.json"
     path.write_text(json.dumps(CHAT), encoding="utf-8")
-    assert prepare_dataset(path).rows == (CHAT_NORMALISED,)
+    assert rows_of(prepare_dataset(path)) == (CHAT_NORMALISED,)
 
 
 def test_csv_alpaca_and_multiline_cells(tmp_path: Path) -> None:
@@ -80,8 +85,8 @@ def test_csv_alpaca_and_multiline_cells(tmp_path: Path) -> None:
         w.writerow(["Say hi\nin French", "", "Bonjour", "web"])
     ds = prepare_dataset(path)
     assert ds.stats.format == "alpaca"
-    assert ds.rows[0]["messages"][0] == {"role": "user", "content": "Add\n\n1 and 2"}
-    assert ds.rows[1]["messages"] == [
+    assert rows_of(ds)[0]["messages"][0] == {"role": "user", "content": "Add\n\n1 and 2"}
+    assert rows_of(ds)[1]["messages"] == [
         {"role": "user", "content": "Say hi\nin French"},
         {"role": "assistant", "content": "Bonjour"},
     ]
@@ -93,7 +98,7 @@ def test_csv_messages_column_holds_json(tmp_path: Path) -> None:
         w = csv.writer(f)
         w.writerow(["messages"])
         w.writerow([json.dumps(CHAT["messages"])])
-    assert prepare_dataset(path).rows == (CHAT_NORMALISED,)
+    assert rows_of(prepare_dataset(path)) == (CHAT_NORMALISED,)
 
 
 def test_parquet(tmp_path: Path) -> None:
@@ -104,7 +109,7 @@ def test_parquet(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_pylist([{"prompt": "2+2=", "completion": "4"}] * 3), path)
     ds = prepare_dataset(path)
     assert (ds.kind, ds.stats.rows) == ("prompt_completion", 3)
-    assert ds.rows[0] == {"prompt": "2+2=", "completion": "4"}
+    assert rows_of(ds)[0] == {"prompt": "2+2=", "completion": "4"}
 
 
 def test_save_to_disk_folder_and_dataset_dict(tmp_path: Path) -> None:
@@ -117,7 +122,7 @@ def test_save_to_disk_folder_and_dataset_dict(tmp_path: Path) -> None:
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
     ds = prepare_dataset(tmp_path / "saved")
     assert (ds.stats.format, ds.stats.rows) == ("sharegpt", 4)
-    assert ds.rows[3]["messages"][0] == {"role": "user", "content": "q3"}
+    assert rows_of(ds)[3]["messages"][0] == {"role": "user", "content": "q3"}
 
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:2])})
     splits.save_to_disk(str(tmp_path / "dict"))
@@ -127,16 +132,17 @@ def test_save_to_disk_folder_and_dataset_dict(tmp_path: Path) -> None:
 def test_python_list_of_dicts() -> None:
     ds = prepare_dataset([{"text": "hello"}, {"text": "world", "id": 7}])
     assert (ds.source, ds.kind) == ("<rows>", "text")
-    assert ds.rows == ({"text": "hello"}, {"text": "world"})
+    assert rows_of(ds) == ({"text": "hello"}, {"text": "world"})
 
 
 @pytest.mark.parametrize("hub_id", ["tatsu-lab/alpaca", "HuggingFaceH4/ultrachat_200k", "squad"])
 def test_hub_id_is_not_loaded_locally(hub_id: str) -> None:
     ds = prepare_dataset(hub_id)
-    assert (ds.kind, ds.hub_id, ds.source, ds.rows) == ("hub", hub_id, hub_id, ())
+    assert (ds.kind, ds.hub_id, ds.source, rows_of(ds)) == ("hub", hub_id, hub_id, ())
+    assert (ds.jsonl_path, ds.sha256, ds.size) == (None, None, 0)
     assert ds.stats.tokens is None and not ds.stats.tokens_exact
     assert "unknown" in ds.stats.describe()
-    assert ds.to_jsonl_bytes() == b""
+    assert ds.open().read() == b""
 
 
 @pytest.mark.parametrize("missing", ["data/train.jsonl", "train.csv", "./train", "/no/such/dir"])
@@ -201,12 +207,15 @@ def test_format_detected_and_normalised(
 ) -> None:
     ds = prepare_dataset(write_jsonl(tmp_path / "d.jsonl", [row, row]))
     assert (ds.stats.format, ds.kind) == (fmt, kind)
-    assert ds.rows[0] == (expected or {"prompt": "P", "completion": "C"})
+    assert rows_of(ds)[0] == (expected or {"prompt": "P", "completion": "C"})
 
 
 def test_sharegpt_accepts_openai_role_names() -> None:
     row = {"conversations": [{"from": "user", "value": "Q"}, {"from": "assistant", "value": "A"}]}
-    assert prepare_dataset([row]).rows[0]["messages"][1] == {"role": "assistant", "content": "A"}
+    assert rows_of(prepare_dataset([row]))[0]["messages"][1] == {
+        "role": "assistant",
+        "content": "A",
+    }
 
 
 # --- bad inputs: each names its place --------------------------------------------------------
@@ -504,13 +513,18 @@ def test_estimate_when_no_tokenizer_is_on_disk(tmp_path: Path) -> None:
 # --- output ----------------------------------------------------------------------------------
 
 
-def test_to_jsonl_bytes_is_deterministic(tmp_path: Path) -> None:
+def test_normalised_jsonl_is_deterministic_and_content_addressed(tmp_path: Path) -> None:
     rows = [{"text": "héllo", "z": 1}, {"text": "wörld"}]
     reordered = [{"z": 1, "text": "héllo"}, {"text": "wörld"}]
-    first = prepare_dataset(rows).to_jsonl_bytes()
-    again = prepare_dataset(write_jsonl(tmp_path / "d.jsonl", reordered)).to_jsonl_bytes()
-    assert first == again == '{"text": "héllo"}\n{"text": "wörld"}\n'.encode()
-    chat = prepare_dataset([CHAT]).to_jsonl_bytes()
+    first = prepare_dataset(rows)
+    again = prepare_dataset(write_jsonl(tmp_path / "d.jsonl", reordered))
+    assert first.jsonl_path is not None and again.jsonl_path == first.jsonl_path
+    data = first.jsonl_path.read_bytes()
+    assert data == '{"text": "héllo"}\n{"text": "wörld"}\n'.encode()
+    assert first.sha256 == again.sha256 == hashlib.sha256(data).hexdigest()
+    assert first.jsonl_path.name == f"{first.sha256}.jsonl" and first.size == len(data)
+    with prepare_dataset([CHAT]).open() as f:
+        chat = f.read()
     assert chat.endswith(b"\n") and chat.count(b"\n") == 1
     assert json.loads(chat) == CHAT
     assert isinstance(prepare_dataset([CHAT]), PreparedDataset)
@@ -543,3 +557,76 @@ def test_missing_pyarrow_says_what_to_install(tmp_path: Path) -> None:
         [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
     )
     assert "pip install pyarrow" in out.stdout
+
+
+# --- streaming -------------------------------------------------------------------------------
+
+
+def test_failed_prepare_leaves_no_spill_file(tmp_path: Path) -> None:
+    from loraburst._home import home
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, {"text": ""}])
+    problems_of(path)
+    assert list((home() / "datasets").iterdir()) == []
+
+
+def test_every_bad_utf8_line_is_named_and_a_bom_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(
+        b'\xef\xbb\xbf{"text": "a"}\n{"text": "\xff"}\n{"text": "b"}\n{"text": "\xfe"}\n'
+    )
+    problems = problems_of(path)
+    # Byte offsets are of the file: the BOM and the earlier lines count.
+    assert problems == [
+        f"{path}:2: not valid UTF-8 (byte 27); re-save the file as UTF-8",
+        f"{path}:4: not valid UTF-8 (byte 55); re-save the file as UTF-8",
+    ]
+
+
+def test_csv_bad_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_bytes(b"\xef\xbb\xbftext\nfine\nbad \xff here\n")
+    assert one_problem(path).startswith(f"{path}:3: not valid UTF-8")
+
+
+def test_exact_counts_cross_batch_boundaries(tokenizer_dir: Path) -> None:
+    from loraburst._dataset import count_tokens
+
+    rows = [{"text": " ".join(SENTENCES[: 1 + i % 4])} for i in range(2500)]
+    counts, exact = count_tokens(rows, "text", str(tokenizer_dir))
+    stats = prepare_dataset(rows, tokenizer=str(tokenizer_dir), max_seq_len=12).stats
+    assert exact and stats.tokens_exact
+    assert (stats.tokens, stats.max_tokens) == (sum(counts), max(counts))
+    assert stats.over_max_seq_len == sum(c > 12 for c in counts) > 0
+
+
+_RSS_PROBE = """
+import json, resource, sys
+from pathlib import Path
+from loraburst._bundle import build_bundle
+from loraburst._dataset import prepare_dataset
+from loraburst._spec import JobSpec
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ds = prepare_dataset(sys.argv[1])
+bundle = build_bundle(JobSpec(model="org/model", dataset=sys.argv[1]), ds, None)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"grew_kb": after - before, "rows": ds.stats.rows, "size": bundle.size}))
+"""
+
+
+def test_prepare_and_bundle_keep_memory_flat(tmp_path: Path) -> None:
+    """Preparing and bundling a 40 MB JSONL grows the peak RSS by far less than its size."""
+    path = tmp_path / "big.jsonl"
+    answer = "word " * 400
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(20_000):
+            chat = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": answer}]
+            f.write(json.dumps({"messages": chat}) + "\n")
+    size = path.stat().st_size
+    assert size > 40e6
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_PROBE, str(path)], capture_output=True, text=True, check=True
+    )
+    probe = json.loads(out.stdout)
+    assert probe["rows"] == 20_000 and probe["size"] > size
+    assert probe["grew_kb"] * 1024 < size / 4, probe
