@@ -15,6 +15,7 @@ Torch and friends are imported inside the functions: ``loraburst.remote`` itself
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import time
@@ -338,6 +339,9 @@ def _resume_point(workdir: Path, upload: str | None, reporter: Reporter) -> Path
 
 
 def _quiet() -> None:
+    # bitsandbytes looks for an optional hub kernel for CPU 4-bit matmuls and warns when it is
+    # absent; the built-in path is the one we use, so the warning is noise in agent.log.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
@@ -378,10 +382,10 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
     reporter.event(
         "loading", model=spec["model"], method=spec["method"], bits=spec["quant"]["bits"]
     )
+    _quiet()
     import torch
     from transformers import PrinterCallback
 
-    _quiet()
     tokenizer, added = load_tokenizer(spec, model_path)
     train_ds, eval_ds, stats = _datasets(workdir, doc, tokenizer)
     reporter.event("data", **stats)

@@ -28,6 +28,7 @@ def make_tiny_model(
     intermediate: int = 128,
     vocab_size: int = 512,
     seed: int = 0,
+    init_std: float = 0.2,
 ) -> Path:
     """Train a tokenizer on ``texts`` and save it with a randomly initialised model.
 
@@ -47,6 +48,9 @@ def make_tiny_model(
         intermediate: MLP width.
         vocab_size: Target vocabulary size of the BPE tokenizer (at least 260).
         seed: Seed of the weight initialisation.
+        init_std: Standard deviation of the random weights. Larger than the usual 0.02 on
+            purpose: LoRA leaves the random ``lm_head`` frozen, and with 0.02 its logits cannot
+            grow past about +-1, so the loss could never fall far below ln(vocab).
 
     Returns:
         ``out_dir``, loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
@@ -108,6 +112,7 @@ def make_tiny_model(
         eos_token_id=eos_id,
         pad_token_id=eos_id,
         tie_word_embeddings=False,
+        initializer_range=init_std,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
