@@ -39,7 +39,9 @@ from ._exceptions import (
     AgentError,
     ArtifactError,
     JobCancelledError,
+    ProviderAPIError,
     ProviderError,
+    RateLimitError,
     TeardownError,
     TransportError,
 )
@@ -73,6 +75,7 @@ class Attempt:
     stop_wait_s = 180.0
     teardown_timeout_s = 120.0
     heartbeat_grace_s = 600.0
+    api_outage_s = 300.0  # status checks may fail this long before the attempt gives up
 
     def __init__(
         self,
@@ -108,6 +111,7 @@ class Attempt:
         self.stop_requested: str | None = None
         self.durations: dict[str, float] = {}
         self._last_ckpt_pulled = 0
+        self._api_trouble_since: float | None = None
 
     # -- money ----------------------------------------------------------------------------
     def elapsed_billable(self) -> float:
@@ -164,7 +168,7 @@ class Attempt:
         except ProviderError as exc:
             # The create may have happened even though its response was lost: look the tag up
             # instead of creating twice.
-            found = self.provider.find(self.tag) if not _is_refusal(exc) else None
+            found = None if _is_refusal(exc) else self._find_until(time.time() + 60)
             if found is None:
                 self.ledger.update_instance(
                     self.tag, state="create_failed", note=str(exc), ended_at=time.time()
@@ -185,7 +189,10 @@ class Attempt:
     def _wait_ready(self, machine: Machine) -> Machine:
         deadline = time.time() + self.ready_timeout_s
         while True:
-            current = self.provider.get(machine.id)
+            known, current = self._get_tolerant(machine.id, deadline)
+            if not known:
+                time.sleep(self.poll_s)
+                continue
             if current is None or current.status in ("terminated", "preempted"):
                 raise Lost(f"{self.provider.name} instance {machine.id} vanished while booting")
             if current.ready:
@@ -334,12 +341,45 @@ class Attempt:
         assert self.machine is not None
         if self.provider.name == "local":
             return
-        current = self.provider.get(self.machine.id)
+        known, current = self._get_tolerant(self.machine.id, self._outage_deadline())
+        if not known:
+            return  # the API is having a moment; the instance and the agent carry on
         if current is None or current.status in ("terminated", "preempted"):
             raise Lost(
                 f"{self.provider.name} instance {self.machine.id} is gone "
                 f"({current.status if current else 'unknown to the provider'})"
             )
+
+    def _find_until(self, deadline: float) -> Machine | None:
+        """Look our tag up, retrying API failures until ``deadline`` (then raising)."""
+        delay = 0.5
+        while True:
+            try:
+                return self.provider.find(self.tag)
+            except ProviderError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _outage_deadline(self) -> float:
+        return (self._api_trouble_since or time.time()) + self.api_outage_s
+
+    def _get_tolerant(self, machine_id: str, deadline: float) -> tuple[bool, Machine | None]:
+        """``provider.get``, where a rate-limited or failing API (after the provider's own
+        retries) is not a reason to abandon a healthy instance: ``(False, None)`` until the
+        outage outlasts ``deadline`` (then the error is raised)."""
+        try:
+            current = self.provider.get(machine_id)
+        except (RateLimitError, ProviderAPIError, TransportError) as exc:
+            if time.time() > deadline:
+                raise
+            if self._api_trouble_since is None:
+                self._api_trouble_since = time.time()
+                self.view.message(f"{self.provider.name} API trouble, will retry: {exc}")
+            return False, None
+        self._api_trouble_since = None
+        return True, current
 
     def _reconnect(self) -> None:
         """SSH dropped: reconnect with backoff while the detached agent keeps training."""
@@ -441,9 +481,15 @@ class Attempt:
         if self.machine is None:
             # Interrupted mid-create: the instance may exist although we never saw its id.
             try:
-                self.machine = self.provider.find(self.tag)
-            except ProviderError:
-                self.machine = None
+                self.machine = self._find_until(time.time() + self.teardown_timeout_s)
+            except ProviderError as exc:
+                self.ledger.update_instance(self.tag, state="teardown_failed", note=str(exc))
+                raise TeardownError(
+                    f"COULD NOT CONFIRM whether {self.provider.name} created an instance for "
+                    f"{self.tag}: {exc}. Run `loraburst cleanup` once the API answers.",
+                    provider=self.provider.name,
+                    job_id=self.job_id,
+                ) from exc
             if self.machine is None:
                 if self.ledger.instance(self.tag) is not None:
                     self.ledger.update_instance(

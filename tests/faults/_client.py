@@ -10,6 +10,7 @@ import sys
 
 from loraburst import Job, JobCancelledError
 from loraburst._runner import Attempt
+
 from tests.conftest import SAMPLE_DATA
 
 
@@ -18,9 +19,19 @@ def main(argv: list[str]) -> int:
     if len(argv) > 3:
         Attempt.heartbeat_grace_s = float(argv[3])
     Attempt.poll_s = 0.3
-    job = Job(model, SAMPLE_DATA, output_dir=out, name="victim",
-              train={"max_steps": steps, "micro_batch_size": 4, "learning_rate": 3e-3,
-                     "save_every_steps": 5, "max_seq_len": 96})
+    job = Job(
+        model,
+        SAMPLE_DATA,
+        output_dir=out,
+        name="victim",
+        train={
+            "max_steps": steps,
+            "micro_batch_size": 4,
+            "learning_rate": 3e-3,
+            "save_every_steps": 5,
+            "max_seq_len": 96,
+        },
+    )
     try:
         result = job.run(provider="runpod", progress=False)
     except JobCancelledError as exc:

@@ -39,8 +39,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     tr.section("fault injection summary")
     tr.write_line(f"{'case':<34} {'fault':<44} {'completed':>9} {'leaked':>6} {'lost':>4}")
     for r in RESULTS:
-        tr.write_line(f"{r.case:<34} {r.fault:<44} {str(r.completed):>9} {r.leaked:>6} "
-                      f"{r.lost:>4}")
-    tr.write_line(f"faults injected={len(RESULTS)} jobs completed="
-                  f"{sum(r.completed for r in RESULTS)}")
+        tr.write_line(f"{r.case:<34} {r.fault:<44} {str(r.completed):>9} {r.leaked:>6} {r.lost:>4}")
+    tr.write_line(
+        f"faults injected={len(RESULTS)} jobs completed={sum(r.completed for r in RESULTS)}"
+    )
     tr.write_line(f"leaked={sum(r.leaked for r in RESULTS)} lost={sum(r.lost for r in RESULTS)}")
