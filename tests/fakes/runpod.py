@@ -280,6 +280,8 @@ class RunPodFake:
         pod = self.pods.get(pod_id)
         if pod is None or pod.status == "TERMINATED":
             raise GraphQLError(NOT_FOUND_TERMINATE, extensions={"code": "POD_NOT_FOUND"})
+        # Recorded before the kill: a pod terminating itself dies inside this very call.
+        pod.data["terminated_by"] = info.context["scope"]
         self._host.kill(pod)
         pod.status = "TERMINATED"
         pod.ended = pod.ended or time.time()
