@@ -75,18 +75,22 @@ def resolve_providers(provider: Any) -> list[Provider]:
     return out
 
 
-def _offers(providers: Sequence[Provider], *, strict: bool) -> list[Offer]:
-    offers: list[Offer] = []
+def _offers(providers: Sequence[Provider], *, strict: bool) -> list[tuple[Provider, Offer]]:
+    """Every provider's offers, each with the provider object that made it.
+
+    Pairs rather than names: two accounts of one provider in a chain stay distinct.
+    """
+    out: list[tuple[Provider, Offer]] = []
     for p in providers:
         try:
-            offers.extend(p.offers())
+            out.extend((p, o) for o in p.offers())
         except AuthError:
             if strict:
                 raise  # a bad key fails before anything is created
         except ProviderError:
             if strict and len(providers) == 1:
                 raise
-    return offers
+    return out
 
 
 def estimate_job(
@@ -108,7 +112,7 @@ def estimate_job(
         names = [n for n in configured_providers() if n != "local"]
         if providers is not None:
             names = [n for n in names if n in providers]
-        offers = _offers([get_provider(n) for n in names], strict=False) or None
+        offers = [o for _, o in _offers([get_provider(n) for n in names], strict=False)] or None
     return estimate(
         job.spec,
         tokens=st.tokens or 0,
@@ -122,13 +126,43 @@ def estimate_job(
 
 
 def _gpu_ok(offer: Offer, gpu: Any) -> bool:
+    """``gpu=``: a minimum VRAM in GB, or GPU names in any spelling the catalog knows."""
+    from ._estimate import resolve_gpu
+
     if gpu is None:
         return True
     if isinstance(gpu, (int, float)):
         return bool(offer.vram_gb >= float(gpu))
     names = [gpu] if isinstance(gpu, str) else list(gpu)
-    norm = {n.lower().replace("nvidia", "").replace(" ", "") for n in names}
-    return offer.gpu.lower().replace(" ", "") in norm
+    wanted = {resolve_gpu(n).name for n in names}  # an unknown name lists the known ones
+    try:
+        return resolve_gpu(offer.gpu).name in wanted
+    except EstimateError:
+        return offer.gpu in names
+
+
+def _is_chain(provider: Any) -> bool:
+    """An explicit chain keeps its order; ``"auto"`` (alone or in a list) ranks everything."""
+    if isinstance(provider, str):
+        return provider != "auto"
+    if isinstance(provider, Sequence):
+        return not any(isinstance(p, str) and p == "auto" for p in provider)
+    return True
+
+
+def _excluded_by(
+    offer: Offer, gpu: Any, max_price_per_hour: float | None, deadline: float | None, row: Any
+) -> str | None:
+    """Why a fitting offer is left out by the caller's filters, or None."""
+    if not offer.available:
+        return "no capacity now"
+    if not _gpu_ok(offer, gpu):
+        return "gpu="
+    if max_price_per_hour is not None and offer.price_per_hour > max_price_per_hour:
+        return "max_price_per_hour"
+    if deadline is not None and row.total_s > deadline:
+        return "deadline"
+    return None
 
 
 def plan(
@@ -143,78 +177,130 @@ def plan(
 ) -> list[Candidate]:
     """Ordered candidates for ``job``.
 
+    Feasible offers (the estimated peak VRAM fits, the filters pass) are ranked by estimated
+    cost (or time with ``prefer="fastest"``); an explicit chain ranks within each provider and
+    keeps the providers' order, ``"auto"`` ranks across all of them. The local GPU is priced at
+    $0, so under ``"auto"`` it comes first whenever the job fits it and it meets the deadline;
+    when it misses the deadline it is not dropped but kept as the last resort. The local CPU and
+    hosts of unknown GPU have no estimate: they come last, in the order given.
+
     Raises:
         AuthError: an explicitly named provider rejected its key (nothing was created).
-        BudgetExceededError: no feasible offer's upper cost bound is within ``max_cost``.
+        BudgetExceededError: no feasible offer's upper cost bound is within ``max_cost`` (the
+            message shows the estimate and what would fit).
         EstimateError: nothing fits (the message says what would make it fit).
     """
     if prefer not in ("cheapest", "fastest"):
         raise ConfigError(f"prefer must be 'cheapest' or 'fastest', not {prefer!r}")
-    chain = provider != "auto" and not (isinstance(provider, (list, tuple)) and "auto" in provider)
+    chain = _is_chain(provider)
     providers = resolve_providers(provider)
-    order = {p.name: i for i, p in enumerate(providers)}
-    by_name = {p.name: p for p in providers}
-    offers = _offers(providers, strict=True)
-    cpu_offers = [o for o in offers if o.gpu == "cpu"]
-    gpu_offers = [o for o in offers if o.gpu != "cpu"]
-    rows: dict[tuple[str, str, int], EstimateRow] = {}
-    est = None
+    order = {id(p): i for i, p in enumerate(providers)}
+    pairs = _offers(providers, strict=True)
+    gpu_offers = [o for _, o in pairs if o.gpu != "cpu"]
+    rows: dict[tuple[str, str, int, float], EstimateRow] = {}
     if gpu_offers:
         est = estimate_job(
             job, offers=gpu_offers, live=False, providers=[p.name for p in providers]
         )
-        rows = {(r.provider, r.gpu, r.gpu_count): r for r in est.rows}
-    cands: list[Candidate] = []
+        rows = {(r.provider, r.gpu, r.gpu_count, r.price_per_hour): r for r in est.rows}
+    ranked: list[Candidate] = []
+    late_local: list[Candidate] = []  # the local GPU past the deadline: last resort
+    unestimated: list[Candidate] = []
     skipped: list[str] = []
-    unestimated: list[Offer] = list(cpu_offers)
-    for o in gpu_offers:
-        row = rows.get((o.provider, o.gpu, o.gpu_count))
+    excluded: list[tuple[Candidate, str]] = []
+    for prov, o in pairs:
+        row = None if o.gpu == "cpu" else rows.get(_row_key(o))
         if row is None:
-            unestimated.append(o)  # e.g. a bring-your-own host of unknown GPU
+            if gpu is None:  # e.g. the local CPU, a bring-your-own host of unknown GPU
+                unestimated.append(Candidate(prov, o, None))
             continue
+        cand = Candidate(prov, o, row)
         if not row.fits:
             skipped.append(f"{o.provider} {o.gpu}: {row.note}")
             continue
-        if not o.available or not _gpu_ok(o, gpu):
-            continue
-        if max_price_per_hour is not None and o.price_per_hour > max_price_per_hour:
-            continue
-        if deadline is not None and row.total_s > deadline:
-            continue
-        cands.append(Candidate(by_name[o.provider], o, row))
-    # The local CPU and hosts of unknown GPU have no estimate: they come last, as given.
-    if gpu is None:
-        cands.extend(Candidate(by_name[o.provider], o, None) for o in unestimated)
+        reason = _excluded_by(o, gpu, max_price_per_hour, deadline, row)
+        if reason == "deadline" and o.provider == "local":
+            late_local.append(cand)
+        elif reason is not None:
+            excluded.append((cand, reason))
+        else:
+            ranked.append(cand)
+
+    def key(c: Candidate) -> tuple[float, ...]:
+        assert c.row is not None
+        metric = c.row.total_s if prefer == "fastest" else c.row.cost_usd
+        return (order[id(c.provider)] if chain else 0, metric, c.offer.price_per_hour)
+
+    cands = sorted(ranked, key=key) + late_local + unestimated
     if not cands:
-        detail = "\n  ".join(skipped) or "no offer matched the filters"
-        raise EstimateError(f"no offer can run this job:\n  {detail}")
+        detail = "\n  ".join(
+            skipped + [f"{c.offer.provider} {c.offer.gpu}: excluded by {r}" for c, r in excluded]
+        )
+        raise EstimateError(f"no offer can run this job:\n  {detail or 'no offers'}")
     if max_cost is not None:
         within = [c for c in cands if c.cost_high <= max_cost]
         if not within:
-            best = min(cands, key=lambda c: c.cost_high)
-            assert best.row is not None
-            raise BudgetExceededError(
-                f"max_cost ${max_cost:.2f} is below every feasible estimate: the cheapest is "
-                f"{best.offer.provider} {best.offer.gpu} at ${best.row.cost_usd:.2f} "
-                f"(range ${best.row.cost_low_usd:.2f}-${best.row.cost_high_usd:.2f}, "
-                f"{best.row.total_s / 60:.0f} min). To fit, raise max_cost to "
-                f"${best.row.cost_high_usd:.2f}, or cut train.max_steps to about "
-                f"{_steps_within(job, best, max_cost)} steps, or choose a cheaper GPU."
-            )
+            raise _over_budget(cands, excluded, max_cost)
         cands = within
-
-    def key(c: Candidate) -> tuple[float, ...]:
-        metric = (c.row.total_s if prefer == "fastest" else c.row.cost_usd) if c.row else 1e18
-        return (order[c.provider.name] if chain else 0, metric, c.offer.price_per_hour)
-
-    return sorted(cands, key=key)
+    return cands
 
 
-def _steps_within(job: Job, cand: Candidate, max_cost: float) -> int:
-    """About how many optimizer steps ``max_cost`` buys on ``cand`` (setup paid first)."""
-    row = cand.row
-    assert row is not None
-    per_hour = row.price_per_hour
-    setup_cost = per_hour * row.setup_s / 3600 * (row.cost_high_usd / max(row.cost_usd, 1e-12))
-    per_step = (row.cost_high_usd - setup_cost) / max(1, row.steps)
-    return max(0, int((max_cost - setup_cost) / per_step)) if per_step > 0 else 0
+def _row_key(o: Offer) -> tuple[str, str, int, float]:
+    from ._estimate import resolve_gpu
+
+    try:
+        name = resolve_gpu(o.gpu).name
+    except EstimateError:
+        name = o.gpu
+    return (o.provider, name, o.gpu_count, o.price_per_hour)
+
+
+def _over_budget(
+    cands: Sequence[Candidate], excluded: Sequence[tuple[Candidate, str]], max_cost: float
+) -> BudgetExceededError:
+    """The refusal: the estimate on the cheapest allowed offer, and what would fit."""
+    best = min(cands, key=lambda c: (c.cost_high, c.offer.price_per_hour))
+    r = best.row
+    assert r is not None  # unestimated candidates cost $0 and are always within
+    where = f"{best.offer.provider} {best.offer.gpu} (${best.offer.price_per_hour:.2f}/h)"
+    lines = [
+        f"max_cost ${max_cost:.2f} is below the estimated upper bound on every allowed offer. "
+        f"The cheapest, {where}, is estimated at ${r.cost_usd:.2f} "
+        f"(range ${r.cost_low_usd:.2f}-${r.cost_high_usd:.2f}) for {r.steps} steps, "
+        f"about {r.total_s / 60:.0f} min of which {r.setup_s / 60:.0f} min setup. What would fit:"
+    ]
+    steps = _steps_within(r, max_cost)
+    if steps >= 1:
+        lines.append(f"  - fewer steps: train.max_steps: {steps} fits ${max_cost:.2f} on {where}")
+    else:
+        lines.append(f"  - not {where} at any step count: its setup alone may cost that much")
+    cheaper = sorted((c for c, _ in excluded if c.cost_high <= max_cost), key=lambda c: c.cost_high)
+    reasons = {id(c): why for c, why in excluded}
+    for c in cheaper[:3]:
+        lines.append(
+            f"  - a cheaper GPU: {c.offer.provider} {c.offer.gpu} "
+            f"(up to ${c.cost_high:.2f}), now excluded by {reasons[id(c)]}"
+        )
+    lines.append(
+        f"  - max_cost: {r.cost_high_usd:.2f}, or allow_partial=True to train until the cap "
+        "and keep the partial adapter"
+    )
+    return BudgetExceededError(
+        "\n".join(lines), estimate_usd=r.cost_usd, estimate_high_usd=r.cost_high_usd
+    )
+
+
+def _steps_within(row: EstimateRow, max_cost: float) -> int:
+    """About how many optimizer steps ``max_cost`` buys on ``row``'s offer, at the estimate's
+    upper bound (setup paid first, one billing increment kept in hand)."""
+    from ._estimate import SETUP_RANGE
+
+    if row.price_per_hour <= 0 or row.steps <= 0:
+        return 0
+    high_s = row.cost_high_usd / row.price_per_hour * 3600.0
+    setup_high_s = row.setup_s * SETUP_RANGE[1]
+    per_step_s = (high_s - setup_high_s) / row.steps
+    affordable_s = max_cost / row.price_per_hour * 3600.0 - row.billing_increment_s
+    if per_step_s <= 0:
+        return 0
+    return max(0, int((affordable_s - setup_high_s) / per_step_s))
