@@ -26,6 +26,9 @@ from ._placement import plan
 
 __all__ = ["Batch", "BatchResult", "BatchRow"]
 
+# Job.run arguments that also decide placement (so reservations use the same offers).
+_PLACEMENT_KEYS = ("gpu", "max_price_per_hour", "prefer", "deadline")
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchRow:
@@ -150,9 +153,16 @@ class Batch:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Batch:
-        """``budget:``, ``max_concurrent:``, ``provider:``, and ``jobs:`` (paths of job YAML
-        files relative to this file, or inline job mappings); or ``sweep:`` with ``job:`` and
-        the grid sections."""
+        """Load a batch file (see ``examples/batch.yaml``).
+
+        Keys: ``budget:``, ``max_concurrent:``, ``provider:`` (a name or a list), the
+        placement filters ``gpu:``, ``max_price_per_hour:``, ``prefer:``, ``deadline:``, and
+        either ``jobs:`` (paths of job YAML files relative to this file, or inline job
+        mappings) or ``sweep:`` (``job:`` a job file, and ``lora:``/``train:``/``quant:`` grids).
+
+        Raises:
+            ConfigError: unreadable YAML, unknown keys, or an invalid job (naming it).
+        """
         path = Path(path)
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -160,13 +170,22 @@ class Batch:
             raise ConfigError(f"cannot read batch file {path}: {exc}") from exc
         if not isinstance(raw, dict) or "budget" not in raw:
             raise ConfigError(f"{path}: a batch file needs budget: and jobs: (or sweep:)")
-        known = {"budget", "max_concurrent", "provider", "jobs", "sweep"}
-        unknown = set(raw) - known
+        settings = ("budget", "max_concurrent", "provider", *_PLACEMENT_KEYS)
+        unknown = set(raw) - {*settings, "jobs", "sweep"}
         if unknown:
-            raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        kwargs = {k: raw[k] for k in ("budget", "max_concurrent", "provider") if k in raw}
+            raise ConfigError(
+                f"{path}: unknown keys {sorted(unknown)}; known: "
+                f"{sorted({*settings, 'jobs', 'sweep'})}"
+            )
+        kwargs = {k: raw[k] for k in settings if k in raw}
         if "sweep" in raw:
-            sw = dict(raw["sweep"])
+            sw = dict(raw["sweep"] or {})
+            bad = set(sw) - {"job", "lora", "train", "quant"}
+            if "job" not in sw or bad:
+                raise ConfigError(
+                    f"{path}: sweep: needs job: (a job file) and grids under lora:, train: "
+                    f"or quant:{f'; unknown keys {sorted(bad)}' if bad else ''}"
+                )
             base = Job.from_yaml(path.parent / sw.pop("job"))
             return cls.sweep(base, **sw, **kwargs)
         jobs = []
@@ -186,28 +205,29 @@ class Batch:
 
     # -- budget ---------------------------------------------------------------------------
     def _reserve(self, job: Job) -> float | None:
-        """Reserve this job's upper bound; None when it cannot fit in what is left."""
+        """Reserve the upper cost bound of the offer ``job`` would launch on; None when no
+        offer's bound fits in what is left of the budget.
+
+        The reservation becomes the job's ``max_cost``: its placement then only considers
+        offers within it and the runtime cap holds its spend there, failovers included.
+        """
         with self._lock:
             left = self.budget - self._spent - self._reserved
+        if left <= 0:
+            return None
         try:
-            cands = plan(
-                job,
-                self.provider,
-                max_cost=left if left > 0 else 1e-9,
-                **{
-                    k: v
-                    for k, v in self.run_kwargs.items()
-                    if k in ("gpu", "max_price_per_hour", "prefer", "deadline")
-                },
-            )
+            cands = plan(job, self.provider, max_cost=left, **self._placement_kwargs())
         except BudgetExceededError:
             return None
-        amount = max(c.cost_high for c in cands)
+        amount = cands[0].cost_high
         with self._lock:
             if amount > self.budget - self._spent - self._reserved + 1e-12:
                 return None
             self._reserved += amount
         return amount
+
+    def _placement_kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.run_kwargs.items() if k in _PLACEMENT_KEYS}
 
     def _settle(self, reserved: float, spent: float) -> None:
         with self._lock:
@@ -223,15 +243,22 @@ class Batch:
                 progress=self.progress,
                 **self.run_kwargs,
             )
-        except LoraburstError as exc:
-            spent = float(exc.context.get("cost_usd", 0.0))
+        except Exception as exc:  # one job's failure, whatever it is, must not stop the batch
+            known = isinstance(exc, LoraburstError)
+            # What an unexpected error spent is unknown: count its whole reservation.
+            spent = (
+                float(exc.context.get("cost_usd", 0.0))
+                if isinstance(exc, LoraburstError)
+                else reserved
+            )
             self._settle(reserved, spent)
+            first = str(exc).splitlines()[0] if str(exc) else ""
             return BatchRow(
                 name,
                 "failed",
                 reserved_usd=reserved,
                 cost_usd=spent,
-                error=str(exc).splitlines()[0],
+                error=first if known else f"{type(exc).__name__}: {first}",
             )
         self._settle(reserved, r.cost_usd)
         return BatchRow(

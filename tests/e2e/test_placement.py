@@ -4,7 +4,6 @@ any create and budgets enforced at runtime, and the cache that rents nothing."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
