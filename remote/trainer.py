@@ -38,7 +38,7 @@ from .protocol import (
 if TYPE_CHECKING:
     from .agent import Reporter
 
-__all__ = ["compute_dtype", "latest_checkpoint", "load_model", "run"]
+__all__ = ["compute_dtype", "latest_checkpoint", "load_model", "load_tokenizer", "run"]
 
 _GIB = 1024**3
 
@@ -392,6 +392,10 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
     seq_len = min(spec["train"]["max_seq_len"], max(len(ids) for ids in train_ds["input_ids"]))
     settings = _settings(spec, model_path, seq_len, len(train_ds))
     reporter.event("settings", **settings)
+    if settings.get("fits") is False:
+        reporter.event(
+            "warning", message="the memory model says even the smallest setting may not fit"
+        )
     model, tokenizer = load_model(spec, model_path, tokenizer, added)
     dtype = compute_dtype(spec["quant"]["compute_dtype"])
 
