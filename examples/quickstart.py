@@ -49,14 +49,14 @@ def answer(adapter: Path, question: str) -> str:
     The base is loaded in NF4 as in training: the adapter learned to correct *that* base, and
     on a tiny random model the rounding of NF4 matters.
     """
+    # An optional CPU kernel from the hub that bitsandbytes looks for; the built-in path works.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    # An optional CPU kernel from the hub that bitsandbytes looks for; the built-in path works.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
     nf4 = BitsAndBytesConfig(
         load_in_4bit=True,
