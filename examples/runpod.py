@@ -67,7 +67,7 @@ def main() -> int:
 
         result = job.run(provider=chain, max_cost=args.max_cost)
         print(f"{result.status} on {result.provider} {result.gpu}: ${result.cost_usd:.4f}")
-        print(f"adapter: {result.adapter_path}")
+        print(f"adapter: {result.adapter_path and result.adapter_path.resolve()}")
         for attempt in result.attempts:
             print(f"  tried {attempt.provider} {attempt.gpu}: {attempt.outcome}")
         if fakes:

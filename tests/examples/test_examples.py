@@ -57,7 +57,7 @@ def test_runpod_example_on_the_emulators(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "succeeded on runpod" in proc.stdout
     # The estimate table was printed before anything was rented.
-    assert proc.stdout.index("runpod") < proc.stdout.index("succeeded on runpod")
+    assert proc.stdout.index("provider  gpu") < proc.stdout.index("succeeded on runpod")
     assert _emulator_summary(proc.stdout) == {
         "lambda_instances": 0,
         "lambda_running": [],
