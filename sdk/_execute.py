@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import threading
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from loraburst.remote.protocol import CHECKPOINT_DIR
+from loraburst.remote.protocol import CHECKPOINT_DIR, ENV_ARTIFACTS
 
 from ._bundle import build_bundle
 from ._exceptions import (
@@ -130,6 +131,7 @@ def execute(
         f"{train.stats.describe()}"
     )
     output_dir = Path(job.spec.output_dir).expanduser()
+    env = _agent_env(job, job_id, env)
     with view, _sigterm_as_interrupt():
         try:
             return _run_chain(
@@ -151,6 +153,30 @@ def execute(
             if row is not None and row.status == "running":
                 ledger.update_job(job_id, status="failed", error=str(exc)[:500])
             raise
+
+
+# Forwarded to the agent (over SSH, never into the bundle or ledger) when artifacts= is set.
+_AWS_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
+
+
+def _agent_env(job: Job, job_id: str, env: Mapping[str, str] | None) -> dict[str, str]:
+    """The agent's environment: the caller's, plus S3 checkpointing under ``<artifacts>/<job>``
+    with the client's AWS credentials when ``artifacts=`` is set."""
+    out = dict(env or {})
+    if job.spec.artifacts:
+        out.setdefault(ENV_ARTIFACTS, f"{job.spec.artifacts.rstrip('/')}/{job_id}")
+        for key in _AWS_ENV:
+            if key in os.environ:
+                out.setdefault(key, os.environ[key])
+    return out
 
 
 def _run_chain(
