@@ -7,31 +7,68 @@ contract suite.
 
 from __future__ import annotations
 
-from ._batch import Batch as Batch, BatchResult as BatchResult
-from ._estimate import Estimate as Estimate, EstimateRow as EstimateRow
+from ._batch import Batch as Batch
+from ._batch import BatchResult as BatchResult
+from ._estimate import Estimate as Estimate
+from ._estimate import EstimateRow as EstimateRow
 from ._exceptions import (
     AgentError as AgentError,
+)
+from ._exceptions import (
     ArtifactError as ArtifactError,
+)
+from ._exceptions import (
     AuthError as AuthError,
+)
+from ._exceptions import (
     BudgetExceededError as BudgetExceededError,
+)
+from ._exceptions import (
     CapacityError as CapacityError,
+)
+from ._exceptions import (
     ConfigError as ConfigError,
+)
+from ._exceptions import (
     DatasetError as DatasetError,
+)
+from ._exceptions import (
     EstimateError as EstimateError,
+)
+from ._exceptions import (
     JobCancelledError as JobCancelledError,
+)
+from ._exceptions import (
     JobError as JobError,
+)
+from ._exceptions import (
     LoraburstError as LoraburstError,
+)
+from ._exceptions import (
     PlacementError as PlacementError,
+)
+from ._exceptions import (
     ProviderError as ProviderError,
+)
+from ._exceptions import (
     TeardownError as TeardownError,
+)
+from ._exceptions import (
     TransportError as TransportError,
 )
 from ._job import Job as Job
-from ._result import Attempt as Attempt, JobResult as JobResult
+from ._result import Attempt as Attempt
+from ._result import JobResult as JobResult
 from ._spec import (
     JobSpec as JobSpec,
+)
+from ._spec import (
     LoraConfig as LoraConfig,
+)
+from ._spec import (
     QuantConfig as QuantConfig,
+)
+from ._spec import (
     TrainConfig as TrainConfig,
 )
 

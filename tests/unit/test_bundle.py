@@ -7,7 +7,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from loraburst import Job
 from loraburst._bundle import build_bundle, extract_bundle
 from loraburst.remote.protocol import UnsafeArchiveError

@@ -6,7 +6,6 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from loraburst._ledger import Ledger
 from loraburst._runner import billed_cost
 

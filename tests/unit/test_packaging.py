@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import loraburst
 import loraburst.providers
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from loraburst import ConfigError, Job, JobSpec
 
 ROOT = Path(__file__).resolve().parents[2]
