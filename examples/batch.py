@@ -2,7 +2,8 @@
 
     python examples/batch.py                 # against in-process emulators (the default)
     python examples/batch.py --local         # on this machine's GPU or CPU instead
-    python examples/batch.py --budget 0.05   # watch jobs that no longer fit get skipped
+    python examples/batch.py --budget 0.08   # room for one job's bound: one after another
+    python examples/batch.py --budget 0.05   # no room for any: all three are skipped
 
 ``--emulators`` (the default) starts an emulator of the RunPod API in this process
 (``tests.fakes``; run from a source checkout) and points the ``runpod`` provider at it through
@@ -64,11 +65,10 @@ def main() -> int:
         result = batch.run()
         Console(width=140).print(result.table())
         if fake is not None:
-            running = fake.running()
-            print(f"emulators: {len(fake.pods)} pods, {len(running)} running")
+            billed = sum(fake.cost(p.id) for p in fake.pods.values())
             print(
-                "billed: "
-                + json.dumps({p.name: round(fake.cost(p.id), 5) for p in fake.pods.values()})
+                f"emulators: {len(fake.pods)} pods, {len(fake.running())} running, "
+                f"billed ${billed:.4f} of the ${args.budget:.2f} budget"
             )
         return 0 if result.all_ok else 1
 
@@ -81,7 +81,7 @@ def _tiny_model(folder: Path) -> Path:
 
     lines = DATA.read_text(encoding="utf-8").splitlines()
     texts = [m["content"] for line in lines if line.strip() for m in json.loads(line)["messages"]]
-    return make_tiny_model(folder, texts)
+    return Path(make_tiny_model(folder, texts))
 
 
 @contextlib.contextmanager

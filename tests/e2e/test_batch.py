@@ -134,4 +134,4 @@ def test_batch_example_on_the_emulators(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.count("succeeded") == 3
-    assert "emulators: 3 pods, 0 running" in proc.stdout
+    assert "emulators: 3 pods, 0 running, billed $" in proc.stdout

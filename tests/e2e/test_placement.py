@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from loraburst import BudgetExceededError, Job
+from loraburst import BudgetExceededError, Job, PlacementError
 from loraburst._ledger import Ledger
 from loraburst._placement import plan
 from loraburst.providers import Host, LaunchRequest, Machine, Offer
@@ -123,8 +123,12 @@ def test_plan_ranks_feasible_offers_and_places_the_local_gpu(
     assert fit_prices == sorted(fit_prices)
     # With a deadline the local card cannot meet, it is the last resort instead of the first.
     long = _long_job(5000)
-    rows = {c.offer.gpu: c.row for c in plan(long, [runpod_provider, box, "auto"])}
-    local_s, h100_s = rows["RTX 4090"].total_s, rows["H100 SXM"].total_s  # type: ignore[union-attr]
+    rows = {
+        (c.offer.provider, c.offer.gpu): c.row for c in plan(long, [runpod_provider, box, "auto"])
+    }
+    local, h100 = rows["local", "RTX 4090"], rows["runpod", "H100 SXM"]
+    assert local is not None and h100 is not None
+    local_s, h100_s = local.total_s, h100.total_s
     assert h100_s < local_s
     deadline = (h100_s + local_s) / 2
     late = plan(long, [runpod_provider, box, "auto"], deadline=deadline)
@@ -238,6 +242,15 @@ def test_capacity_failover_is_recorded(
     (inst,) = lambda_fake.instances.values()
     assert inst.data["type"][0] == _cheapest_with_capacity(lambda_fake)
     assert lambda_fake.running() == []
+    # When every offer fails, the error has a table of every attempt and its reason.
+    with pytest.raises(PlacementError) as info:
+        _job(tiny_model, tmp_path / "out", "nowhere").run(
+            provider=runpod_provider, progress=False, cache=False
+        )
+    assert [a[1] for a in info.value.attempts] == [a.gpu for a in refused]
+    assert all(a[0] == "runpod" and a[2].startswith("capacity") for a in info.value.attempts)
+    assert all(f"runpod     {a.gpu}" in str(info.value) for a in refused)
+    assert runpod_fake.pods == {}
 
 
 def test_runtime_cap_stops_with_a_partial_adapter(
