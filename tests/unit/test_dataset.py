@@ -600,16 +600,19 @@ def test_exact_counts_cross_batch_boundaries(tokenizer_dir: Path) -> None:
     assert stats.over_max_seq_len == sum(c > 12 for c in counts) > 0
 
 
+# VmHWM, not ru_maxrss: Linux carries the parent's (pytest's) peak across fork+exec into
+# ru_maxrss, which would hide the child's own growth.
 _RSS_PROBE = """
-import json, resource, sys
-from pathlib import Path
+import json, sys
+def peak_kb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 from loraburst._bundle import build_bundle
 from loraburst._dataset import prepare_dataset
 from loraburst._spec import JobSpec
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
 ds = prepare_dataset(sys.argv[1])
 bundle = build_bundle(JobSpec(model="org/model", dataset=sys.argv[1]), ds, None)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_kb()
 print(json.dumps({"grew_kb": after - before, "rows": ds.stats.rows, "size": bundle.size}))
 """
 
