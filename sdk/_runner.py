@@ -164,7 +164,9 @@ class Attempt:
         # the provider's API, where it would be stored with the instance: it travels only
         # over SSH when the agent starts.
         try:
+            t_launch = time.time()
             machine = self.provider.launch(request)
+            self.durations["launch"] = time.time() - t_launch
         except ProviderError as exc:
             # The create may have happened even though its response was lost: look the tag up
             # instead of creating twice.
@@ -181,7 +183,9 @@ class Attempt:
         self.ledger.update_instance(
             self.tag, state="launched", provider_id=machine.id, launched_at=self.launched_at
         )
+        t_ready = time.time()
         self.machine = self._wait_ready(machine)
+        self.durations["ready_wait"] = time.time() - t_ready
         self.ledger.update_instance(self.tag, state="running")
         self.durations["provision"] = time.time() - t0
         return self.machine
@@ -211,7 +215,9 @@ class Attempt:
         workdir = f"{self.machine.workdir_root}/runs/{self.job_id}"
         if self.provider.name == "local":
             workdir = str(self.local_dir)
+        t0 = time.time()
         self.host = self.provider.connect(self.machine, self.key_path, workdir)
+        self.durations.setdefault("connect", time.time() - t0)
         return self.host
 
     # -- start ----------------------------------------------------------------------------
@@ -221,7 +227,9 @@ class Attempt:
         t0 = time.time()
         uploaded = host.upload_bundle(bundle.path, bundle.sha256)
         self.durations["upload"] = time.time() - t0
+        t_boot = time.time()
         self._bootstrap(host)
+        self.durations["bootstrap"] = time.time() - t_boot
         if resume_from is not None and any(resume_from.glob("checkpoint-*")):
             self._push_checkpoints(host, resume_from)
         env = dict(self.extra_env)
@@ -303,6 +311,8 @@ class Attempt:
                 text = host.read_text(STATE_FILE)
                 if text:
                     self.state = State.from_json(text)
+                    if self.state.step >= 1:
+                        self.durations.setdefault("to_first_step", time.time() - t0)
                 self.view.update(self.state, self.spent_before + self.cost_so_far())
                 if self.state.terminal:
                     break
