@@ -3,8 +3,14 @@
 Offers come from each provider's API (live prices when its key is configured) or the
 estimator's dated snapshot; the estimator says which fit (peak VRAM) and what each costs. An
 explicit chain (``["runpod", "lambda", "local"]``) is tried in its order, cheapest (or
-fastest) offer first within each provider; ``"auto"`` ranks every feasible offer of every
-configured provider plus local by estimated total cost (or time).
+fastest) offer first within each provider; ``"auto"`` (alone or inside a list) ranks every
+feasible offer of every provider named plus the configured ones and local by estimated total
+cost (or time).
+
+The local GPU is an offer like any other at $0/h: under ``"auto"`` it is first whenever the
+job fits its VRAM and it meets the deadline, and past the deadline it stays as the last resort
+rather than being dropped; in an explicit chain it sits where the user put it. The local CPU
+(and hosts whose GPU the catalog does not know) have no estimate and always come last.
 """
 
 from __future__ import annotations
