@@ -1,0 +1,93 @@
+"""The quickstart job end to end over real SSH against the RunPod and Lambda emulators, and on
+a bring-your-own sshd host: the adapter comes back verified and nothing is left running."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from loraburst import Job
+from loraburst._home import home, keys_dir
+from loraburst._ledger import Ledger
+from loraburst.remote.protocol import verify_manifest
+
+from tests.conftest import SAMPLE_DATA
+
+
+def _job(model: Path, out: Path, name: str) -> Job:
+    return Job(
+        str(model),
+        SAMPLE_DATA,
+        output_dir=out,
+        name=name,
+        train={
+            "max_steps": 6,
+            "micro_batch_size": 4,
+            "learning_rate": 3e-3,
+            "save_every_steps": 3,
+            "max_seq_len": 96,
+        },
+    )
+
+
+def _check_adapter(adapter: Path | None) -> None:
+    assert adapter is not None and (adapter / "adapter_config.json").is_file()
+    manifest = json.loads((adapter.parent / "manifest.json").read_text())
+    assert manifest["files"] and verify_manifest(adapter.parent, manifest) == []
+
+
+def _grep_tree(root: Path, needles: list[str]) -> list[str]:
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            hits += [f"{p}: {n[:6]}..." for n in needles if n.encode() in data]
+    return hits
+
+
+def test_runpod_end_to_end(
+    tiny_model: Path, tmp_path: Path, runpod_fake: Any, runpod_provider: Any
+) -> None:
+    result = _job(tiny_model, tmp_path / "out", "rp").run(provider=runpod_provider, progress=False)
+    assert result.status == "succeeded" and result.provider == "runpod"
+    _check_adapter(result.adapter_path)
+    assert result.metrics["steps"] == 6
+    # The emulator holds no running pod; the one pod billed seconds (per-second billing).
+    assert runpod_fake.running() == []
+    (pod_id,) = runpod_fake.pods
+    assert runpod_fake.billed_seconds(pod_id) > 0
+    assert result.cost_usd > 0
+    rows = Ledger().instances(job_id=result.job_id)
+    assert [r.state for r in rows] == ["terminated"] and rows[0].provider_id == pod_id
+    # The per-job private key is gone after teardown.
+    assert list(keys_dir().iterdir()) == []
+    # No secret reached the ledger, bundles, run folders, the output, or the instance's files.
+    hits = _grep_tree(home(), [runpod_fake.api_key]) + _grep_tree(
+        tmp_path / "out", [runpod_fake.api_key]
+    )
+    hits += _grep_tree(runpod_fake.folder, [runpod_fake.api_key])
+    assert hits == []
+
+
+def test_lambda_end_to_end(
+    tiny_model: Path, tmp_path: Path, lambda_fake: Any, lambda_provider: Any
+) -> None:
+    result = _job(tiny_model, tmp_path / "out", "lam").run(provider=lambda_provider, progress=False)
+    assert result.status == "succeeded" and result.provider == "lambda"
+    _check_adapter(result.adapter_path)
+    assert lambda_fake.running() == []
+    (inst_id,) = lambda_fake.instances
+    # Lambda bills whole minutes.
+    assert lambda_fake.billed_seconds(inst_id) % 60 == 0 and lambda_fake.billed_seconds(inst_id)
+    assert lambda_fake.ssh_keys == {}  # the per-job key was deleted
+    assert _grep_tree(home(), [lambda_fake.api_key]) == []
+
+
+def test_ssh_provider_end_to_end(
+    tiny_model: Path, tmp_path: Path, sshd_host: Any, ssh_provider: Any
+) -> None:
+    result = _job(tiny_model, tmp_path / "out", "byo").run(provider=ssh_provider, progress=False)
+    assert result.status == "succeeded" and result.provider == "ssh"
+    _check_adapter(result.adapter_path)
+    assert sshd_host.sshd.alive  # our own box is never terminated
