@@ -76,12 +76,20 @@ def load_tokenizer(spec: dict[str, Any], model_path: str) -> tuple[Any, list[str
 
 
 def load_model(
-    spec: dict[str, Any], model_path: str, tokenizer: Any = None, added: list[str] | None = None
+    spec: dict[str, Any],
+    model_path: str,
+    tokenizer: Any = None,
+    added: list[str] | None = None,
+    *,
+    fast: bool = False,
 ) -> tuple[Any, Any]:
     """Load the base model (quantised per ``spec``) and wrap it in fresh LoRA/DoRA adapters.
 
     ``spec`` is ``JobSpec.model_dump(mode="json")``. The adapters' initial values depend only on
     ``train.seed``. Special tokens added for the ChatML default get trainable embedding rows.
+    With ``fast`` (CUDA, before :func:`loraburst.remote.fastpath.optimize`), embeddings and norms
+    stay in bf16 instead of ``prepare_model_for_kbit_training``'s fp32 copies: the fast path
+    computes norms in fp32 internally, and recompute is its decision.
 
     Returns:
         ``(peft_model, tokenizer)``, ready to train, on CUDA when present, else CPU.
@@ -115,7 +123,8 @@ def load_model(
     )
     if added:
         model.resize_token_embeddings(len(tokenizer))
-    if bnb is not None:
+    model.config.use_cache = False  # a KV cache is dead weight in training
+    if bnb is not None and not fast:
         # Checkpointing is the trainer's decision (SFTConfig), not this helper's.
         model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
             model, use_gradient_checkpointing=False
@@ -211,6 +220,36 @@ def _settings(spec: dict[str, Any], model_path: str, seq_len: int, rows: int) ->
         gradient_checkpointing=ckpt,
         target_modules=spec["lora"]["target_modules"],
     )
+
+
+def _fastpath(
+    model: Any, spec: dict[str, Any], settings: dict[str, Any], seq_len: int
+) -> dict[str, Any]:
+    """Apply the CUDA fast path with the fastest recompute/dequant-cache setting that fits.
+
+    With ``gradient_checkpointing: auto`` the recompute policy (none, every k-th layer, all)
+    and the dequant cache are planned against this card's memory; an explicit choice is kept.
+    """
+    import torch
+
+    from . import fastpath
+
+    mbs = settings["micro_batch_size"]
+    planned: dict[str, Any] = {}
+    if spec["train"]["gradient_checkpointing"] == "auto":
+        vram = torch.cuda.get_device_properties(0).total_memory / _GIB
+        planned = fastpath.plan(model, seq_len=seq_len, micro_batch_size=mbs, budget_gib=vram)
+        every, cache = planned["gradient_checkpointing"], planned["dequant_cache"]
+    else:
+        every, cache = (1 if settings["gradient_checkpointing"] else 0), 0
+    fastpath.optimize(
+        model,
+        seq_len=seq_len,
+        micro_batch_size=mbs,
+        gradient_checkpointing=every,
+        dequant_cache=cache,
+    )
+    return {**dict(model.fastpath_report), "plan": planned}
 
 
 def _sft_config(spec: dict[str, Any], workdir: Path, settings: dict[str, Any], dtype: Any) -> Any:
@@ -319,7 +358,10 @@ def _trainer_class() -> Any:
             return_outputs: bool = False,
             num_items_in_batch: Any = None,
         ) -> Any:
-            if self.args.device.type in ("cuda", "xpu"):
+            fast = getattr(getattr(model, "fastpath_report", None), "get", lambda _k: False)
+            if self.args.device.type in ("cuda", "xpu") and not fast("chunked_loss"):
+                # TRL's loss reads the logits for its metrics; the fast path's chunked loss
+                # never materialises them, so it goes through Trainer's plain loss instead.
                 return super().compute_loss(  # type: ignore[no-untyped-call]
                     model, inputs, return_outputs, num_items_in_batch
                 )
@@ -396,8 +438,18 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
         reporter.event(
             "warning", message="the memory model says even the smallest setting may not fit"
         )
-    model, tokenizer = load_model(spec, model_path, tokenizer, added)
+    fast = torch.cuda.is_available()
+    model, tokenizer = load_model(spec, model_path, tokenizer, added, fast=fast)
     dtype = compute_dtype(spec["quant"]["compute_dtype"])
+    if fast:
+        # Our CUDA speed path (remote/fastpath.py): its own recompute policy replaces HF's.
+        report = _fastpath(model, spec, settings, seq_len)
+        settings = {**settings, "gradient_checkpointing": False}
+        reporter.event(
+            "fastpath",
+            **{k: v for k, v in report.items() if k != "plan"},
+            plan=report.get("plan", {}),
+        )
 
     trainer = _trainer_class()(
         model=model,
