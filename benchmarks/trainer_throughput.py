@@ -50,6 +50,7 @@ RUNS: list[tuple[str, str, str, list[str]]] = [
     ("d-mistral/unsloth", "d-mistral", "unsloth", ["--model", "mistral-7b", "--seq", "2048", "--micro-batch", "4", "--grad-ckpt", "on"]),
     ("d-3b/ours", "d-3b", "ours", ["--model", "llama-3.2-3b", "--seq", "2048", "--micro-batch", "8", "--grad-ckpt", "auto", "--cache", "auto"]),
     ("d-3b/unsloth", "d-3b", "unsloth", ["--model", "llama-3.2-3b", "--seq", "2048", "--micro-batch", "8", "--grad-ckpt", "on"]),
+    ("lever/b-cache-all", "lever", "ours", ["--model", "llama-3-8b", "--seq", "2048", "--micro-batch", "4", "--grad-ckpt", "on", "--cache", "all", "--mem-cap-gib", "24"]),
     ("lever/ckpt-on", "lever", "ours", ["--model", "llama-3-8b", "--seq", "2048", "--micro-batch", "4", "--grad-ckpt", "on", "--cache", "none"]),
     ("lever/plain-peft-ckpt-on", "lever", "ours", ["--model", "llama-3-8b", "--seq", "2048", "--micro-batch", "4", "--grad-ckpt", "on", "--cache", "none", "--no-chunked-loss", "--no-fused-lora", "--no-fuse-elementwise"]),
     ("lever/compile-layers", "lever", "ours", ["--model", "llama-3-8b", "--seq", "2048", "--micro-batch", "4", "--grad-ckpt", "off", "--cache", "all", "--compile-layers"]),
