@@ -141,8 +141,6 @@ class Attempt:
     # -- provision ------------------------------------------------------------------------
     def provision(self) -> Machine:
         """Record the instance, create it, and wait until it is reachable."""
-        from loraburst.providers import _keys  # lazy: paramiko is only needed for SSH
-
         t0 = time.time()
         self.local_dir.mkdir(parents=True, exist_ok=True)
         # While this file names a live process, `loraburst cleanup` leaves the instance alone.
@@ -158,6 +156,8 @@ class Attempt:
         )
         public_key = ""
         if self.provider.name != "local":
+            from loraburst.providers import _keys  # lazy: paramiko is only needed for SSH
+
             self.key_path, public_key = _keys.generate_key(self.tag)
         request = LaunchRequest(tag=self.tag, offer=self.offer, public_key=public_key)
         # User env (credentials for artifacts=, a Lambda key for the watchdog) is not sent to
@@ -252,7 +252,11 @@ class Attempt:
 
         Fails in seconds, cheaply, with a clear error when the image is broken.
         """
-        check = f"PYTHONPATH=bundle/code {host.python} -m loraburst.remote.agent --check"
+        # Keep the instance's own PYTHONPATH (site folders some images use) after the bundle's code.
+        check = (
+            f"PYTHONPATH=bundle/code${{PYTHONPATH:+:$PYTHONPATH}} {host.python} "
+            "-m loraburst.remote.agent --check"
+        )
         info = self._run_check(host, check)
         missing = info.get("missing") or []
         if missing and self.provider.name != "local":
