@@ -187,3 +187,50 @@ class JsonServer:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+
+
+class FakeCloud:
+    """What both emulators share: the HTTP server, the instances' sshd processes, and the
+    billing accessors that tests assert on. A subclass implements ``handle`` (its API) and
+    passes the dict it keeps its instances in (named as its API names them: pods, instances).
+    """
+
+    billing_increment_s = 1
+
+    def __init__(self, api_key: str, folder: Path | None, instances: dict[str, Instance]) -> None:
+        self.api_key = api_key
+        self.faults = Faults()
+        self.requests = 0
+        self._all = instances
+        self._host = InstanceHost(folder)
+        self.folder = self._host.folder  # every instance's root folder lives under it
+        self._server = JsonServer(self.handle)
+        self._lock = threading.RLock()
+        self.url = ""
+
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
+        raise NotImplementedError
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self, port: int = 0) -> str:
+        self.url = self._server.start(port)
+        return self.url
+
+    def stop(self) -> None:
+        self._server.stop()
+        self._host.close(list(self._all.values()))
+
+    # -- what tests assert on ---------------------------------------------------------------
+    def running(self) -> list[str]:
+        """Ids of instances that exist and bill (not terminated; booting ones included)."""
+        return [i.id for i in self._all.values() if i.ended is None]
+
+    def billed_seconds(self, instance_id: str) -> int:
+        return self._all[instance_id].billed_seconds(self.billing_increment_s)
+
+    def cost(self, instance_id: str) -> float:
+        inst = self._all[instance_id]
+        return inst.price_per_hour * self.billed_seconds(instance_id) / 3600.0
+
+    def by_name(self, name: str) -> Instance | None:
+        return next((i for i in self._all.values() if i.name == name), None)

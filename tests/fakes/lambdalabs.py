@@ -17,13 +17,12 @@ import json
 import re
 import secrets
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._server import Faults, Instance, InstanceHost, JsonServer, Reply, json_reply
+from ._server import FakeCloud, Instance, Reply, json_reply
 from .sshd import free_port
 
 CAPACITY = (
@@ -58,7 +57,7 @@ def _error(status: int, code_msg: tuple[str, str], suggestion: str | None = None
     return json_reply(status, {"error": err})
 
 
-class LambdaFake:
+class LambdaFake(FakeCloud):
     """The emulator's state and its REST endpoints.
 
     Attributes:
@@ -81,47 +80,19 @@ class LambdaFake:
         *,
         launch_interval_s: float = 12.0,
     ) -> None:
-        self.api_key = api_key
-        self.faults = Faults()
         self.instances: dict[str, Instance] = {}
+        super().__init__(api_key, folder, self.instances)
         self.ssh_keys: dict[str, dict[str, str]] = {}
         self.instance_types = [[*t[:4], list(t[4])] for t in INSTANCE_TYPES]
         self.launch_interval_s = launch_interval_s
         self.terminating_polls = 1
         self.ssh_port = free_port()
-        self.requests = 0
         self.launch_attempts = 0
         self._last_launch = 0.0
         self._ips = itertools.count(2)
-        self._host = InstanceHost(folder)
-        self.folder = self._host.folder  # every instance's root folder lives under it
-        self._server = JsonServer(self.handle)
-        self._lock = threading.RLock()
-        self.url = ""
-
-    # -- lifecycle --------------------------------------------------------------------------
-    def start(self, port: int = 0) -> str:
-        self.url = self._server.start(port)
-        return self.url
-
-    def stop(self) -> None:
-        self._server.stop()
-        self._host.close(list(self.instances.values()))
-
-    # -- what tests assert on ---------------------------------------------------------------
-    def running(self) -> list[str]:
-        """Ids of instances that exist and are not terminated (booting ones included)."""
-        return [i.id for i in self.instances.values() if i.ended is None]
-
-    def billed_seconds(self, instance_id: str) -> int:
-        return self.instances[instance_id].billed_seconds(self.billing_increment_s)
-
-    def cost(self, instance_id: str) -> float:
-        inst = self.instances[instance_id]
-        return inst.price_per_hour * self.billed_seconds(instance_id) / 3600.0
 
     def instance_by_name(self, name: str) -> Instance | None:
-        return next((i for i in self.instances.values() if i.name == name), None)
+        return self.by_name(name)
 
     def set_capacity(self, type_name: str, regions: list[str]) -> None:
         for t in self.instance_types:

@@ -14,7 +14,6 @@ import json
 import secrets
 import string
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 from graphql import GraphQLError, build_schema, graphql_sync, parse
 from graphql.language import OperationDefinitionNode
 
-from ._server import Faults, Instance, InstanceHost, JsonServer, Reply, json_reply
+from ._server import FakeCloud, Instance, Reply, json_reply
 
 CAPACITY_MESSAGE = (
     "There are no longer any instances available with the requested specifications. "
@@ -95,7 +94,7 @@ def _id(n: int = 14) -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(n))
 
 
-class RunPodFake:
+class RunPodFake(FakeCloud):
     """The emulator's state and its GraphQL endpoint.
 
     Attributes:
@@ -109,42 +108,15 @@ class RunPodFake:
     billing_increment_s = 1
 
     def __init__(self, api_key: str = "rp-test-key", folder: Path | None = None) -> None:
-        self.api_key = api_key
-        self.faults = Faults()
         self.pods: dict[str, Instance] = {}
+        super().__init__(api_key, folder, self.pods)
         self.pod_keys: dict[str, str] = {}  # pod-scoped key -> pod id
         self.gpu_types = [list(g) for g in GPU_TYPES]
         self.account_pubkey = ""
-        self.requests = 0
-        self._host = InstanceHost(folder)
-        self.folder = self._host.folder  # every instance's root folder lives under it
-        self._server = JsonServer(self.handle)
-        self._lock = threading.RLock()
-        self.url = ""
 
-    # -- lifecycle --------------------------------------------------------------------------
-    def start(self, port: int = 0) -> str:
-        self.url = self._server.start(port)
-        return self.url
-
-    def stop(self) -> None:
-        self._server.stop()
-        self._host.close(list(self.pods.values()))
-
-    # -- what tests assert on ---------------------------------------------------------------
-    def running(self) -> list[str]:
-        """Ids of pods that exist and bill (not terminated)."""
-        return [p.id for p in self.pods.values() if p.ended is None]
-
-    def billed_seconds(self, pod_id: str) -> int:
-        return self.pods[pod_id].billed_seconds(self.billing_increment_s)
-
-    def cost(self, pod_id: str) -> float:
-        pod = self.pods[pod_id]
-        return pod.price_per_hour * self.billed_seconds(pod_id) / 3600.0
-
+    # -- what tests change -------------------------------------------------------------------
     def pod_by_name(self, name: str) -> Instance | None:
-        return next((p for p in self.pods.values() if p.name == name), None)
+        return self.by_name(name)
 
     def set_stock(self, gpu_id: str, stock: str | None) -> None:
         for g in self.gpu_types:
