@@ -21,7 +21,7 @@ from loraburst.remote.protocol import BUNDLE_DIR, LOG_FILE, safe_extract
 
 from ._base import Host, LaunchRequest, Machine, Offer
 
-__all__ = ["LocalHost", "LocalProvider", "detect_gpus"]
+__all__ = ["LocalHost", "LocalProvider", "detect_gpus", "pid_alive"]
 
 _PID_FILE = "agent.pid"
 
@@ -54,6 +54,20 @@ def detect_gpus() -> list[tuple[str, float]]:
         except ValueError:
             continue
     return gpus
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (a zombie, finished but not reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) is the best we have
 
 
 class LocalHost:
@@ -107,19 +121,7 @@ class LocalHost:
         if proc is not None:
             return proc.poll() is None
         pid = self._pid()
-        if pid is None:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        # A zombie still answers kill(0); /proc tells the truth on Linux.
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-        except OSError:
-            return True
+        return pid is not None and pid_alive(pid)
 
     def stop_agent(self) -> None:
         """Send SIGTERM to the agent's process group (used when a local job is cancelled)."""
@@ -221,8 +223,14 @@ class LocalProvider:
             return self._machines[machine_id]
         host = self._host_for(machine_id)
         if host is not None and host.agent_alive():
-            return Machine(provider="local", id=machine_id, tag=machine_id, status="running",
-                           python=self._python, workdir_root=str(runs_dir()))
+            return Machine(
+                provider="local",
+                id=machine_id,
+                tag=machine_id,
+                status="running",
+                python=self._python,
+                workdir_root=str(runs_dir()),
+            )
         return None
 
     def _host_for(self, tag: str) -> LocalHost | None:

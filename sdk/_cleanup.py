@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping
 
 from loraburst.providers import Provider, get_provider
+from loraburst.providers.local import pid_alive
 
 from ._exceptions import ProviderError
 from ._home import runs_dir
@@ -52,13 +53,7 @@ def client_alive(job_id: str) -> bool:
         return False
     if pid == os.getpid():
         return False  # cleanup itself runs in this process: that client is not following
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return bool(pid_alive(pid))
 
 
 def _job_of(tag: str) -> str:
