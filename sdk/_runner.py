@@ -293,7 +293,10 @@ class Attempt:
     def _push_checkpoints(self, host: Host, local: Path) -> None:
         from loraburst.providers._base import upload_tree
 
-        latest = max(local.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        complete = [p for p in local.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+        if not complete:
+            return
+        latest = max(complete, key=lambda p: int(p.name.split("-")[-1]))
         upload_tree(host, latest, f"{CHECKPOINT_DIR}/{latest.name}")
         self.view.message(f"resuming from {latest.name}")
 
@@ -446,7 +449,13 @@ class Attempt:
         if rc != 0 or not done or done[-1] <= self._last_ckpt_pulled:
             return
         name = f"checkpoint-{done[-1]}"
-        host.fetch_tree(f"{CHECKPOINT_DIR}/{name}", self.local_dir / CHECKPOINT_DIR / name)
+        # Fetch beside, then rename: a half-pulled checkpoint must never look like one.
+        final = self.local_dir / CHECKPOINT_DIR / name
+        partial = final.with_name(f".partial-{name}")
+        host.fetch_tree(f"{CHECKPOINT_DIR}/{name}", partial)
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
         self._last_ckpt_pulled = done[-1]
 
     # -- collect --------------------------------------------------------------------------

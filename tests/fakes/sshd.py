@@ -47,6 +47,9 @@ class SSHD:
         self.proc: subprocess.Popen[bytes] | None = None
         self.authorized_key = authorized_key.strip()
         self.env = {
+            # The instance's own home: sessions must not run this machine's root dotfiles
+            # (a pod has its own; a stale pyenv rehash lock in ~/.bashrc once hung every login).
+            "HOME": str(self.root),
             "LORABURST_REMOTE_ROOT": str(self.root),
             "LORABURST_REMOTE_PYTHON": sys.executable,
             **(env or {}),

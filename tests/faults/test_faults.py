@@ -276,7 +276,10 @@ def test_preempted_instance_resumes_elsewhere_with_exact_steps(
     def preempt_after_checkpoint() -> None:
         def pulled() -> bool:
             jid = _job_id()
-            return bool(jid and list((runs_dir() / jid / "checkpoints").glob("checkpoint-*")))
+            return bool(
+                jid
+                and list((runs_dir() / jid / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+            )
 
         _wait(pulled, 120, "a checkpoint pulled by the client")
         (pod_id,) = list(runpod_fake.pods)
@@ -285,7 +288,8 @@ def test_preempted_instance_resumes_elsewhere_with_exact_steps(
 
     t = threading.Thread(target=preempt_after_checkpoint, daemon=True)
     t.start()
-    result = _job(tiny_model, tmp_path / "out", steps=30).run(
+    # Enough steps that the preemption lands mid-run even on a fast, idle machine.
+    result = _job(tiny_model, tmp_path / "out", steps=90).run(
         provider=runpod_provider, progress=False
     )
     t.join(5)
@@ -297,7 +301,7 @@ def test_preempted_instance_resumes_elsewhere_with_exact_steps(
         lost=0 if _verified(result.adapter_path) else 1,
     )
     assert preempted and result.status == "succeeded"
-    assert result.metrics["steps"] == 30  # exactly the planned number of steps
+    assert result.metrics["steps"] == 90  # exactly the planned number of steps
     assert len(runpod_fake.pods) == 2 and runpod_fake.running() == []
     assert any(a.outcome.startswith("lost") for a in result.attempts)
     # The second pod resumed from the pulled checkpoint instead of starting over.

@@ -112,7 +112,7 @@ def test_killed_run_resumes_from_its_checkpoint_with_exact_steps(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     workdir = make_workdir(
-        tmp_path, tiny_model, train={**FAST, "max_steps": 16, "save_every_steps": 2}
+        tmp_path, tiny_model, train={**FAST, "max_steps": 40, "save_every_steps": 2}
     )
     proc = start_agent(workdir)
     ckpt = workdir / "checkpoints" / "checkpoint-2" / "trainer_state.json"
@@ -121,23 +121,23 @@ def test_killed_run_resumes_from_its_checkpoint_with_exact_steps(
     proc.wait()
     assert state(workdir).phase == "training"
     killed_at = state(workdir).step
-    assert 2 <= killed_at < 16
+    assert 2 <= killed_at < 40
     first_run = len(events(workdir))
 
     assert run_agent(workdir) == 0, log(workdir)
     st = state(workdir)
-    assert (st.phase, st.step, st.total_steps) == ("done", 16, 16)
+    assert (st.phase, st.step, st.total_steps) == ("done", 40, 40)
     metrics = json.loads((workdir / METRICS_FILE).read_text())
     resumed = metrics["resumed_from_step"]
     assert resumed is not None and 2 <= resumed <= killed_at and resumed % 2 == 0
-    assert metrics["steps"] == 16
+    assert metrics["steps"] == 40
     second = events(workdir)[first_run:]
     assert {"kind": "resuming", "checkpoint": f"checkpoint-{resumed}"}.items() <= next(
         e for e in second if e["kind"] == "resuming"
     ).items()
-    assert [e["step"] for e in second if e["kind"] == "step"] == list(range(resumed + 1, 17))
+    assert [e["step"] for e in second if e["kind"] == "step"] == list(range(resumed + 1, 41))
     # The loss history spans both runs, one entry per optimizer step.
-    assert metrics["loss_steps"] == list(range(1, 17)) and len(metrics["losses"]) == 16
+    assert metrics["loss_steps"] == list(range(1, 41)) and len(metrics["losses"]) == 40
 
 
 def test_missing_model_folder_fails_naming_it(tiny_model: Path, tmp_path: Path) -> None:

@@ -78,7 +78,9 @@ def test_bad_url_and_unreachable_endpoint_name_the_url(
 def test_stopped_run_resumes_on_a_new_instance_from_s3(
     tiny_model: Path, tmp_path: Path, s3_url: str
 ) -> None:
-    spec = {"train": {**FAST, "max_steps": 12, "save_every_steps": 100}}
+    # Enough steps that the stop request lands mid-run even on a fast, idle machine.
+    total = 60
+    spec = {"train": {**FAST, "max_steps": total, "save_every_steps": 1000}}
     env = {"LORABURST_ARTIFACTS": s3_url}
     first = make_workdir(tmp_path / "a", tiny_model, **spec)
     proc = start_agent(first, env)
@@ -96,7 +98,7 @@ def test_stopped_run_resumes_on_a_new_instance_from_s3(
     st = state(first)
     assert (st.phase, st.stop_reason) == ("stopped", "user")
     stopped_at = st.step
-    assert 2 <= stopped_at < 12
+    assert 2 <= stopped_at < total
     metrics = json.loads((first / METRICS_FILE).read_text())
     assert metrics["steps"] == stopped_at and metrics["stop_reason"] == "user"
     manifest = json.loads((first / "manifest.json").read_text())
@@ -110,11 +112,11 @@ def test_stopped_run_resumes_on_a_new_instance_from_s3(
     second = make_workdir(tmp_path / "b", tiny_model, **spec)
     assert run_agent(second, env) == 0, log(second)
     st = state(second)
-    assert (st.phase, st.step, st.stop_reason) == ("done", 12, None)
+    assert (st.phase, st.step, st.stop_reason) == ("done", total, None)
     metrics = json.loads((second / METRICS_FILE).read_text())
-    assert metrics["resumed_from_step"] == stopped_at and metrics["steps"] == 12
+    assert metrics["resumed_from_step"] == stopped_at and metrics["steps"] == total
     kinds = [e["kind"] for e in events(second)]
     assert kinds.index("checkpoint_downloaded") < kinds.index("resuming") < kinds.index("step")
     steps = [e["step"] for e in events(second) if e["kind"] == "step"]
-    assert steps == list(range(stopped_at + 1, 13))
-    assert metrics["loss_steps"] == list(range(1, 13))
+    assert steps == list(range(stopped_at + 1, total + 1))
+    assert metrics["loss_steps"] == list(range(1, total + 1))
