@@ -334,6 +334,9 @@ class Attempt:
                         if text and State.from_json(text).terminal:
                             self.state = State.from_json(text)
                             break
+                        # A dead agent on a machine the provider says is gone was preempted:
+                        # that is a relaunch (Lost), not a training failure.
+                        self._check_alive()
                         log = host.read_text("agent.log") or ""
                         raise AgentError(f"the agent stopped without finishing:\n{log[-1500:]}")
                 else:

@@ -126,6 +126,10 @@ class SSHD:
         for pid in _pids_with_env("LORABURST_REMOTE_ROOT", str(self.root)):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+        # Live connections are sshd children in sessions of their own: a dead host drops them.
+        for pid in _children(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -144,5 +148,19 @@ def _pids_with_env(key: str, value: str) -> list[int]:
         except OSError:
             continue
         if needle in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def _children(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent:
             found.append(int(entry.name))
     return found
