@@ -254,9 +254,10 @@ class RunPodFake(FakeCloud):
             raise GraphQLError(NOT_FOUND_TERMINATE, extensions={"code": "POD_NOT_FOUND"})
         # Recorded before the kill: a pod terminating itself dies inside this very call.
         pod.data["terminated_by"] = info.context["scope"]
-        self._host.kill(pod)
+        # State first, then the kill: a caller on the pod itself may be gone before we return.
         pod.status = "TERMINATED"
         pod.ended = pod.ended or time.time()
+        self._host.kill(pod)
         return None
 
     def stop_pod(self, info: Any, input: dict[str, Any]) -> dict[str, Any]:
