@@ -15,7 +15,8 @@ the learnable parity data (``common.parity_batches``) and reports those losses.
 ``ours`` options (ignored by the other stacks): ``--grad-ckpt K`` recomputes every K-th layer,
 ``auto`` lets ``fastpath.plan`` pick it and the dequant cache under the memory budget;
 ``--cache none|all|auto|N`` (default none); ``--no-chunked-loss``, ``--no-fused-lora``,
-``--no-fuse-elementwise``, ``--compile-layers``, ``--offload`` (checkpoints in host memory).
+``--no-fuse-elementwise``, ``--no-group``, ``--compile-layers``, ``--offload`` (checkpoints in host memory).
+``--profile N`` (any stack) then traces N more steps: GPU time by kernel kind and the top kernels.
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-chunked-loss", action="store_true")
     ap.add_argument("--no-fused-lora", action="store_true")
     ap.add_argument("--no-fuse-elementwise", action="store_true")
+    ap.add_argument("--no-group", action="store_true", help="ours: q/k/v, gate/up apart")
     ap.add_argument("--compile-layers", action="store_true")
     ap.add_argument("--offload", action="store_true")
     ap.add_argument("--loss-chunk", type=int, default=None, help="ours: tokens per loss chunk")
     ap.add_argument("--tag", default="", help="free text copied into the result")
+    ap.add_argument("--profile", type=int, default=0, help="then profile N more steps")
     return ap.parse_args(argv)
 
 
@@ -75,8 +78,9 @@ def _ours(args: argparse.Namespace, path: Path) -> tuple[Any, dict[str, Any]]:
         planned = fastpath.plan(
             model, seq_len=args.seq, micro_batch_size=args.micro_batch, budget_gib=budget
         )
+    recompute = None
     if args.grad_ckpt == "auto":
-        ckpt = planned["gradient_checkpointing"]
+        ckpt, recompute = bool(planned["gradient_checkpointing"]), planned["recompute_layers"]
     else:
         ckpt = (
             {"on": True, "off": False}[args.grad_ckpt]
@@ -96,7 +100,8 @@ def _ours(args: argparse.Namespace, path: Path) -> tuple[Any, dict[str, Any]]:
         dequant_cache=cache, chunked_loss=not args.no_chunked_loss,
         fused_lora=not args.no_fused_lora, fuse_elementwise=not args.no_fuse_elementwise,
         compile_layers=args.compile_layers, offload_checkpoints=args.offload,
-        loss_chunk=args.loss_chunk,
+        loss_chunk=args.loss_chunk or planned.get("loss_chunk"), recompute_layers=recompute,
+        group_projections=not args.no_group,
     )  # fmt: skip
     return model, {"fastpath": dict(model.fastpath_report), "plan": planned}
 
@@ -136,6 +141,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         )
         _, times = common.train_steps(model, data, lr=args.lr)
         times = times[args.warmup :]
+    prof: dict[str, Any] = {}
+    if args.profile:
+        data = common.random_batches(vocab, args.micro_batch, args.seq, args.profile + 1, args.seed)
+        prof = {"profile": common.profile_steps(model, data, lr=args.lr)}
     step_s = common.median(times)
     tokens = args.micro_batch * args.seq
     tps = tokens / step_s if times else float("nan")
@@ -150,6 +159,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "losses": [round(v, 5) for v in losses],
         "tokens_per_step": tokens,
         **extra,
+        **prof,
     }
 
 

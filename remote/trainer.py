@@ -227,8 +227,8 @@ def _fastpath(
 ) -> dict[str, Any]:
     """Apply the CUDA fast path with the fastest recompute/dequant-cache setting that fits.
 
-    With ``gradient_checkpointing: auto`` the recompute policy (none, every k-th layer, all)
-    and the dequant cache are planned against this card's memory; an explicit choice is kept.
+    With ``gradient_checkpointing: auto`` the number of recomputed layers and the dequant cache
+    are planned against this card's memory; an explicit choice is kept.
     """
     import torch
 
@@ -239,15 +239,20 @@ def _fastpath(
     if spec["train"]["gradient_checkpointing"] == "auto":
         vram = torch.cuda.get_device_properties(0).total_memory / _GIB
         planned = fastpath.plan(model, seq_len=seq_len, micro_batch_size=mbs, budget_gib=vram)
-        every, cache = planned["gradient_checkpointing"], planned["dequant_cache"]
+        every, cache = int(planned["gradient_checkpointing"]), planned["dequant_cache"]
+        recompute: int | None = planned["recompute_layers"]
+        loss_chunk: int | None = planned["loss_chunk"]
     else:
-        every, cache = (1 if settings["gradient_checkpointing"] else 0), 0
+        every, cache, recompute = (1 if settings["gradient_checkpointing"] else 0), 0, None
+        loss_chunk = None
     fastpath.optimize(
         model,
         seq_len=seq_len,
         micro_batch_size=mbs,
         gradient_checkpointing=every,
         dequant_cache=cache,
+        recompute_layers=recompute,
+        loss_chunk=loss_chunk,
     )
     return {**dict(model.fastpath_report), "plan": planned}
 

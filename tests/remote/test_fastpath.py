@@ -31,11 +31,19 @@ def _rel(a: Any, b: Any) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def _tiny_lora(quantised: bool, seed: int = 0) -> Any:
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # q/k/v carry biases
+}
+
+
+def _tiny_lora(quantised: bool, seed: int = 0, arch: str = "llama") -> Any:
     """A tiny Llama (fp32, or NF4 on bnb's CPU path) with LoRA r=8 whose B is non-zero."""
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(**TINY)
-    model = transformers.LlamaForCausalLM(config)
+    config_cls, model_cls, extra = ARCHS[arch]
+    config = getattr(transformers, config_cls)(**{**TINY, **extra})
+    model = getattr(transformers, model_cls)(config)
     if quantised:
         import bitsandbytes as bnb
 
@@ -46,12 +54,14 @@ def _tiny_lora(quantised: bool, seed: int = 0) -> Any:
                     if lin is None:
                         continue
                     q = bnb.nn.Linear4bit(
-                        lin.in_features, lin.out_features, bias=False,
+                        lin.in_features, lin.out_features, bias=lin.bias is not None,
                         compute_dtype=torch.float32, quant_type="nf4",
                     )  # fmt: skip
                     q.weight = bnb.nn.Params4bit(
                         lin.weight.data.clone(), requires_grad=False, quant_type="nf4"
                     )._quantize("cpu")
+                    if lin.bias is not None:
+                        q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
                     setattr(parent, name, q)
     cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=PROJ)
     model = peft.get_peft_model(model, cfg)
@@ -92,6 +102,7 @@ def test_patched_model_matches_peft(quantised: bool, every: int, offload: bool) 
         ours, every=every, dequant_cache=cache, offload_checkpoints=offload
     ).fastpath_report
     assert report["fused_lora_linears"] == 3 * 7
+    assert report["grouped_projections"] == 3 * 2  # q/k/v and gate/up in each layer
     assert report["chunked_loss"] is True
     assert report["checkpointed_layers"] == (0 if every == 0 else 3 // every)
     if quantised:
@@ -103,14 +114,85 @@ def test_patched_model_matches_peft(quantised: bool, every: int, offload: bool) 
         assert _rel(g, ref_grads[name]) < 1e-4, name
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("quantised", [False, True], ids=["fp32", "nf4"])
+def test_grouped_projections_match_peft_with_padding(arch: str, quantised: bool) -> None:
+    """q/k/v and gate/up as one GEMM each, padded batches, biases (Qwen2): same loss and grads."""
+    x = torch.randint(0, TINY["vocab_size"], (3, 20), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(x)
+    mask[1, 14:] = 0  # right padding
+    mask[2, :5] = 0  # left padding
+    labels = x.masked_fill(mask == 0, -100)
+    ref = _tiny_lora(quantised, arch=arch)
+    ours = copy.deepcopy(ref)
+    report = _apply(ours, every=1, dequant_cache=1).fastpath_report
+    assert report["grouped_projections"] == 3 * 2 and report["cached_linears"] == 7
+
+    def run(model: Any) -> tuple[float, dict[str, Any]]:
+        model.train()
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        return float(loss), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
+
+    (ref_loss, ref_grads), (loss, grads) = run(ref), run(ours)
+    assert abs(loss - ref_loss) / ref_loss < 1e-5
+    assert grads.keys() == ref_grads.keys() and len(grads) == 3 * 7 * 2
+    for name, g in grads.items():
+        assert _rel(g, ref_grads[name]) < 1e-4, name
+
+
+def test_grouped_attention_leaves_generation_to_the_original() -> None:
+    model = _tiny_lora(False)
+    x = torch.randint(0, TINY["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(5))
+    model.eval()
+    with torch.no_grad():
+        want = model.generate(x, max_new_tokens=5, do_sample=False)
+    _apply(model)
+    model.eval()
+    with torch.no_grad():
+        got = model.generate(x, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_nf4_kernel_matches_bitsandbytes_in_triton_interpreter() -> None:
+    """The one-launch NF4 dequantiser is bitsandbytes' arithmetic (Triton's CPU interpreter)."""
+    pytest.importorskip("triton")
+    code = """
+import os, torch
+os.environ["TRITON_INTERPRET"] = "1"
+import bitsandbytes.functional as F
+from loraburst.remote.kernels import Nf4Weight
+torch.manual_seed(0)
+bad = 0
+for shape, nested in [((256, 512), True), ((96, 64), False), ((1000, 128), True)]:
+    w = torch.randn(shape, dtype=torch.bfloat16)
+    q, qs = F.quantize_4bit(w, quant_type="nf4", compress_statistics=nested, blocksize=64)
+    ref = F.dequantize_4bit(q, qs).to(torch.bfloat16)
+    # fp32 out: the interpreter truncates on a bf16 store, CUDA rounds to nearest even
+    out = torch.empty(shape, dtype=torch.float32)
+    got = Nf4Weight(q, qs).dequantize(out=out).to(torch.bfloat16)
+    bad += int((got != ref).sum())
+print("mismatches", bad)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "mismatches 0" in out.stdout
+
+
 def test_cached_weight_is_what_bnb_dequantises() -> None:
     import bitsandbytes.functional as bnbf
 
     model = _tiny_lora(quantised=True)
     _apply(model, dequant_cache=True)
-    base = model.base_model.model.model.layers[1].mlp.down_proj.base_layer
+    layer = model.base_model.model.model.layers[1]
+    base = layer.self_attn.o_proj.base_layer
     w = base.weight
     assert torch.equal(base._fastpath_weight, bnbf.dequantize_4bit(w.data, w.quant_state))
+    stacked = [bnbf.dequantize_4bit(p.base_layer.weight.data, p.base_layer.weight.quant_state)
+               for p in (layer.mlp.gate_proj, layer.mlp.up_proj)]  # fmt: skip
+    assert torch.equal(layer.mlp._fastpath_gu.cached, torch.cat(stacked))
 
 
 def test_training_steps_change_every_adapter_and_track_reference() -> None:
@@ -195,3 +277,37 @@ def test_fastpath_imports_only_the_standard_library() -> None:
     )
     mods = set(json.loads(out.stdout))
     assert not {"torch", "transformers", "peft", "bitsandbytes"} & mods
+
+
+def test_plan_recomputes_the_fewest_layers_that_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _tiny_lora(False)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
+    shape = {"seq_len": 65536, "micro_batch_size": 16}  # ~1.6 GB of activations per layer
+    plans = [
+        fastpath.plan(model, **shape, budget_gib=b, headroom_gib=0.5) for b in (40, 9, 6, 4, 1)
+    ]
+    assert [p["recompute_layers"] for p in plans] == sorted(p["recompute_layers"] for p in plans)
+    roomy, *_, hopeless = plans
+    assert roomy["fits"] and roomy["recompute_layers"] == 0 and roomy["dequant_cache"] == 3
+    assert roomy["loss_chunk"] is None  # the big default chunk where memory allows
+    assert 0 < plans[2]["recompute_layers"] < 3 and plans[2]["loss_chunk"] == 1024
+    for p, budget in zip(plans[:3], (40, 9, 6), strict=True):
+        assert p["fits"] and p["predicted_peak_gib"] <= budget - 0.5
+    assert not hopeless["fits"] and hopeless["recompute_layers"] == 3
+    assert hopeless["loss_chunk"] == 1024  # the least memory when nothing fits
+
+
+def test_recompute_layers_spreads_an_exact_count() -> None:
+    x = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(6))
+    ref = _tiny_lora(True)
+    ours = copy.deepcopy(ref)
+    report = _apply(ours, recompute_layers=2, offload_checkpoints=True).fastpath_report
+    layers = ours.base_model.model.model.layers
+    assert report["checkpointed_layers"] == 2
+    assert [layer.gradient_checkpointing for layer in layers].count(True) == 2
+    (ref_loss, ref_grads), (loss, grads) = _loss_and_grads(ref, x), _loss_and_grads(ours, x)
+    assert abs(loss - ref_loss) / ref_loss < 1e-5
+    for name, g in grads.items():
+        assert _rel(g, ref_grads[name]) < 1e-4, name
+    with pytest.raises(ValueError, match="recompute_layers=4"):
+        _apply(copy.deepcopy(ref), recompute_layers=4)
