@@ -886,7 +886,14 @@ def _done(model: Any, report: FastpathReport) -> Any:
 
 
 def plan(
-    model: Any, *, seq_len: int, micro_batch_size: int, budget_gib: float, headroom_gib: float = 1.5
+    model: Any,
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    budget_gib: float,
+    headroom_gib: float = 1.5,
+    tokens: int | None = None,
+    layout: str = "padded",
 ) -> dict[str, Any]:
     """Pick the recompute policy and dequant cache that fit ``budget_gib`` on this card.
 
@@ -910,7 +917,7 @@ def plan(
     head_dim = int(getattr(cfg, "head_dim", None) or h // heads)
     q, kv = heads * head_dim, int(getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
     inter, vocab = int(cfg.intermediate_size), int(cfg.vocab_size)
-    tokens = seq_len * micro_batch_size
+    tokens = tokens or seq_len * micro_batch_size
     # Tensors one layer keeps for backward on the fused path (bf16): both norm inputs and outputs,
     # q, k, v (RoPE'd q and k, a copy of v), attention out (sdpa's and o_proj's input) and the
     # stacked gate/up (silu(gate) * up is recomputed); measured within 5% on the H200.

@@ -47,6 +47,9 @@ LOG_FILE = "agent.log"
 ENV_DEADLINE = "LORABURST_DEADLINE"  # unix time: checkpoint, save and stop at this instant
 ENV_HEARTBEAT_GRACE = "LORABURST_HEARTBEAT_GRACE_S"  # client silent this long => client gone
 ENV_ARTIFACTS = "LORABURST_ARTIFACTS"  # s3://bucket/prefix for checkpoints (boto3, AWS_* env)
+# A local model folder uploaded once per instance (content-addressed), used when the bundle
+# carries no model of its own.
+ENV_MODEL_DIR = "LORABURST_MODEL_DIR"
 
 # What the trainer needs on the instance; installed by the bootstrap only where missing.
 TRAINER_REQUIREMENTS = (

@@ -1,11 +1,15 @@
-"""The QLoRA recipe: set up, train with TRL's ``SFTTrainer``, save. One screen, top to bottom::
+"""The SFT recipe: set up, train with transformers' ``Trainer`` over our own batches, save::
 
     spec        bundle/spec.json (the client's JobSpec)
     tokenizer   its chat template, else ChatML (remote/_data.py)
     data        input_ids + labels, -100 off the loss (assistant/completion tokens only)
-    settings    micro-batch and gradient checkpointing (remote/memory.py on CUDA)
+    batches     packed or not ("auto": pack short rows), one plan for every epoch
+                (remote/batching.py), collated padding-free where the model allows
+                (remote/collate.py, remote/attention.py)
     model       NF4/FP4/int8 base (bitsandbytes) or bf16/fp32, wrapped in LoRA/DoRA (peft)
-    train       SFTTrainer, checkpoint every save_every_steps, resume from the latest one
+    settings    micro-batch, recompute and dequant cache planned on the loaded model (CUDA)
+    train       Trainer, checkpoint every save_every_steps, resume from the latest one;
+                progress reported from a thread, never blocking the GPU
     save        adapter/, metrics.json, then manifest.json (its presence means complete)
 
 Torch and friends are imported inside the functions: ``loraburst.remote`` itself is stdlib-only.
@@ -14,8 +18,10 @@ Torch and friends are imported inside the functions: ``loraburst.remote`` itself
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -24,11 +30,15 @@ from typing import TYPE_CHECKING, Any
 
 from . import artifacts
 from ._data import encode_rows, ensure_chat_template, read_jsonl
+from .attention import register as register_attention
+from .batching import BatchPlan, choose_packing, epoch_batches, plan_batches
+from .collate import EXTRA_KEYS, collate
 from .protocol import (
     ADAPTER_DIR,
     BUNDLE_DIR,
     CHECKPOINT_DIR,
     ENV_ARTIFACTS,
+    ENV_MODEL_DIR,
     MANIFEST_FILE,
     METRICS_FILE,
     build_manifest,
@@ -152,17 +162,17 @@ def latest_checkpoint(root: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def _datasets(
+def _encode(
     workdir: Path, doc: dict[str, Any], tokenizer: Any
-) -> tuple[Any, Any, dict[str, int]]:
+) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]], dict[str, int]]:
     """Encode train (and eval) rows; hold out ``eval_fraction`` when there is no eval file."""
-    from datasets import Dataset, load_dataset
-
     spec, train = doc["spec"], doc["spec"]["train"]
 
     def encode(source: str, fmt: str) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
         path = workdir / BUNDLE_DIR / source
         if fmt == "hub" or not path.is_file():
+            from datasets import load_dataset
+
             rows: Any = load_dataset(source, split="train")
             fmt = "hub"
         else:
@@ -187,58 +197,125 @@ def _datasets(
         eval_rows = [rows[i] for i in order[:n_eval]]
         rows = [rows[i] for i in sorted(order[n_eval:])]
     stats["eval_rows"] = len(eval_rows)
-    eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
-    return Dataset.from_list(rows), eval_ds, stats
+    return rows, eval_rows, stats
 
 
-def _settings(spec: dict[str, Any], model_path: str, seq_len: int, rows: int) -> dict[str, Any]:
-    """Micro-batch size and gradient checkpointing: the spec's, or chosen for this machine."""
-    import torch
-
-    train = spec["train"]
-    mbs, ckpt = train["micro_batch_size"], train["gradient_checkpointing"]
-    if not torch.cuda.is_available():
-        return {
-            "micro_batch_size": min(4, max(rows, 1)) if mbs == "auto" else mbs,
-            "gradient_checkpointing": False if ckpt == "auto" else ckpt,
-        }
-    if mbs != "auto" and ckpt != "auto":
-        return {"micro_batch_size": mbs, "gradient_checkpointing": ckpt}
+def _layout(model_path: str, spec: dict[str, Any]) -> tuple[str, str]:
+    """``("flat", "")`` when the model can train padding-free, else ``("padded", why not)``."""
     from transformers import AutoConfig
 
-    from .memory import choose_settings
+    from .attention import supports
 
     config = AutoConfig.from_pretrained(model_path, revision=_revision(spec, model_path))
-    quantized = _quantized(spec)
-    return choose_settings(
-        config.to_dict(),
-        vram_gb=torch.cuda.get_device_properties(0).total_memory / _GIB,
-        seq_len=seq_len,
-        lora_r=spec["lora"]["r"],
-        bits=spec["quant"]["bits"] if quantized else 16,
-        micro_batch_size=mbs,
-        gradient_checkpointing=ckpt,
-        target_modules=spec["lora"]["target_modules"],
+    ok, why = supports(config)
+    return ("flat", "") if ok else ("padded", why)
+
+
+def _batch_plan(
+    spec: dict[str, Any], lengths: list[int], micro_batch: int, packing: bool, layout: str
+) -> BatchPlan:
+    train = spec["train"]
+    epochs = max(1, math.ceil(train["epochs"])) if not train["max_steps"] else 1
+    return plan_batches(
+        lengths,
+        max_seq_len=train["max_seq_len"],
+        micro_batch=micro_batch,
+        packing=packing,
+        seed=train["seed"],
+        epochs=epochs,
+        padded=layout == "padded",
     )
 
 
-def _fastpath(
-    model: Any, spec: dict[str, Any], settings: dict[str, Any], seq_len: int
-) -> dict[str, Any]:
-    """Apply the CUDA fast path with the fastest recompute/dequant-cache setting that fits.
+def _plan_tokens(plan: BatchPlan, layout: str) -> int:
+    """Tokens in the largest micro-batch as the model will see it (padding included)."""
+    return plan.max_tokens if layout == "flat" else plan.max_padded_tokens
 
-    With ``gradient_checkpointing: auto`` the number of recomputed layers and the dequant cache
-    are planned against this card's memory; an explicit choice is kept.
+
+def _settings(
+    spec: dict[str, Any], model: Any, lengths: list[int], packing: bool, layout: str
+) -> tuple[dict[str, Any], BatchPlan]:
+    """Micro-batch and the recompute/dequant-cache plan: the spec's, or chosen for this card.
+
+    On CUDA with ``micro_batch_size: auto`` every candidate micro-batch is planned against the
+    card's memory (:func:`.fastpath.plan` on the loaded model) and the one with the best
+    predicted throughput wins: recomputing a layer costs about a third of its time, so fewer
+    recomputed layers beat a larger micro-batch once steps hold a few thousand tokens.
     """
     import torch
 
+    train = spec["train"]
+    mbs = train["micro_batch_size"]
+    if not torch.cuda.is_available():
+        mb = min(4, max(len(lengths), 1)) if mbs == "auto" else int(mbs)
+        plan = _batch_plan(spec, lengths, mb, packing, layout)
+        ckpt = train["gradient_checkpointing"]
+        return {
+            "micro_batch_size": mb,
+            "gradient_checkpointing": False if ckpt == "auto" else bool(ckpt),
+            "packing": packing,
+            "layout": layout,
+        }, plan
     from . import fastpath
 
-    mbs = settings["micro_batch_size"]
-    planned: dict[str, Any] = {}
-    if spec["train"]["gradient_checkpointing"] == "auto":
-        vram = torch.cuda.get_device_properties(0).total_memory / _GIB
-        planned = fastpath.plan(model, seq_len=seq_len, micro_batch_size=mbs, budget_gib=vram)
+    candidates: tuple[int, ...]
+    if mbs == "auto":
+        # Packed: sequences per micro-batch; unpacked: rows (a few hundred tokens each).
+        candidates = (1, 2, 4, 8) if packing else (1, 2, 4, 8, 16, 32)
+    else:
+        candidates = (int(mbs),)
+    vram = torch.cuda.get_device_properties(0).total_memory / _GIB
+    layers = max(1, int(getattr(_base_config(model), "num_hidden_layers", 1)))
+    best: tuple[tuple[bool, float], dict[str, Any], BatchPlan] | None = None
+    for mb in candidates:
+        plan = _batch_plan(spec, lengths, mb, packing, layout)
+        if mb > 1 and plan.batches_per_epoch < 2:
+            break  # a bigger micro-batch than the data fills
+        tokens = _plan_tokens(plan, layout)
+        seq = train["max_seq_len"] if layout == "padded" else min(tokens, train["max_seq_len"])
+        option = fastpath.plan(
+            model, seq_len=seq, micro_batch_size=max(1, tokens // max(seq, 1)),
+            tokens=tokens, budget_gib=vram, layout=layout,
+        )  # fmt: skip
+        if (
+            train["gradient_checkpointing"] is not True
+            and train["gradient_checkpointing"] != "auto"
+        ):
+            option = {**option, "recompute_layers": 0, "gradient_checkpointing": False}
+        # Throughput model: a recomputed layer costs ~1/3 of its step time; ~800 tokens' worth
+        # of fixed work per step (optimizer, launches) favours bigger steps until then.
+        cost = plan.mean_tokens * (1 + option["recompute_layers"] / (3 * layers)) + 800
+        score = (bool(option["fits"]), plan.mean_tokens / cost if option["fits"] else -tokens)
+        settings = {
+            "micro_batch_size": mb,
+            "gradient_checkpointing": option["gradient_checkpointing"],
+            "packing": packing,
+            "layout": layout,
+            "tokens_per_micro_batch": tokens,
+            "plan": option,
+        }
+        if best is None or score > best[0]:
+            best = (score, settings, plan)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _base_config(model: Any) -> Any:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config
+
+
+def _fastpath(model: Any, spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """Apply the CUDA fast path with the planned recompute/dequant-cache setting.
+
+    With ``gradient_checkpointing: auto`` the plan from :func:`_settings` is used; an explicit
+    choice is kept (every layer recomputed, or none).
+    """
+    from . import fastpath
+
+    planned: dict[str, Any] = settings.get("plan", {})
+    tokens = settings.get("tokens_per_micro_batch", 0)
+    if spec["train"]["gradient_checkpointing"] == "auto" and planned:
         every, cache = int(planned["gradient_checkpointing"]), planned["dequant_cache"]
         recompute: int | None = planned["recompute_layers"]
         loss_chunk: int | None = planned["loss_chunk"]
@@ -247,8 +324,8 @@ def _fastpath(
         loss_chunk = None
     fastpath.optimize(
         model,
-        seq_len=seq_len,
-        micro_batch_size=mbs,
+        seq_len=tokens,
+        micro_batch_size=1,
         gradient_checkpointing=every,
         dequant_cache=cache,
         recompute_layers=recompute,
@@ -257,13 +334,16 @@ def _fastpath(
     return {**dict(model.fastpath_report), "plan": planned}
 
 
-def _sft_config(spec: dict[str, Any], workdir: Path, settings: dict[str, Any], dtype: Any) -> Any:
+def _training_args(
+    spec: dict[str, Any], workdir: Path, settings: dict[str, Any], dtype: Any
+) -> Any:
     import torch
-    from trl import SFTConfig  # type: ignore[attr-defined]
+    from transformers import TrainingArguments
 
     train = spec["train"]
     save = train["save_every_steps"]
-    return SFTConfig(
+    cuda = torch.cuda.is_available()
+    return TrainingArguments(
         output_dir=str(workdir / CHECKPOINT_DIR),
         max_steps=train["max_steps"] or -1,
         num_train_epochs=train["epochs"],
@@ -280,61 +360,239 @@ def _sft_config(spec: dict[str, Any], workdir: Path, settings: dict[str, Any], d
         optim=train["optim"],
         seed=train["seed"],
         bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16 and torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),
-        max_length=train["max_seq_len"],
-        packing=train["packing"],
-        logging_steps=1,
+        fp16=dtype == torch.float16 and cuda,
+        use_cpu=not cuda,
+        # Progress is reported by our callback from host-side counts and a loss copied back
+        # asynchronously; Trainer's own logging would block on the GPU once per step.
+        logging_strategy="no",
+        logging_nan_inf_filter=False,
+        include_num_input_tokens_seen="no",
         save_strategy="steps" if save else "no",
         save_steps=save or 500,
         save_total_limit=2,
-        include_num_input_tokens_seen="non_padding",
         eval_strategy="no",
+        prediction_loss_only=True,
+        label_names=["labels"],
+        remove_unused_columns=False,
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
 
 
-def _progress_callback(reporter: Reporter, upload: str | None) -> Any:
-    """A TrainerCallback: state.json + events each step, S3 upload per checkpoint, and stops."""
+class _Units:
+    """A torch-style dataset whose item ``i`` is packing unit ``i``: its encoded rows."""
+
+    def __init__(self, rows: list[dict[str, list[int]]], units: list[list[int]]) -> None:
+        self.rows, self.units = rows, units
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, i: int) -> list[dict[str, list[int]]]:
+        return [self.rows[j] for j in self.units[i]]
+
+
+class _EpochBatches:
+    """Batch sampler: the plan's micro-batches for the current epoch (see :mod:`.batching`)."""
+
+    def __init__(self, plan: BatchPlan, lengths: list[int], seed: int, padded: bool) -> None:
+        self.plan, self.lengths, self.seed, self.padded = plan, lengths, seed, padded
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.plan.batches_per_epoch
+
+    def __iter__(self) -> Any:
+        return iter(
+            epoch_batches(
+                self.plan, self.lengths, seed=self.seed, epoch=self.epoch, padded=self.padded
+            )
+        )
+
+
+def _loader(
+    rows: list[dict[str, list[int]]],
+    plan: BatchPlan,
+    *,
+    seed: int,
+    layout: str,
+    pad_id: int,
+    shuffle: bool = True,
+) -> Any:
+    import torch
+
+    lengths = [len(r["input_ids"]) for r in rows]
+    sampler: Any = _EpochBatches(plan, lengths, seed, layout == "padded")
+    if not shuffle:
+        n = plan.micro_batch
+        sampler = [
+            list(range(k, min(k + n, len(plan.units)))) for k in range(0, len(plan.units), n)
+        ]
+    return torch.utils.data.DataLoader(
+        _Units(rows, plan.units),  # type: ignore[arg-type]
+        batch_sampler=sampler,
+        collate_fn=functools.partial(collate, layout=layout, pad_id=pad_id),
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _trainer_class() -> Any:
+    """transformers' ``Trainer`` over our own batches, loss bookkeeping without host syncs."""
+    from transformers import Trainer
+
+    class LoraburstTrainer(Trainer):
+        """Trains on :mod:`.batching`'s micro-batches; counts tokens on the host."""
+
+        def __init__(self, *args: Any, loaders: tuple[Any, Any], **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._loaders = loaders
+            self.tokens_seen = 0
+            self.step_loss: Any = None
+
+        def get_train_dataloader(self) -> Any:
+            return self.accelerator.prepare(self._loaders[0])
+
+        def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+            return self.accelerator.prepare(self._loaders[1])
+
+        def floating_point_ops(self, inputs: Any) -> int:
+            return 0  # not reported; the stock count walks every parameter each micro-batch
+
+        def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+            self.tokens_seen += int(inputs.pop("num_tokens", 0))
+            inputs.pop("num_loss_tokens", None)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            detached = loss.detach()
+            self.step_loss = detached if self.step_loss is None else self.step_loss + detached
+            return loss
+
+        def prediction_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            for key in EXTRA_KEYS:
+                inputs.pop(key, None)
+            return super().prediction_step(model, inputs, *args, **kwargs)
+
+    return LoraburstTrainer
+
+
+class _ProgressWriter:
+    """Reports each step from a thread, so the training loop never waits on the GPU or disk.
+
+    The step's loss is copied to the host asynchronously behind a CUDA event; the thread waits
+    for the event, then writes ``state.json`` and a ``step`` event. The time the event completed
+    is when the GPU finished the step, which is what tokens/s is measured against.
+    """
+
+    def __init__(self, reporter: Reporter, trainer: Any) -> None:
+        import queue
+        import threading
+
+        self.reporter, self.trainer = reporter, trainer
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.history: list[dict[str, Any]] = []
+        self.thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+        self.thread.start()
+        self.t0: float | None = None
+        self.tokens0 = 0
+        self.step0 = 0
+
+    def start(self, t0: float, tokens: int, step: int) -> None:
+        """Start the clock: tokens/s counts from here (warm-up included, as users wait it)."""
+        self.t0, self.tokens0, self.step0 = t0, tokens, step
+
+    def submit(self, state: Any, loss: Any, tokens: int) -> None:
+        import torch
+
+        event = None
+        if loss is not None and loss.is_cuda:
+            loss = loss.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record()
+        self.queue.put((state.global_step, state.max_steps, state.epoch, loss, event, tokens))
+
+    def drain(self) -> None:
+        """Wait until every submitted step is reported (before a checkpoint or the end)."""
+        self.queue.join()
+
+    def close(self) -> None:
+        self.drain()
+        self.queue.put(None)
+        self.thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                self._report(*item)
+            except Exception as exc:  # reporting must never kill training; say so in the log
+                print(f"[agent] progress report failed: {exc!r}", flush=True)
+            finally:
+                self.queue.task_done()
+
+    def _report(
+        self, step: int, total: int, epoch: Any, loss: Any, event: Any, tokens: int
+    ) -> None:
+        if event is not None:
+            event.synchronize()
+        now = time.time()
+        value = float(loss) if loss is not None else None
+        if self.t0 is None:
+            self.start(now, tokens, step)
+        assert self.t0 is not None
+        elapsed = now - self.t0
+        done = step - self.step0
+        tps = (tokens - self.tokens0) / elapsed if elapsed > 0 and done > 0 else None
+        eta = (total - step) * elapsed / done if done > 0 else None
+        entry = {"step": step, "loss": value, "tokens": tokens, "t": round(now, 4)}
+        self.history.append(entry)
+        self.trainer.state.log_history.append({"step": step, "loss": value})
+        self.reporter.update(
+            step=step,
+            loss=value,
+            tokens_per_s=round(tps, 1) if tps else None,
+            eta_s=round(eta, 1) if eta is not None else None,
+            epoch=epoch,
+        )
+        self.reporter.event(
+            "step",
+            step=step,
+            total=total,
+            loss=round(value, 4) if value is not None else None,
+            tokens=tokens,
+            t=round(now, 4),
+            tokens_per_s=round(tps, 1) if tps else None,
+        )
+
+
+def _progress_callback(reporter: Reporter, upload: str | None, trainer: Any) -> Any:
+    """A TrainerCallback: step reports (via :class:`_ProgressWriter`), S3 uploads, stops."""
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
+        def __init__(self) -> None:
+            self.writer = _ProgressWriter(reporter, trainer)
+
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.t0, self.step0 = time.time(), state.global_step
-            self.tokens0 = state.num_input_tokens_seen
+            trainer.tokens_seen = state.num_input_tokens_seen
+            self.writer.start(time.time(), trainer.tokens_seen, state.global_step)
             reporter.update(phase="training", step=state.global_step, total_steps=state.max_steps)
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if not logs or "loss" not in logs:
-                return
-            elapsed = max(time.time() - self.t0, 1e-9)
-            done = max(state.global_step - self.step0, 1)
-            tps = (state.num_input_tokens_seen - self.tokens0) / elapsed
-            eta = (state.max_steps - state.global_step) * elapsed / done
-            reporter.update(
-                step=state.global_step,
-                loss=logs["loss"],
-                tokens_per_s=round(tps, 1),
-                eta_s=round(eta, 1),
-                epoch=state.epoch,
-            )
-            reporter.event(
-                "step",
-                step=state.global_step,
-                total=state.max_steps,
-                loss=round(logs["loss"], 4),
-                lr=logs.get("learning_rate"),
-                tokens_per_s=round(tps, 1),
-            )
-
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            state.num_input_tokens_seen = trainer.tokens_seen
+            self.writer.submit(state, trainer.step_loss, trainer.tokens_seen)
+            trainer.step_loss = None
             reason = reporter.stop_reason
             if reason is not None and not control.should_training_stop:
                 reporter.event("stopping", reason=reason, step=state.global_step)
                 control.should_save = True
                 control.should_training_stop = True
+            if control.should_save:
+                self.writer.drain()  # the checkpoint's log_history must hold every step
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -343,36 +601,10 @@ def _progress_callback(reporter: Reporter, upload: str | None) -> Any:
                 files = artifacts.upload_checkpoint(upload, path)
                 reporter.event("checkpoint_uploaded", step=state.global_step, files=files)
 
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.writer.close()
+
     return Progress()
-
-
-def _trainer_class() -> Any:
-    """TRL's SFTTrainer; on CPU with the plain causal-LM loss.
-
-    TRL 1.x computes the SFT loss with a fused LM head whose kernels are Triton (GPU) only; on
-    CPU the model's own loss over the same labels is the same number, computed the usual way.
-    """
-    from transformers import Trainer
-    from trl import SFTTrainer  # type: ignore[attr-defined]
-
-    class LoraburstSFTTrainer(SFTTrainer):
-        def compute_loss(
-            self,
-            model: Any,
-            inputs: Any,
-            return_outputs: bool = False,
-            num_items_in_batch: Any = None,
-        ) -> Any:
-            fast = getattr(getattr(model, "fastpath_report", None), "get", lambda _k: False)
-            if self.args.device.type in ("cuda", "xpu") and not fast("chunked_loss"):
-                # TRL's loss reads the logits for its metrics; the fast path's chunked loss
-                # never materialises them, so it goes through Trainer's plain loss instead.
-                return super().compute_loss(  # type: ignore[no-untyped-call]
-                    model, inputs, return_outputs, num_items_in_batch
-                )
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-
-    return LoraburstSFTTrainer
 
 
 def _resume_point(workdir: Path, upload: str | None, reporter: Reporter) -> Path | None:
@@ -391,19 +623,25 @@ def _quiet() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
     import transformers
 
-    datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 
-def _model_path(workdir: Path, spec: dict[str, Any]) -> str:
-    """The bundled or local model folder (checked), else the hub id as given."""
+def _model_path(workdir: Path, spec: dict[str, Any], doc: dict[str, Any] | None = None) -> str:
+    """The model folder (checked), else the hub id as given.
+
+    ``"model"`` is the bundled folder, or, for a model uploaded once per instance and found by
+    its content hash, the folder the client named in ``LORABURST_MODEL_DIR``; an absolute path
+    (the ``local`` provider uses a local folder in place) stays itself.
+    """
     model = spec["model"]
     if model != "model" and not Path(model).is_absolute():
         return str(model)  # a hub id
-    path = workdir / BUNDLE_DIR / model  # an absolute path stays itself
+    path = workdir / BUNDLE_DIR / model
+    shared = os.environ.get(ENV_MODEL_DIR)
+    if model == "model" and not path.exists() and shared:
+        path = Path(shared)
     if not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
         raise FileNotFoundError(f"model folder {path} {what}; check the job's `model`")
@@ -423,7 +661,7 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
         reporter = Reporter(workdir)
     doc = json.loads((workdir / BUNDLE_DIR / "spec.json").read_text())
     spec = doc["spec"]
-    model_path = _model_path(workdir, spec)  # before the heavy imports: fail in a second
+    model_path = _model_path(workdir, spec, doc)  # before the heavy imports: fail in a second
     upload = os.environ.get(ENV_ARTIFACTS) or spec.get("artifacts")
     reporter.update(phase="loading")
     reporter.event(
@@ -431,42 +669,66 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
     )
     _quiet()
     import torch
-    from transformers import PrinterCallback
 
     tokenizer, added = load_tokenizer(spec, model_path)
-    train_ds, eval_ds, stats = _datasets(workdir, doc, tokenizer)
+    rows, eval_rows, stats = _encode(workdir, doc, tokenizer)
     reporter.event("data", **stats)
-    seq_len = min(spec["train"]["max_seq_len"], max(len(ids) for ids in train_ds["input_ids"]))
-    settings = _settings(spec, model_path, seq_len, len(train_ds))
-    reporter.event("settings", **settings)
-    if settings.get("fits") is False:
+    lengths = [len(r["input_ids"]) for r in rows]
+    packing = choose_packing(spec["train"]["packing"], lengths, spec["train"]["max_seq_len"])
+    layout, why_padded = _layout(model_path, spec)
+    model, tokenizer = load_model(
+        spec, model_path, tokenizer, added, fast=torch.cuda.is_available()
+    )
+    if layout == "flat":
+        _base_config(model)._attn_implementation = register_attention()
+    settings, plan = _settings(spec, model, lengths, packing, layout)
+    reporter.event(
+        "settings",
+        **{k: v for k, v in settings.items() if k != "plan"},
+        batches_per_epoch=plan.batches_per_epoch,
+        mean_tokens_per_micro_batch=round(plan.mean_tokens, 1),
+        **({"padded_because": why_padded} if why_padded else {}),
+    )
+    if settings.get("plan", {}).get("fits") is False:
         reporter.event(
-            "warning", message="the memory model says even the smallest setting may not fit"
+            "warning", message="the memory plan says even the smallest setting may not fit"
         )
-    fast = torch.cuda.is_available()
-    model, tokenizer = load_model(spec, model_path, tokenizer, added, fast=fast)
     dtype = compute_dtype(spec["quant"]["compute_dtype"])
-    if fast:
+    if torch.cuda.is_available():
         # Our CUDA speed path (remote/fastpath.py): its own recompute policy replaces HF's.
-        report = _fastpath(model, spec, settings, seq_len)
-        settings = {**settings, "gradient_checkpointing": False}
+        report = _fastpath(model, spec, settings)
+        settings = {**settings, "gradient_checkpointing": bool(report.get("checkpointed_layers"))}
         reporter.event(
             "fastpath",
             **{k: v for k, v in report.items() if k != "plan"},
             plan=report.get("plan", {}),
         )
-
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seed = spec["train"]["seed"]
+    train_loader = _loader(rows, plan, seed=seed, layout=layout, pad_id=pad_id)
+    eval_loader = None
+    if eval_rows:
+        eval_plan = _batch_plan(
+            spec, [len(r["input_ids"]) for r in eval_rows], settings["micro_batch_size"],
+            packing, layout,
+        )  # fmt: skip
+        eval_loader = _loader(
+            eval_rows, eval_plan, seed=seed, layout=layout, pad_id=pad_id, shuffle=False
+        )
+    args = _training_args(spec, workdir, {**settings, "gradient_checkpointing": False}, dtype)
     trainer = _trainer_class()(
         model=model,
-        args=_sft_config(spec, workdir, settings, dtype),
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
+        args=args,
         processing_class=tokenizer,
-        callbacks=[_progress_callback(reporter, upload)],
+        loaders=(train_loader, eval_loader),
     )
+    from transformers import PrinterCallback
+
     trainer.remove_callback(PrinterCallback)  # our events already say it, once
+    progress = _progress_callback(reporter, upload, trainer)
+    trainer.add_callback(progress)
     if dtype == torch.float32:
-        # TRL keeps QLoRA adapters in bf16; computing in fp32 (CPU), keep them in fp32 too.
+        # Keep LoRA adapters in fp32 when computing in fp32 (CPU).
         for param in model.parameters():
             if param.requires_grad:
                 param.data = param.data.float()
@@ -475,14 +737,17 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
     if resume is not None:
         reporter.event("resuming", checkpoint=resume.name)
         tokens_before = _tokens_at(resume)  # read now: checkpoint rotation may delete it
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        progress.writer.close()
 
     stopped = reporter.stop_reason
     reporter.update(phase="saving")
     model.save_pretrained(workdir / ADAPTER_DIR)
     tokenizer.save_pretrained(workdir / ADAPTER_DIR)
     metrics = _metrics(spec, trainer, output, stats, settings, resume, stopped, tokens_before)
-    if eval_ds is not None and stopped is None:
+    if eval_loader is not None and stopped is None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     write_atomic(workdir / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True))
     manifest = build_manifest(workdir, [ADAPTER_DIR, METRICS_FILE])
@@ -508,10 +773,11 @@ def _metrics(
     import torch
 
     state = trainer.state
-    history = [(h["step"], h["loss"]) for h in state.log_history if "loss" in h]
+    by_step = {h["step"]: h["loss"] for h in state.log_history if h.get("loss") is not None}
+    history = sorted(by_step.items())
     losses = [loss for _, loss in history]
     runtime = output.metrics.get("train_runtime", 0.0)
-    session_tokens = state.num_input_tokens_seen - tokens_before
+    session_tokens = trainer.tokens_seen - tokens_before
     return {
         "steps": state.global_step,
         "total_steps": state.max_steps,
@@ -519,7 +785,7 @@ def _metrics(
         "final_loss": losses[-1] if losses else None,
         "losses": losses,
         "loss_steps": [step for step, _ in history],
-        "train_tokens": state.num_input_tokens_seen,
+        "train_tokens": trainer.tokens_seen,
         "train_runtime_s": runtime,
         "tokens_per_s": session_tokens / runtime if runtime else None,
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
@@ -533,6 +799,8 @@ def _metrics(
         "quantized_bits": spec["quant"]["bits"] if _quantized(spec) else None,
         "micro_batch_size": settings["micro_batch_size"],
         "gradient_checkpointing": settings["gradient_checkpointing"],
+        "packing": settings["packing"],
+        "layout": settings["layout"],
         "data": stats,
     }
 

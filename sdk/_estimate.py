@@ -191,11 +191,21 @@ class _Workload:
     tokens_unknown: bool
 
 
+def _packs(spec: JobSpec, tokens: int, rows: int) -> bool:
+    """``train.packing`` resolved as the trainer does: "auto" packs rows under half a sequence."""
+    packing = spec.train.packing
+    if packing != "auto":
+        return bool(packing)
+    if tokens <= 0 or rows < 2:
+        return True  # unknown lengths are taken as half full: the trainer would pack those
+    return tokens / rows < 0.5 * spec.train.max_seq_len
+
+
 def _workload(spec: JobSpec, tokens: int, rows: int) -> _Workload:
     t = spec.train
     keep = 1.0 - t.eval_fraction
     max_seq = t.max_seq_len
-    if t.packing:
+    if _packs(spec, tokens, rows):
         seq = max_seq
         known = tokens if tokens > 0 else rows * max_seq / 2  # unknown: rows half full
         sequences = max(1.0, math.ceil(known * keep / max_seq))
@@ -313,7 +323,7 @@ def estimate(
         " bandwidth",
         "setup: " + setup_model("runpod").describe() + " (RunPod; Lambda boots in ~4 min)",
     ]
-    if not spec.train.packing:
+    if not _packs(spec, tokens, rows):
         notes.append(
             f"no packing: micro-batches padded to their longest row, taken as the mean row "
             f"({wl.seq_speed} tokens); memory sized for max_seq_len {wl.seq_mem}"

@@ -61,7 +61,11 @@ class TrainConfig(_Strict):
     )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_seq_len: int = Field(2048, ge=8, le=1_048_576)
-    packing: bool = Field(False, description="Pack short rows into full sequences.")
+    packing: bool | Literal["auto"] = Field(
+        "auto",
+        description='Pack rows into full max_seq_len sequences; "auto" packs when rows average '
+        "under half of max_seq_len. Rows never attend across each other either way.",
+    )
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     seed: int = 42
