@@ -9,7 +9,7 @@ halfway through a paid run.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
@@ -101,6 +101,15 @@ class Host(Protocol):
 
     def upload_bundle(self, local_path: Path, sha256: str) -> bool:
         """Put the bundle in place and extract it; return False when it was already there."""
+        ...
+
+    def provide_model(self, local_dir: Path, digest: Callable[[], str]) -> str:
+        """Make a local model folder available to the agent; return its path on the machine.
+
+        A host that shares this machine's files returns ``local_dir`` itself (no copy); a
+        remote one uploads the folder once under its content hash (``digest()``, computed only
+        when needed) and finds it there again for later jobs.
+        """
         ...
 
     def start_agent(self, env: Mapping[str, str]) -> None:

@@ -319,6 +319,50 @@ class SSHHost:
             )
         return uploaded
 
+    def provide_model(self, local_dir: Path, digest: Callable[[], str]) -> str:
+        """Upload a model folder to ``<root>/models/<digest>`` once per instance.
+
+        Files go to a ``.part`` folder, renamed when every file is there, so a folder under its
+        final name is always complete and later jobs on the instance reuse it.
+        """
+        name = digest()
+        models = f"{self.root}/models"
+        final = f"{models}/{name}"
+        part = f"{final}.part"
+
+        def put() -> None:
+            sftp = self._sftp_client()
+            try:
+                sftp.stat(f"{final}/config.json")
+                return
+            except FileNotFoundError:
+                pass
+            self._exec(f"mkdir -p {shlex.quote(part)}", timeout=30)
+            for p in sorted(local_dir.rglob("*")):
+                rel = p.relative_to(local_dir).as_posix()
+                if p.is_symlink() or not p.is_file() or rel.startswith("."):
+                    continue
+                target = f"{part}/{rel}"
+                if "/" in rel:
+                    self._exec(f"mkdir -p {shlex.quote(posixpath.dirname(target))}", timeout=30)
+                try:
+                    if sftp.stat(target).st_size == p.stat().st_size:
+                        continue  # sent before a dropped connection
+                except FileNotFoundError:
+                    pass
+                sftp.put(str(p), target, confirm=True)
+            # Another job may have placed the same model meanwhile: then drop our copy.
+            rc, _, err = self._exec(
+                f"mv -T {shlex.quote(part)} {shlex.quote(final)} || "
+                f"{{ test -f {shlex.quote(final + '/config.json')} && rm -rf {shlex.quote(part)}; }}",
+                timeout=600,
+            )
+            if rc != 0:
+                raise TransportError(f"could not place the model on {self.label}: {err[-300:]}")
+
+        self._retrying("model upload", put)
+        return final
+
     def start_agent(self, env: Mapping[str, str]) -> None:
         """Start the agent detached (``setsid nohup``) so that it outlives this connection.
 

@@ -12,7 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -74,6 +74,9 @@ class LocalHost:
     """A run folder on this machine, driven with plain files and a subprocess."""
 
     def __init__(self, workdir: Path, python: str = sys.executable) -> None:
+        # The agent runs on this machine, in this environment when ``python`` is ours: the
+        # runner may then remember its environment check between jobs.
+        self.same_environment = True
         self.workdir = str(workdir)
         self._dir = workdir
         self._python = python
@@ -91,6 +94,10 @@ class LocalHost:
         safe_extract(local_path, self._dir / BUNDLE_DIR)
         marker.write_text(sha256)
         return True
+
+    def provide_model(self, local_dir: Path, digest: Callable[[], str]) -> str:
+        """The folder itself: the agent reads it in place (no copy, no hash)."""
+        return str(local_dir)
 
     def start_agent(self, env: Mapping[str, str]) -> None:
         full_env = {**os.environ, **env}

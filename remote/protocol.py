@@ -56,7 +56,6 @@ TRAINER_REQUIREMENTS = (
     "transformers>=4.56",
     "peft>=0.17",
     "bitsandbytes>=0.46",
-    "trl>=0.22",
     "datasets>=3",
     "accelerate>=1.0",
 )

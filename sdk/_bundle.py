@@ -1,9 +1,13 @@
-"""Content-addressed, deterministic bundles: spec + normalised data + (local) model + agent code.
+"""Content-addressed, deterministic bundles: spec + normalised data + agent code.
 
 The tar has sorted entries, fixed mtimes/owners/modes and no compression, so the same job gives
-the same bytes and therefore the same sha256 — which is also its name. Files (model weights and
-the normalised dataset JSONL that ``prepare_dataset`` spilled to disk) are streamed into the tar
-and hashed on the way, so client memory stays flat whatever the model's or dataset's size.
+the same bytes and therefore the same sha256 — which is also its name. The normalised dataset
+JSONL that ``prepare_dataset`` spilled to disk is streamed into the tar and hashed on the way, so
+client memory stays flat whatever the dataset's size.
+
+A local model folder is not in the bundle: ``Bundle.model_dir`` names it, and the runner gives
+it to the host separately (in place on the ``local`` provider; uploaded once per instance and
+found again by content hash elsewhere; see :mod:`._model_folder`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from loraburst.remote.protocol import PROTOCOL_VERSION, safe_extract
 from ._dataset import PreparedDataset
 from ._exceptions import ConfigError
 from ._home import home
+from ._model_folder import local_model_dir
 from ._spec import JobSpec
 
 __all__ = ["Bundle", "build_bundle", "extract_bundle", "local_model_dir"]
@@ -34,18 +39,14 @@ _EPOCH = 0  # every member's mtime: bytes must not depend on when the bundle was
 
 @dataclasses.dataclass(frozen=True)
 class Bundle:
-    """A built bundle: ``path`` is ``<bundles>/<sha256>.tar``."""
+    """A built bundle: ``path`` is ``<bundles>/<sha256>.tar``; ``model_dir`` is the local model
+    folder that travels beside it (None for a hub model)."""
 
     path: Path
     sha256: str
     size: int
     files: int
-
-
-def local_model_dir(model: str) -> Path | None:
-    """The model's local folder when ``model`` names one with a config.json, else None."""
-    p = Path(model).expanduser()
-    return p if (p / "config.json").is_file() else None
+    model_dir: Path | None = None
 
 
 def _bundle_spec(spec: JobSpec, train: PreparedDataset, eval_ds: PreparedDataset | None) -> bytes:
@@ -81,11 +82,6 @@ def _members(
         members.append(("data/train.jsonl", train.jsonl_path))
     if eval_ds is not None and eval_ds.jsonl_path is not None:
         members.append(("data/eval.jsonl", eval_ds.jsonl_path))
-    model_dir = local_model_dir(spec.model)
-    if model_dir is not None:
-        for p in sorted(model_dir.rglob("*")):
-            if p.is_file() and not p.is_symlink():
-                members.append((f"model/{p.relative_to(model_dir).as_posix()}", p))
     # A package marker so `python -m loraburst.remote.agent` resolves to the bundled code.
     members.append(("code/loraburst/__init__.py", b'"""Bundled loraburst agent code."""\n'))
     members.extend(_code_files())
@@ -129,7 +125,7 @@ def build_bundle(
     """Write the job's bundle into ``dest`` (default ``$LORABURST_HOME/bundles``).
 
     Raises:
-        ConfigError: the model folder cannot be read.
+        ConfigError: a data file cannot be read.
     """
     dest = dest or home() / "bundles"
     dest.mkdir(parents=True, exist_ok=True)
@@ -156,7 +152,13 @@ def build_bundle(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return Bundle(path=final, sha256=digest, size=writer.size, files=len(members))
+    return Bundle(
+        path=final,
+        sha256=digest,
+        size=writer.size,
+        files=len(members),
+        model_dir=local_model_dir(spec.model),
+    )
 
 
 def extract_bundle(bundle: Path, dest: Path) -> list[str]:

@@ -157,11 +157,12 @@ class Job:
         return self.prepare()[0]
 
     def cache_key(self) -> str:
-        """Content hash of (base model id + revision, dataset bytes, spec, trainer version).
+        """Hash of (base model id + revision or local folder, dataset bytes, spec, trainer code).
 
         Fields that do not change the trained adapter (name, output_dir, budgets) are left out.
         """
-        from loraburst._bundle import _code_files, local_model_dir
+        from loraburst._bundle import _code_files
+        from loraburst._model_folder import fingerprint, local_model_dir
 
         train, ev = self.prepare()
         h = hashlib.sha256()
@@ -183,11 +184,9 @@ class Job:
             h.update(b"|" + str(ds and (ds.sha256 or ds.hub_id)).encode())
         model_dir = local_model_dir(self.spec.model)
         if model_dir is not None:
-            from loraburst.remote.protocol import sha256_file
-
-            for p in sorted(model_dir.rglob("*")):
-                if p.is_file():
-                    h.update(f"|{p.relative_to(model_dir)}:{sha256_file(p)}".encode())
+            # Path, sizes and mtimes: hashing 16 GB of weights for every run costs more than a
+            # cache miss after a copy or a touch.
+            h.update(f"|{model_dir}:{fingerprint(model_dir)}".encode())
         for _, p in _code_files():
             h.update(p.read_bytes())
         return h.hexdigest()

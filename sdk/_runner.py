@@ -26,6 +26,7 @@ from loraburst.remote.protocol import (
     CONTROL_FILE,
     ENV_DEADLINE,
     ENV_HEARTBEAT_GRACE,
+    ENV_MODEL_DIR,
     HEARTBEAT_FILE,
     MANIFEST_FILE,
     METRICS_FILE,
@@ -47,6 +48,7 @@ from ._exceptions import (
 )
 from ._home import runs_dir
 from ._ledger import Ledger
+from ._model_folder import content_digest
 from ._progress import ProgressView
 
 __all__ = ["Attempt", "Lost", "billed_cost"]
@@ -233,6 +235,11 @@ class Attempt:
         if resume_from is not None and any(resume_from.glob("checkpoint-*")):
             self._push_checkpoints(host, resume_from)
         env = dict(self.extra_env)
+        model_dir = bundle.model_dir
+        if model_dir is not None:
+            t_model = time.time()
+            env[ENV_MODEL_DIR] = host.provide_model(model_dir, lambda: content_digest(model_dir))
+            self.durations["model_upload"] = time.time() - t_model
         deadline = self._budget_deadline()
         if deadline is not None:
             env[ENV_DEADLINE] = f"{deadline:.0f}"
@@ -250,8 +257,13 @@ class Attempt:
     def _bootstrap(self, host: Host) -> None:
         """Check Python/CUDA/torch, install the trainer's pins only where missing, smoke-test.
 
-        Fails in seconds, cheaply, with a clear error when the image is broken.
+        Fails in seconds, cheaply, with a clear error when the image is broken. A host running
+        this very interpreter (the ``local`` provider) is checked once per set of installed
+        versions: the result is remembered under ``$LORABURST_HOME``.
         """
+        remembered = _remembered_check(host)
+        if remembered is not None and remembered.get("ok"):
+            return
         # Keep the instance's own PYTHONPATH (site folders some images use) after the bundle's code.
         check = (
             f"PYTHONPATH=bundle/code${{PYTHONPATH:+:$PYTHONPATH}} {host.python} "
@@ -278,6 +290,8 @@ class Attempt:
             )
         if info.get("cuda") and info.get("bnb_smoke") not in (None, "ok"):
             raise AgentError(f"bitsandbytes 4-bit smoke test failed: {info.get('bnb_smoke')}")
+        if remembered is not None:
+            _remember_check(host, {"ok": True, "cuda": info.get("cuda")})
 
     @staticmethod
     def _run_check(host: Host, command: str) -> dict[str, Any]:
@@ -578,6 +592,60 @@ class Attempt:
         if self.host is None:
             raise TransportError("not connected")
         return self.host
+
+
+_CHECKED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "triton")
+
+
+def _check_key(host: Host) -> str | None:
+    """Installed versions of the trainer's stack, when ``host`` runs this very interpreter."""
+    import hashlib
+    import sys
+    from importlib import metadata
+
+    if not getattr(host, "same_environment", False) or host.python != sys.executable:
+        return None
+    parts = [sys.executable]
+    for name in _CHECKED_PACKAGES:
+        try:
+            parts.append(f"{name}={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{name}=-")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _checks_file() -> Path:
+    return runs_dir().parent / "env-checks.json"
+
+
+def _remembered_check(host: Host) -> dict[str, Any] | None:
+    """A passed check for this interpreter and these versions; ``{}`` if none (None: not local)."""
+    key = _check_key(host)
+    if key is None:
+        return None
+    try:
+        found = json.loads(_checks_file().read_text()).get(key)
+    except (OSError, ValueError):
+        found = None
+    return found if isinstance(found, dict) else {}
+
+
+def _remember_check(host: Host, info: dict[str, Any]) -> None:
+    key = _check_key(host)
+    if key is None:
+        return
+    path = _checks_file()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known[key] = info
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(known, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # only a shortcut: the next run checks again
 
 
 def _is_refusal(exc: ProviderError) -> bool:

@@ -91,3 +91,30 @@ def test_ssh_provider_end_to_end(
     assert result.status == "succeeded" and result.provider == "ssh"
     _check_adapter(result.adapter_path)
     assert sshd_host.sshd.alive  # our own box is never terminated
+
+
+def test_a_local_model_is_uploaded_once_per_instance(
+    tiny_model: Path, tmp_path: Path, sshd_host: Any, ssh_provider: Any
+) -> None:
+    """The weights travel beside the bundle, once: a second job on the same box finds them by
+    their content hash and sends none again."""
+    first = _job(tiny_model, tmp_path / "a", "once").run(provider=ssh_provider, progress=False)
+    assert first.status == "succeeded"
+    placed = list(sshd_host.root.rglob("models/*/config.json"))
+    assert len(placed) == 1
+    folder = placed[0].parent
+    weights = sorted(folder.glob("*.safetensors"))
+    assert weights and not folder.name.endswith(".part")
+    stamps = [p.stat().st_mtime_ns for p in weights]
+    # A different job (other settings) on the same box and the same model.
+    second = Job(
+        str(tiny_model),
+        SAMPLE_DATA,
+        output_dir=tmp_path / "b",
+        name="twice",
+        train={"max_steps": 2, "micro_batch_size": 4, "learning_rate": 1e-3, "max_seq_len": 96},
+    ).run(provider=ssh_provider, progress=False)
+    assert second.status == "succeeded"
+    assert list(sshd_host.root.rglob("models/*/config.json")) == placed
+    assert [p.stat().st_mtime_ns for p in weights] == stamps
+    assert not list(sshd_host.root.rglob("bundle/model"))

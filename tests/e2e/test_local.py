@@ -109,3 +109,32 @@ def test_cli_run_and_ls(tiny_model: Path, tmp_path: Path) -> None:
     assert "succeeded" in res.stdout
     ls = _cli("ls")
     assert "succeeded" in ls.stdout and "local" in ls.stdout
+
+
+def test_local_model_folder_is_used_in_place(tiny_model: Path, tmp_path: Path) -> None:
+    """No copy of the weights: not in the bundle, not in the run folder; the agent reads them
+    from the user's folder. The environment check is remembered for the next job."""
+    import tarfile
+
+    from loraburst._home import home, runs_dir
+
+    result = _job(tiny_model, tmp_path / "out", max_steps=2).run(provider="local", progress=False)
+    assert result.status == "succeeded"
+    bundles = list((home() / "bundles").glob("*.tar"))
+    assert bundles
+    for bundle in bundles:
+        with tarfile.open(bundle) as tar:
+            names = tar.getnames()
+        assert "spec.json" in names and not any(n.startswith("model/") for n in names)
+    run = runs_dir() / result.job_id
+    assert not list(run.rglob("*.safetensors")) or all(
+        "adapter" in p.parts or "checkpoints" in p.parts for p in run.rglob("*.safetensors")
+    )
+    loading = [
+        json.loads(line)
+        for line in (run / "events.jsonl").read_text().splitlines()
+        if '"settings"' in line
+    ]
+    assert loading and loading[0]["packing"] in (True, False)
+    checks = json.loads((home() / "env-checks.json").read_text())
+    assert [v["ok"] for v in checks.values()] == [True]
