@@ -37,7 +37,15 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FastpathReport", "linear_cross_entropy", "lora_linear", "optimize", "plan"]
+__all__ = [
+    "FastpathReport",
+    "apply_plan",
+    "linear_cross_entropy",
+    "lora_linear",
+    "optimize",
+    "plan",
+    "probe_layer",
+]
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Per chunk, the fp32 logits take chunk x vocab x 4 bytes; 2^28 elements = 1 GiB.
@@ -408,7 +416,9 @@ def _make_ce_function() -> Any:
         """Summed CE of ``hidden @ weight^T`` against ``labels``; gradients made in forward."""
 
         @staticmethod
-        def forward(ctx: Any, hidden: Any, weight: Any, labels: Any, chunk: int) -> Any:
+        def forward(
+            ctx: Any, hidden: Any, weight: Any, labels: Any, chunk: int, softcap: float = 0.0
+        ) -> Any:
             n = hidden.shape[0]
             acc = torch.promote_types(hidden.dtype, torch.float32)
             total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -419,6 +429,9 @@ def _make_ce_function() -> Any:
                 y = labels[start : start + chunk]
                 logits = h @ weight.t()
                 logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                if softcap:  # Gemma-2's final logits: softcap * tanh(z / softcap)
+                    capped = torch.tanh(logits / softcap)
+                    logits = capped * softcap
                 valid = y != -100
                 target = torch.where(valid, y, 0)
                 lse = torch.logsumexp(logits, dim=-1)
@@ -430,6 +443,8 @@ def _make_ce_function() -> Any:
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs.scatter_add_(1, target[:, None], -torch.ones_like(lse)[:, None])
                 probs.mul_(valid[:, None])
+                if softcap:  # chain rule through the cap: d/dz = 1 - tanh^2
+                    probs.mul_(1 - capped.square_())
                 g = probs.to(hidden.dtype)
                 if grad_h is not None:
                     grad_h[start : start + chunk] = g @ weight.to(hidden.dtype)
@@ -449,7 +464,7 @@ def _make_ce_function() -> Any:
                 grad_h = stored * grad_total.to(stored.dtype)
             if ctx.has[1]:
                 grad_w = (saved.pop(0) * grad_total).to(ctx.weight_dtype)
-            return grad_h, grad_w, None, None
+            return grad_h, grad_w, None, None, None
 
     return _LinearCrossEntropy
 
@@ -460,7 +475,13 @@ def _ce_function() -> Any:
 
 
 def linear_cross_entropy(
-    hidden: Any, weight: Any, labels: Any, *, num_items: Any = None, chunk: int | None = None
+    hidden: Any,
+    weight: Any,
+    labels: Any,
+    *,
+    num_items: Any = None,
+    chunk: int | None = None,
+    softcap: float | None = None,
 ) -> Any:
     """Cross-entropy of ``hidden @ weight.T`` against next-token ``labels``, chunk by chunk.
 
@@ -474,6 +495,7 @@ def linear_cross_entropy(
         labels: ``[batch, seq]`` token ids (unshifted).
         num_items: token count to divide by instead of this batch's count.
         chunk: tokens per chunk; default keeps one chunk's fp32 logits near 1 GiB.
+        softcap: final-logit soft-capping (Gemma-2's ``final_logit_softcapping``).
     """
     import torch
 
@@ -483,7 +505,7 @@ def linear_cross_entropy(
     if chunk is None:
         chunk = max(128, _CE_CHUNK_ELEMENTS // weight.shape[0])
     fn = _ce_function()
-    total = fn.apply(flat_h, weight, flat_y, chunk)
+    total = fn.apply(flat_h, weight, flat_y, chunk, float(softcap or 0.0))
     if num_items is None:
         num_items = (flat_y != -100).sum()
     if isinstance(num_items, torch.Tensor):
@@ -492,8 +514,14 @@ def linear_cross_entropy(
 
 
 def _patched_causal_forward(model: Any, chunk: int | None) -> Any:
-    """A ``forward`` for a ``*ForCausalLM`` that never builds the full logits when training."""
+    """A ``forward`` for a ``*ForCausalLM`` that never builds the full logits when training.
+
+    The chunk size is read from ``model._fastpath_loss_chunk`` on each call, so a memory plan
+    applied later (:func:`apply_plan`) can change it.
+    """
     original = model.forward
+    model._fastpath_loss_chunk = chunk
+    softcap = getattr(model.config, "final_logit_softcapping", None)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         labels = kwargs.get("labels")
@@ -508,8 +536,9 @@ def _patched_causal_forward(model: Any, chunk: int | None) -> Any:
         kwargs["use_cache"] = False
         out = model.model(**kwargs)
         loss = linear_cross_entropy(
-            out.last_hidden_state, model.lm_head.weight, labels, num_items=num_items, chunk=chunk
-        )
+            out.last_hidden_state, model.lm_head.weight, labels, num_items=num_items,
+            chunk=model._fastpath_loss_chunk, softcap=softcap,
+        )  # fmt: skip
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=out.hidden_states)
 
     return forward
@@ -869,15 +898,61 @@ def _apply(
         for layer in layers:
             layer.compile(dynamic=None)
     report["compiled_layers"] = len(layers) if compile_layers else 0
-    config = getattr(base, "config", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    if chunked_loss and hasattr(base, "lm_head") and hasattr(base, "model") and not softcap:
+    if chunked_loss and hasattr(base, "lm_head") and hasattr(base, "model"):
         base.forward = _patched_causal_forward(base, loss_chunk)
         report["chunked_loss"] = True
     else:
         report["chunked_loss"] = False
     report["applied"] = True
     return _done(model, report)
+
+
+def apply_plan(model: Any, chosen: dict[str, Any]) -> FastpathReport:
+    """Apply a :func:`plan` to a model :func:`optimize` patched (with no recompute or cache).
+
+    Sets which decoder layers recompute (their inputs in host memory with ``offload``), fills
+    the dequant cache of the first ``dequant_cache`` layers, and sets the loss chunk.
+
+    Returns:
+        The model's report, updated with what was applied.
+    """
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = _decoder_layers(base)
+    report: FastpathReport = model.fastpath_report
+    report["checkpointed_layers"] = _set_checkpointing(
+        layers, 0, bool(chosen.get("offload")), int(chosen["recompute_layers"])
+    )
+    report["offloaded_checkpoints"] = bool(chosen.get("offload"))
+    cached = 0
+    with torch.no_grad():
+        for layer in layers[: int(chosen.get("dequant_cache") or 0)]:
+            seen: set[int] = set()
+            for module in layer.modules():
+                for attr in ("_fastpath_qkv", "_fastpath_gu", "_fastpath_down", "_fastpath_group"):
+                    group = getattr(module, attr, None)
+                    if isinstance(group, _Group) and id(group) not in seen:
+                        seen.add(id(group))
+                        seen.update(id(b) for b in group.bases)
+                        group.cached = torch.cat([_dequantize(b) for b in group.bases]).detach()
+                        cached += len(group.bases)
+            for module in layer.modules():
+                base_layer = getattr(module, "base_layer", None)
+                weight = getattr(base_layer, "weight", None)
+                if (
+                    base_layer is None
+                    or id(base_layer) in seen
+                    or getattr(weight, "quant_state", None) is None
+                    or getattr(base_layer, "_fastpath_weight", None) is not None
+                ):
+                    continue
+                base_layer._fastpath_weight = _dequantize(base_layer).detach()
+                cached += 1
+    report["cached_linears"] = cached
+    if report.get("chunked_loss"):
+        base._fastpath_loss_chunk = chosen.get("loss_chunk")
+    return report
 
 
 def _done(model: Any, report: FastpathReport) -> Any:
@@ -894,57 +969,83 @@ def plan(
     headroom_gib: float = 1.5,
     tokens: int | None = None,
     layout: str = "padded",
+    policy: str = "auto",
+    probe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Pick the recompute policy and dequant cache that fit ``budget_gib`` on this card.
 
-    Least recompute first: as few recomputed layers as fit (skipping one layer's recompute saves
-    ~25% of that layer's time for ~1.3 GiB at 8K tokens, a far better trade than the ~0.4 GiB
-    dequant cache of a layer, which saves only the dequantisation); the memory left then goes
-    to the dequant cache, one decoder layer at a time. Call on the loaded peft model, before
-    :func:`optimize`, with nothing else on the card.
+    Memory per decoder layer is *measured*, not modelled: :func:`probe_layer` runs one layer of
+    this very model (with whatever patches :func:`optimize` applied) forward and backward at two
+    sizes and fits bytes per token (plus bytes per token squared, for attention that keeps its
+    scores). So the plan holds for any architecture the trainer loads; when the probe cannot
+    run, the plan falls back to the safe setting (every layer recomputed, inputs offloaded to
+    host memory, small loss chunks, no dequant cache).
+
+    Least recompute first (policy ``"auto"``): as few recomputed layers as fit (skipping one
+    layer's recompute saves ~25% of its time for its activations, a far better trade than the
+    dequant cache of a layer, which saves only the dequantisation); the memory left then goes to
+    the dequant cache, one decoder layer at a time. ``"all"`` recomputes every layer, ``"none"``
+    none, ``"offload"`` every layer with its input kept in host memory. Call on the patched peft
+    model with nothing else on the card.
+
+    Args:
+        seq_len: longest sequence (attention's quadratic term, where there is one).
+        micro_batch_size: sequences per micro-batch (with ``seq_len``: the padded size).
+        tokens: tokens per micro-batch when not ``seq_len * micro_batch_size`` (padding-free).
+        layout: ``"flat"`` (one padding-free row) or ``"padded"``.
+        probe: a previous :func:`probe_layer` result for this model (saves re-measuring).
 
     Returns:
-        ``recompute_layers`` and ``dequant_cache`` (layer counts for :func:`optimize`),
+        ``recompute_layers`` and ``dequant_cache`` (layer counts), ``offload`` (bool),
         ``loss_chunk`` (tokens per loss chunk, None for the default), ``gradient_checkpointing``
-        (whether any layer recomputes), ``predicted_peak_gib`` and ``fits``.
+        (whether any layer recomputes), ``predicted_peak_gib``, ``fits`` and ``probe``.
     """
     import torch
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
-    h, n_layers = int(cfg.hidden_size), int(cfg.num_hidden_layers)
-    heads = int(cfg.num_attention_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or h // heads)
-    q, kv = heads * head_dim, int(getattr(cfg, "num_key_value_heads", None) or heads) * head_dim
-    inter, vocab = int(cfg.intermediate_size), int(cfg.vocab_size)
+    layers = _decoder_layers(base)
+    n_layers = len(layers) or int(cfg.num_hidden_layers)
+    h = int(cfg.hidden_size)
+    vocab = int(cfg.vocab_size)
     tokens = tokens or seq_len * micro_batch_size
-    # Tensors one layer keeps for backward on the fused path (bf16): both norm inputs and outputs,
-    # q, k, v (RoPE'd q and k, a copy of v), attention out (sdpa's and o_proj's input) and the
-    # stacked gate/up (silu(gate) * up is recomputed); measured within 5% on the H200.
-    act_layer = 1.05 * tokens * 2 * (4 * h + 3 * q + 2 * kv + 2 * inter)
+    rows = max(1, tokens // max(seq_len, 1)) if layout == "padded" else 1
+    row_len = seq_len if layout == "padded" else tokens
+    if probe is None:
+        probe = probe_layer(model, layout=layout)
+    if not probe.get("ok"):
+        policy = "offload"
+        act_layer = bwd_layer = float(tokens) * h * 2 * 40  # generous: ~Llama's x3, unused
+    else:
+        per_row = probe["bytes_per_token"] * row_len + probe["bytes_per_token2"] * row_len**2
+        act_layer = rows * per_row
+        bwd_per_row = probe["bwd_per_token"] * row_len + probe["bwd_per_token2"] * row_len**2
+        bwd_layer = rows * bwd_per_row
     ckpt_layer = tokens * h * 2
-    cache_layer = 2 * (h * (q + 2 * kv) + q * h + 3 * h * inter)
+    cache_layer = probe.get("cache_bytes", 0) if probe.get("ok") else 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     best: dict[str, Any] | None = None
     # The loss's fp32 logits chunk: ~1 GiB by default; 1,024 tokens when memory is short.
-    for loss_chunk in (None, 1024):
+    for loss_chunk in (None, 1024) if policy != "offload" else (1024,):
         chunk = min(tokens, loss_chunk or max(128, _CE_CHUNK_ELEMENTS // vocab))
         fixed = (
-            torch.cuda.memory_allocated()
-            + trainable * 12  # fp32 grads + AdamW moments
-            + chunk * vocab * 4 * 2  # fp32 logits chunk and its softmax
+            torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        ) + (
+            trainable * 12  # fp32 grads + AdamW moments
+            + chunk * vocab * (4 + 2)  # fp32 logits chunk and its bf16 gradient
             + tokens * h * 2 * 2  # hidden-state gradient from the loss, and the final hidden states
-            + act_layer  # backward through one layer at a time
+            + bwd_layer  # backward through one layer at a time
             + headroom_gib * GIB
-        )
+        )  # fmt: skip
         option = _plan_layers(
             budget_gib * GIB - fixed, fixed - headroom_gib * GIB, n_layers, act_layer,
-            ckpt_layer, cache_layer,
+            ckpt_layer, cache_layer, policy,
         )  # fmt: skip
         option["loss_chunk"] = loss_chunk
         if best is None or _plan_rank(option) > _plan_rank(best):
             best = option
     assert best is not None
+    best["probe"] = probe
     return best
 
 
@@ -955,23 +1056,137 @@ def _plan_rank(option: dict[str, Any]) -> tuple[bool, int, float]:
 
 
 def _plan_layers(
-    free: float, fixed: float, n_layers: int, act_layer: float, ckpt_layer: float, cache: float
+    free: float,
+    fixed: float,
+    n_layers: int,
+    act_layer: float,
+    ckpt_layer: float,
+    cache: float,
+    policy: str,
 ) -> dict[str, Any]:
     """Fewest recomputed layers whose activations fit ``free`` bytes; the rest to the cache."""
+
+    def option(n_ckpt: int, offload: bool) -> dict[str, Any]:
+        kept = 0.0 if offload else ckpt_layer
+        acts = (n_layers - n_ckpt) * act_layer + n_ckpt * kept + (act_layer if n_ckpt else 0)
+        if offload:
+            acts += 2 * ckpt_layer  # a layer input in flight each way
+        room = free - acts
+        cached = max(0, min(n_layers, int(room // cache))) if cache > 0 and room > 0 else 0
+        if offload:
+            cached = 0  # the leanest setting: memory is what it is for
+        return {
+            "recompute_layers": n_ckpt, "gradient_checkpointing": n_ckpt > 0, "offload": offload,
+            "dequant_cache": cached, "fits": room >= 0,
+            "predicted_peak_gib": round((fixed + acts + cached * cache) / GIB, 2),
+        }  # fmt: skip
+
+    if policy == "none":
+        return option(0, False)
+    if policy == "all":
+        return option(n_layers, False)
+    if policy == "offload":
+        return option(n_layers, True)
     for n_ckpt in range(n_layers + 1):
-        acts = (n_layers - n_ckpt) * act_layer + n_ckpt * ckpt_layer + (act_layer if n_ckpt else 0)
-        if acts <= free:
-            cached = max(0, min(n_layers, int((free - acts) // cache)))
-            return {
-                "recompute_layers": n_ckpt, "gradient_checkpointing": n_ckpt > 0,
-                "dequant_cache": cached,
-                "predicted_peak_gib": round((fixed + acts + cached * cache) / GIB, 2), "fits": True,
-            }  # fmt: skip
-    acts = n_layers * ckpt_layer + act_layer
+        found = option(n_ckpt, False)
+        if found["fits"]:
+            return found
+    return option(n_layers, True)  # nothing fits on the card: the leanest there is
+
+
+def probe_layer(
+    model: Any, *, layout: str = "flat", sizes: tuple[int, int] = (256, 512)
+) -> dict[str, Any]:
+    """Measure one decoder layer's memory: kept for backward, and transient in its backward.
+
+    Runs the first decoder layer of ``model`` as patched (grouped projections, fused LoRA,
+    compiled elementwise kernels, the attention the trainer uses) on random hidden states of
+    ``sizes`` tokens (one row each), and fits ``bytes = a * tokens + b * tokens**2`` for what the
+    forward keeps and what the backward adds at its peak. Also counts the bytes one layer's
+    dequantised weights take (the dequant cache's unit). CUDA only; gradients it leaves on the
+    LoRA weights are cleared.
+
+    Returns:
+        ``ok`` and, when it is, ``bytes_per_token``, ``bytes_per_token2``, ``bwd_per_token``,
+        ``bwd_per_token2`` and ``cache_bytes``; otherwise ``reason``.
+    """
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = _decoder_layers(base)
+    inner = getattr(base, "model", None)
+    rotary = getattr(inner, "rotary_emb", None)
+    device = next(model.parameters()).device
+    if not layers or device.type != "cuda":
+        return {"ok": False, "reason": "no decoder layers on CUDA to measure"}
+    layer = layers[0]
+    h = int(base.config.hidden_size)
+    dtype = getattr(inner, "dtype", None) or torch.bfloat16
+    kept: list[float] = []
+    peak: list[float] = []
+    was = layer.gradient_checkpointing if hasattr(layer, "gradient_checkpointing") else None
+    if was is not None:
+        layer.gradient_checkpointing = False
+    try:
+        for n in sizes:
+            x = torch.randn(1, n, h, device=device, dtype=dtype, requires_grad=True)
+            pos = torch.arange(n, device=device)[None]
+            kwargs: dict[str, Any] = {"position_ids": pos, "use_cache": False}
+            if rotary is not None:
+                kwargs["position_embeddings"] = rotary(x, pos)
+            if layout == "flat":
+                cu = torch.tensor([0, n], dtype=torch.int32, device=device)
+                kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n, max_length_k=n)
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            out = layer(x, **kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            torch.cuda.synchronize()
+            # What the forward keeps, its output included: in the model, that output is the next
+            # layer's input, held until the backward reaches it.
+            kept.append(torch.cuda.memory_allocated() - before)
+            torch.cuda.reset_peak_memory_stats()
+            mark = torch.cuda.memory_allocated()
+            out.backward(torch.ones_like(out))
+            torch.cuda.synchronize()
+            peak.append(torch.cuda.max_memory_allocated() - mark)
+            del out, x, kwargs
+    except Exception as exc:  # an architecture whose layer we cannot call alone
+        return {"ok": False, "reason": f"{type(exc).__name__}: {exc}"[:300]}
+    finally:
+        if was is not None:
+            layer.gradient_checkpointing = was
+        for p in model.parameters():
+            p.grad = None
+        torch.cuda.empty_cache()
+    a, b = _fit_quadratic(sizes, kept)
+    c, d = _fit_quadratic(sizes, peak)
+    cache = 0
+    for module in layer.modules():
+        base_layer: Any = getattr(module, "base_layer", None)
+        weight = getattr(base_layer, "weight", None)
+        if weight is not None and getattr(weight, "quant_state", None) is not None:
+            cache += 2 * int(base_layer.in_features) * int(base_layer.out_features)
     return {
-        "recompute_layers": n_layers, "gradient_checkpointing": True, "dequant_cache": 0,
-        "predicted_peak_gib": round((fixed + acts) / GIB, 2), "fits": False,
-    }  # fmt: skip
+        "ok": True,
+        "bytes_per_token": a,
+        "bytes_per_token2": b,
+        "bwd_per_token": c,
+        "bwd_per_token2": d,
+        "cache_bytes": cache,
+        "sizes": list(sizes),
+        "kept": kept,
+        "bwd_peak": peak,
+    }
+
+
+def _fit_quadratic(x: tuple[int, int], y: list[float]) -> tuple[float, float]:
+    """``y = a x + b x^2`` through two points; ``b`` clipped at 0 (a linear layer's noise)."""
+    (x1, x2), (y1, y2) = x, y
+    b = (y2 / x2 - y1 / x1) / (x2 - x1)
+    if b < 0:
+        return max(y1 / x1, y2 / x2), 0.0
+    return y1 / x1 - b * x1, b
 
 
 GIB = 1024**3

@@ -232,15 +232,38 @@ def _plan_tokens(plan: BatchPlan, layout: str) -> int:
     return plan.max_tokens if layout == "flat" else plan.max_padded_tokens
 
 
+_POLICY = {"auto": "auto", True: "all", False: "none", "offload": "offload"}
+
+
+def _budget_gib(spec: dict[str, Any]) -> float:
+    """GPU memory the plan may use: the card's, or ``train.max_gpu_memory_gib`` when lower."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory / _GIB
+    cap = spec["train"].get("max_gpu_memory_gib")
+    return min(total, float(cap)) if cap else total
+
+
+def _cap_memory(spec: dict[str, Any]) -> None:
+    """Hold the process to ``train.max_gpu_memory_gib`` (before anything is allocated)."""
+    import torch
+
+    cap = spec["train"].get("max_gpu_memory_gib")
+    if cap and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory / _GIB
+        torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) / total))
+
+
 def _settings(
     spec: dict[str, Any], model: Any, lengths: list[int], packing: bool, layout: str
 ) -> tuple[dict[str, Any], BatchPlan]:
     """Micro-batch and the recompute/dequant-cache plan: the spec's, or chosen for this card.
 
-    On CUDA with ``micro_batch_size: auto`` every candidate micro-batch is planned against the
-    card's memory (:func:`.fastpath.plan` on the loaded model) and the one with the best
-    predicted throughput wins: recomputing a layer costs about a third of its time, so fewer
-    recomputed layers beat a larger micro-batch once steps hold a few thousand tokens.
+    On CUDA the fast path's patches are applied first, then one decoder layer's memory is
+    measured (:func:`.fastpath.probe_layer`) and every candidate micro-batch is planned against
+    the card's memory. With ``micro_batch_size: auto`` the one with the best predicted
+    throughput wins: recomputing a layer costs about a third of its time, so fewer recomputed
+    layers beat a larger micro-batch once steps hold a few thousand tokens.
     """
     import torch
 
@@ -249,10 +272,9 @@ def _settings(
     if not torch.cuda.is_available():
         mb = min(4, max(len(lengths), 1)) if mbs == "auto" else int(mbs)
         plan = _batch_plan(spec, lengths, mb, packing, layout)
-        ckpt = train["gradient_checkpointing"]
         return {
             "micro_batch_size": mb,
-            "gradient_checkpointing": False if ckpt == "auto" else bool(ckpt),
+            "gradient_checkpointing": train["gradient_checkpointing"] not in ("auto", False),
             "packing": packing,
             "layout": layout,
         }, plan
@@ -264,24 +286,23 @@ def _settings(
         candidates = (1, 2, 4, 8) if packing else (1, 2, 4, 8, 16, 32)
     else:
         candidates = (int(mbs),)
-    vram = torch.cuda.get_device_properties(0).total_memory / _GIB
+    fastpath.optimize(model, seq_len=train["max_seq_len"], micro_batch_size=1,
+                      gradient_checkpointing=0, dequant_cache=0)  # fmt: skip
+    probe = fastpath.probe_layer(model, layout=layout)
+    budget = _budget_gib(spec)
+    policy = _POLICY[train["gradient_checkpointing"]]
     layers = max(1, int(getattr(_base_config(model), "num_hidden_layers", 1)))
     best: tuple[tuple[bool, float], dict[str, Any], BatchPlan] | None = None
     for mb in candidates:
         plan = _batch_plan(spec, lengths, mb, packing, layout)
-        if mb > 1 and plan.batches_per_epoch < 2:
+        if mb > candidates[0] and plan.batches_per_epoch < 2:
             break  # a bigger micro-batch than the data fills
         tokens = _plan_tokens(plan, layout)
-        seq = train["max_seq_len"] if layout == "padded" else min(tokens, train["max_seq_len"])
+        seq = train["max_seq_len"]
         option = fastpath.plan(
-            model, seq_len=seq, micro_batch_size=max(1, tokens // max(seq, 1)),
-            tokens=tokens, budget_gib=vram, layout=layout,
+            model, seq_len=seq, micro_batch_size=max(1, -(-tokens // seq)), tokens=tokens,
+            budget_gib=budget, layout=layout, policy=policy, probe=probe,
         )  # fmt: skip
-        if (
-            train["gradient_checkpointing"] is not True
-            and train["gradient_checkpointing"] != "auto"
-        ):
-            option = {**option, "recompute_layers": 0, "gradient_checkpointing": False}
         # Throughput model: a recomputed layer costs ~1/3 of its step time; ~800 tokens' worth
         # of fixed work per step (optimizer, launches) favours bigger steps until then.
         cost = plan.mean_tokens * (1 + option["recompute_layers"] / (3 * layers)) + 800
@@ -292,6 +313,7 @@ def _settings(
             "packing": packing,
             "layout": layout,
             "tokens_per_micro_batch": tokens,
+            "memory_budget_gib": round(budget, 2),
             "plan": option,
         }
         if best is None or score > best[0]:
@@ -305,33 +327,14 @@ def _base_config(model: Any) -> Any:
     return base.config
 
 
-def _fastpath(model: Any, spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """Apply the CUDA fast path with the planned recompute/dequant-cache setting.
-
-    With ``gradient_checkpointing: auto`` the plan from :func:`_settings` is used; an explicit
-    choice is kept (every layer recomputed, or none).
-    """
+def _fastpath(model: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """Apply the chosen memory plan to the patched model; the fast path's report."""
     from . import fastpath
 
     planned: dict[str, Any] = settings.get("plan", {})
-    tokens = settings.get("tokens_per_micro_batch", 0)
-    if spec["train"]["gradient_checkpointing"] == "auto" and planned:
-        every, cache = int(planned["gradient_checkpointing"]), planned["dequant_cache"]
-        recompute: int | None = planned["recompute_layers"]
-        loss_chunk: int | None = planned["loss_chunk"]
-    else:
-        every, cache, recompute = (1 if settings["gradient_checkpointing"] else 0), 0, None
-        loss_chunk = None
-    fastpath.optimize(
-        model,
-        seq_len=tokens,
-        micro_batch_size=1,
-        gradient_checkpointing=every,
-        dequant_cache=cache,
-        recompute_layers=recompute,
-        loss_chunk=loss_chunk,
-    )
-    return {**dict(model.fastpath_report), "plan": planned}
+    report = fastpath.apply_plan(model, planned)
+    return {**dict(report), "plan": {k: v for k, v in planned.items() if k != "probe"},
+            "probe": planned.get("probe")}  # fmt: skip
 
 
 def _training_args(
@@ -674,6 +677,7 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
     rows, eval_rows, stats = _encode(workdir, doc, tokenizer)
     reporter.event("data", **stats)
     lengths = [len(r["input_ids"]) for r in rows]
+    _cap_memory(spec)
     packing = choose_packing(spec["train"]["packing"], lengths, spec["train"]["max_seq_len"])
     layout, why_padded = _layout(model_path, spec)
     model, tokenizer = load_model(
@@ -685,6 +689,11 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
     reporter.event(
         "settings",
         **{k: v for k, v in settings.items() if k != "plan"},
+        **(
+            {"plan": {k: v for k, v in settings["plan"].items() if k != "probe"}}
+            if "plan" in settings
+            else {}
+        ),
         batches_per_epoch=plan.batches_per_epoch,
         mean_tokens_per_micro_batch=round(plan.mean_tokens, 1),
         **({"padded_because": why_padded} if why_padded else {}),
@@ -696,7 +705,7 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
     dtype = compute_dtype(spec["quant"]["compute_dtype"])
     if torch.cuda.is_available():
         # Our CUDA speed path (remote/fastpath.py): its own recompute policy replaces HF's.
-        report = _fastpath(model, spec, settings)
+        report = _fastpath(model, settings)
         settings = {**settings, "gradient_checkpointing": bool(report.get("checkpointed_layers"))}
         reporter.event(
             "fastpath",

@@ -71,8 +71,16 @@ class TrainConfig(_Strict):
     seed: int = 42
     eval_fraction: float = Field(0.0, ge=0, lt=0.5, description="Hold out this share for eval.")
     save_every_steps: int | None = Field(50, ge=1, description="Checkpoint period (None: never).")
-    gradient_checkpointing: bool | Literal["auto"] = Field(
-        "auto", description='"auto" turns recompute on only when activations would not fit.'
+    gradient_checkpointing: bool | Literal["auto", "offload"] = Field(
+        "auto",
+        description='"auto" recomputes only the layers whose activations would not fit; true '
+        'recomputes every layer; "offload" also keeps the layer inputs in host memory (leanest).',
+    )
+    max_gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Plan for and use at most this much GPU memory (share a card, or rehearse "
+        "a smaller one on a bigger card).",
     )
     loss_on: Literal["assistant", "all"] = Field(
         "assistant", description="Train on assistant/completion tokens only, or on every token."

@@ -283,8 +283,12 @@ def test_plan_recomputes_the_fewest_layers_that_fit(monkeypatch: pytest.MonkeyPa
     model = _tiny_lora(False)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
     shape = {"seq_len": 65536, "micro_batch_size": 16}  # ~1.6 GB of activations per layer
+    # What probe_layer measures on a GPU, given here: bytes per token kept and in backward.
+    probe = {"ok": True, "bytes_per_token": 2000.0, "bytes_per_token2": 0.0,
+             "bwd_per_token": 400.0, "bwd_per_token2": 0.0, "cache_bytes": 2**20}  # fmt: skip
     plans = [
-        fastpath.plan(model, **shape, budget_gib=b, headroom_gib=0.5) for b in (40, 9, 6, 4, 1)
+        fastpath.plan(model, **shape, budget_gib=b, headroom_gib=0.5, probe=probe)
+        for b in (40, 9, 6, 4, 1)
     ]
     assert [p["recompute_layers"] for p in plans] == sorted(p["recompute_layers"] for p in plans)
     roomy, *_, hopeless = plans
@@ -311,3 +315,64 @@ def test_recompute_layers_spreads_an_exact_count() -> None:
         assert _rel(g, ref_grads[name]) < 1e-4, name
     with pytest.raises(ValueError, match="recompute_layers=4"):
         _apply(copy.deepcopy(ref), recompute_layers=4)
+
+
+def test_chunked_loss_applies_final_logit_softcapping() -> None:
+    """Gemma-2's soft-capped logits: same loss and gradients as capping the full logits."""
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2, 9, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(40, 16, generator=gen) * 3  # large logits, where the cap bites
+    labels = torch.randint(0, 40, (2, 9), generator=gen)
+    labels[0, :3] = -100
+    cap = 5.0
+    logits = cap * torch.tanh(hidden @ weight.t() / cap)
+    want = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 40), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    (want_grad,) = torch.autograd.grad(want, hidden)
+    got = fastpath.linear_cross_entropy(hidden, weight, labels, chunk=4, softcap=cap)
+    (got_grad,) = torch.autograd.grad(got, hidden)
+    assert torch.allclose(got, want, rtol=1e-5)
+    assert _rel(got_grad, want_grad) < 1e-5
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_apply_plan_sets_recompute_cache_and_chunk_without_changing_the_function(
+    offload: bool,
+) -> None:
+    x = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    ref = _tiny_lora(True)
+    ours = copy.deepcopy(ref)
+    ref_loss, ref_grads = _loss_and_grads(ref, x)
+    _apply(ours, every=0, dequant_cache=False)
+    report = fastpath.apply_plan(
+        ours,
+        {"recompute_layers": 2, "offload": offload, "dequant_cache": 1, "loss_chunk": 5},
+    )
+    assert report["checkpointed_layers"] == 2 and report["cached_linears"] == 7
+    assert ours.get_base_model()._fastpath_loss_chunk == 5
+    loss, grads = _loss_and_grads(ours, x)
+    assert abs(loss - ref_loss) / ref_loss < 1e-5
+    for name, g in grads.items():
+        assert _rel(g, ref_grads[name]) < 1e-4, name
+
+
+def test_plan_without_a_measurement_falls_back_to_the_leanest_setting() -> None:
+    """Off CUDA (or for a layer it cannot call) the probe fails: never a guess that can OOM."""
+    model = _tiny_lora(False)
+    chosen = fastpath.plan(model, seq_len=16, micro_batch_size=1, budget_gib=1000.0)
+    assert chosen["probe"]["ok"] is False
+    assert chosen["recompute_layers"] == 3 and chosen["offload"] is True
+    assert chosen["dequant_cache"] == 0 and chosen["loss_chunk"] == 1024
+
+
+def test_plan_layers_prefers_fewer_recomputes_then_cache() -> None:
+    gib = fastpath.GIB
+    roomy = fastpath._plan_layers(100 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "auto")
+    assert roomy["recompute_layers"] == 0 and roomy["dequant_cache"] == 32 and roomy["fits"]
+    tight = fastpath._plan_layers(20 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "auto")
+    assert 0 < tight["recompute_layers"] < 32 and tight["fits"]
+    none = fastpath._plan_layers(1 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "auto")
+    assert none["offload"] and not none["fits"]
+    forced = fastpath._plan_layers(100 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "all")
+    assert forced["recompute_layers"] == 32 and forced["dequant_cache"] == 32
