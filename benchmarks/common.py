@@ -57,6 +57,38 @@ MODELS: dict[str, dict[str, Any]] = {
         "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     },
+    "tiny-llama": {  # for trying the harnesses on a CPU
+        **_LLAMA, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128, "vocab_size": 512,
+        "tie_word_embeddings": False, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "bos_token_id": 257, "eos_token_id": 258,
+    },
+    "qwen2.5-7b": {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+        "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+        "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064,
+        "tie_word_embeddings": False, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "use_sliding_window": False, "bos_token_id": 151643,
+        "eos_token_id": 151643,
+    },
+    "gemma-2-9b": {
+        "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+        "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 3584, "num_hidden_layers": 42,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256,
+        "intermediate_size": 14336, "vocab_size": 256000, "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+        "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+    },
+    "phi-3-mini": {
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu",
+        "hidden_size": 3072, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 32, "intermediate_size": 8192, "vocab_size": 32064,
+        "max_position_embeddings": 4096, "original_max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 2047,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 32000,
+        "pad_token_id": 32000,
+    },
     "mistral-7b": {  # Mistral-7B-v0.3
         "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_act": "silu",
         "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -81,30 +113,48 @@ def flops_per_token(model: str, seq: int, lora_r: int) -> float:
     return fpt(shape, seq, lora_params(shape, lora_r), gradient_checkpointing=False)["total"]
 
 
+# A chat template over the benchmark tokenizer's own special tokens (no tokens to add), so chat
+# rows train with assistant-only loss as they would on a real instruct model.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' </s> ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+)
+
+
 def _save_tokenizer(folder: Path, config: dict[str, Any]) -> None:
+    """A word-level tokenizer: word ``t<i>`` is token ``i`` (so a row of N words is N tokens)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"t{i}": i for i in range(256)}
-    specials = {"<pad>": 256, "<s>": 257, "</s>": 258, "<unk>": 259}
+    specials = {"<pad>": 256, "<s>": 257, "</s>": 258, "<unk>": 259,
+                "<|system|>": 260, "<|user|>": 261, "<|assistant|>": 262}  # fmt: skip
     tok = Tokenizer(models.WordLevel({**vocab, **specials}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         unk_token="<unk>", model_max_length=config["max_position_embeddings"],
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
     )  # fmt: skip
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
 
 
-def ensure_checkpoint(model: str, seed: int = 0) -> Path:
-    """Write the random-weight bf16 checkpoint once per machine; return its folder."""
-    folder = models_root() / model
+def ensure_checkpoint(model: str, seed: int = 0, layers: int | None = None) -> Path:
+    """Write the random-weight bf16 checkpoint once per machine; return its folder.
+
+    ``layers`` keeps the real widths with fewer decoder layers (per-layer figures scale).
+    """
+    name = model if layers is None else f"{model}-{layers}l"
+    folder = models_root() / name
     if (folder / "DONE").is_file():
         return folder
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config_dict = MODELS[model]
+    config_dict = dict(MODELS[model])
+    if layers is not None:
+        config_dict["num_hidden_layers"] = layers
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -584,6 +584,7 @@ def _progress_callback(reporter: Reporter, upload: str | None, trainer: Any) -> 
             trainer.tokens_seen = state.num_input_tokens_seen
             self.writer.start(time.time(), trainer.tokens_seen, state.global_step)
             reporter.update(phase="training", step=state.global_step, total_steps=state.max_steps)
+            reporter.event("training", step=state.global_step, total=state.max_steps)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             state.num_input_tokens_seen = trainer.tokens_seen
@@ -802,6 +803,9 @@ def _metrics(
         "stop_reason": stopped,
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "peak_vram_gb": torch.cuda.max_memory_allocated() / _GIB
+        if torch.cuda.is_available()
+        else None,
+        "peak_vram_reserved_gb": torch.cuda.max_memory_reserved() / _GIB
         if torch.cuda.is_available()
         else None,
         "method": spec["method"],
