@@ -44,7 +44,7 @@ __all__ = [
     "lora_linear",
     "optimize",
     "plan",
-    "probe_layer",
+    "probe_memory",
 ]
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -974,26 +974,26 @@ def plan(
 ) -> dict[str, Any]:
     """Pick the recompute policy and dequant cache that fit ``budget_gib`` on this card.
 
-    Memory per decoder layer is *measured*, not modelled: :func:`probe_layer` runs one layer of
-    this very model (with whatever patches :func:`optimize` applied) forward and backward at two
-    sizes and fits bytes per token (plus bytes per token squared, for attention that keeps its
-    scores). So the plan holds for any architecture the trainer loads; when the probe cannot
-    run, the plan falls back to the safe setting (every layer recomputed, inputs offloaded to
-    host memory, small loss chunks, no dequant cache).
+    Memory is *measured*, not modelled: :func:`probe_memory` runs this very model (as patched
+    by :func:`optimize`, with the attention and loss the trainer uses) forward and backward at
+    three small sizes and fits what the forward keeps and what the step peaks at as
+    ``c0 + c1 tokens + c2 tokens^2`` (the square for attention that keeps its scores). So the
+    plan holds for any architecture the trainer loads. Where the probe cannot run, the plan is
+    the safe one: every layer recomputed with its input in host memory, small loss chunks, no
+    dequant cache.
 
     Least recompute first (policy ``"auto"``): as few recomputed layers as fit (skipping one
     layer's recompute saves ~25% of its time for its activations, a far better trade than the
     dequant cache of a layer, which saves only the dequantisation); the memory left then goes to
     the dequant cache, one decoder layer at a time. ``"all"`` recomputes every layer, ``"none"``
-    none, ``"offload"`` every layer with its input kept in host memory. Call on the patched peft
-    model with nothing else on the card.
+    none, ``"offload"`` every layer with its input kept in host memory.
 
     Args:
         seq_len: longest sequence (attention's quadratic term, where there is one).
         micro_batch_size: sequences per micro-batch (with ``seq_len``: the padded size).
         tokens: tokens per micro-batch when not ``seq_len * micro_batch_size`` (padding-free).
         layout: ``"flat"`` (one padding-free row) or ``"padded"``.
-        probe: a previous :func:`probe_layer` result for this model (saves re-measuring).
+        probe: a :func:`probe_memory` result for this model (measured once, reused).
 
     Returns:
         ``recompute_layers`` and ``dequant_cache`` (layer counts), ``offload`` (bool),
@@ -1009,34 +1009,36 @@ def plan(
     h = int(cfg.hidden_size)
     vocab = int(cfg.vocab_size)
     tokens = tokens or seq_len * micro_batch_size
-    rows = max(1, tokens // max(seq_len, 1)) if layout == "padded" else 1
-    row_len = seq_len if layout == "padded" else tokens
+    rows = max(1, -(-tokens // max(seq_len, 1))) if layout == "padded" else 1
+    row_len = min(seq_len, tokens) if layout == "padded" else tokens
     if probe is None:
-        probe = probe_layer(model, layout=layout)
-    if not probe.get("ok"):
+        probe = probe_memory(model, layout=layout)
+    ok = bool(probe.get("ok"))
+    if not ok:
         policy = "offload"
-        act_layer = bwd_layer = float(tokens) * h * 2 * 40  # generous: ~Llama's x3, unused
-    else:
-        per_row = probe["bytes_per_token"] * row_len + probe["bytes_per_token2"] * row_len**2
-        act_layer = rows * per_row
-        bwd_per_row = probe["bwd_per_token"] * row_len + probe["bwd_per_token2"] * row_len**2
-        bwd_layer = rows * bwd_per_row
+    kept0, kept1, kept2 = probe.get("kept_fit", (0.0, 0.0, 0.0))
+    peak0, peak1, peak2 = probe.get("peak_fit", (0.0, 0.0, 0.0))
+    # Per token outside the decoder layers: embeddings out, final hidden states and their
+    # gradient from the loss. The rest of the slope (and the square) is the layers'.
+    outside = 3 * h * 2
+    sq = rows * row_len**2
+    act_layer = max(0.0, (kept1 - outside) * tokens + kept2 * sq) / n_layers if ok else 0.0
+    outside_bytes = outside * tokens + max(0.0, kept0)
+    # What the backward adds at its peak, above everything the forward kept.
+    transient = max(0.0, (peak0 - kept0) + (peak1 - kept1) * tokens + (peak2 - kept2) * sq)
+    chunked = bool(probe.get("chunked_loss"))
     ckpt_layer = tokens * h * 2
-    cache_layer = probe.get("cache_bytes", 0) if probe.get("ok") else 0
+    cache_layer = float(probe.get("cache_bytes", 0)) if ok else 0.0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     best: dict[str, Any] | None = None
     # The loss's fp32 logits chunk: ~1 GiB by default; 1,024 tokens when memory is short.
     for loss_chunk in (None, 1024) if policy != "offload" else (1024,):
         chunk = min(tokens, loss_chunk or max(128, _CE_CHUNK_ELEMENTS // vocab))
-        fixed = (
-            torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-        ) + (
-            trainable * 12  # fp32 grads + AdamW moments
-            + chunk * vocab * (4 + 2)  # fp32 logits chunk and its bf16 gradient
-            + tokens * h * 2 * 2  # hidden-state gradient from the loss, and the final hidden states
-            + bwd_layer  # backward through one layer at a time
-            + headroom_gib * GIB
-        )  # fmt: skip
+        # fp32 logits chunk and its bf16 gradient, alive while every activation is.
+        loss_mem = chunk * vocab * (4 + 2) if chunked else 0
+        fixed = allocated + trainable * 12 + outside_bytes + max(transient, loss_mem)
+        fixed += headroom_gib * GIB
         option = _plan_layers(
             budget_gib * GIB - fixed, fixed - headroom_gib * GIB, n_layers, act_layer,
             ckpt_layer, cache_layer, policy,
@@ -1094,99 +1096,100 @@ def _plan_layers(
     return option(n_layers, True)  # nothing fits on the card: the leanest there is
 
 
-def probe_layer(
-    model: Any, *, layout: str = "flat", sizes: tuple[int, int] = (256, 512)
+def probe_memory(
+    model: Any, *, layout: str = "flat", sizes: tuple[int, int, int] = (256, 512, 1024)
 ) -> dict[str, Any]:
-    """Measure one decoder layer's memory: kept for backward, and transient in its backward.
+    """Measure the patched model's memory for one training step at three small sizes.
 
-    Runs the first decoder layer of ``model`` as patched (grouped projections, fused LoRA,
-    compiled elementwise kernels, the attention the trainer uses) on random hidden states of
-    ``sizes`` tokens (one row each), and fits ``bytes = a * tokens + b * tokens**2`` for what the
-    forward keeps and what the backward adds at its peak. Also counts the bytes one layer's
-    dequantised weights take (the dequant cache's unit). CUDA only; gradients it leaves on the
-    LoRA weights are cleared.
+    Each size is one row of random tokens, run forward (with the trainer's loss, its chunk held
+    at 128 tokens so the loss adds the same small amount every time) and backward. Fitted
+    exactly through the three points: ``kept_fit`` (what the forward keeps for the backward)
+    and ``peak_fit`` (the step's peak), each ``(c0, c1, c2)`` for ``c0 + c1 n + c2 n^2``
+    bytes. Also counts the bytes of one layer's dequantised weights (the dequant cache's unit).
+    Costs a few tenths of a second; the LoRA gradients it makes are cleared. CUDA only.
 
     Returns:
-        ``ok`` and, when it is, ``bytes_per_token``, ``bytes_per_token2``, ``bwd_per_token``,
-        ``bwd_per_token2`` and ``cache_bytes``; otherwise ``reason``.
+        ``ok`` with the fits, ``cache_bytes`` and ``chunked_loss``; or ``ok=False`` and
+        ``reason``.
     """
     import torch
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = _decoder_layers(base)
-    inner = getattr(base, "model", None)
-    rotary = getattr(inner, "rotary_emb", None)
-    device = next(model.parameters()).device
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        return {"ok": False, "reason": "the model has no parameters"}
     if not layers or device.type != "cuda":
         return {"ok": False, "reason": "no decoder layers on CUDA to measure"}
-    layer = layers[0]
-    h = int(base.config.hidden_size)
-    dtype = getattr(inner, "dtype", None) or torch.bfloat16
+    vocab = int(base.config.vocab_size)
+    report: dict[str, Any] = getattr(model, "fastpath_report", None) or {}
+    chunked = bool(report.get("chunked_loss"))
+    chunk_was = getattr(base, "_fastpath_loss_chunk", None)
+    was_training = model.training
     kept: list[float] = []
     peak: list[float] = []
-    was = layer.gradient_checkpointing if hasattr(layer, "gradient_checkpointing") else None
-    if was is not None:
-        layer.gradient_checkpointing = False
     try:
+        base._fastpath_loss_chunk = 128
+        model.train()
+        gen = torch.Generator().manual_seed(0)
         for n in sizes:
-            x = torch.randn(1, n, h, device=device, dtype=dtype, requires_grad=True)
-            pos = torch.arange(n, device=device)[None]
-            kwargs: dict[str, Any] = {"position_ids": pos, "use_cache": False}
-            if rotary is not None:
-                kwargs["position_embeddings"] = rotary(x, pos)
+            ids = torch.randint(0, min(vocab, 32000), (1, n), generator=gen).to(device)
+            batch: dict[str, Any] = {
+                "input_ids": ids, "labels": ids,
+                "position_ids": torch.arange(n, device=device)[None], "use_cache": False,
+            }  # fmt: skip
             if layout == "flat":
                 cu = torch.tensor([0, n], dtype=torch.int32, device=device)
-                kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n, max_length_k=n)
+                batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=n, max_length_k=n)
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
-            out = layer(x, **kwargs)
-            out = out[0] if isinstance(out, tuple) else out
-            torch.cuda.synchronize()
-            # What the forward keeps, its output included: in the model, that output is the next
-            # layer's input, held until the backward reaches it.
-            kept.append(torch.cuda.memory_allocated() - before)
             torch.cuda.reset_peak_memory_stats()
-            mark = torch.cuda.memory_allocated()
-            out.backward(torch.ones_like(out))
+            loss = model(**batch).loss
             torch.cuda.synchronize()
-            peak.append(torch.cuda.max_memory_allocated() - mark)
-            del out, x, kwargs
-    except Exception as exc:  # an architecture whose layer we cannot call alone
+            kept.append(float(torch.cuda.memory_allocated() - before))
+            loss.backward()
+            torch.cuda.synchronize()
+            peak.append(float(torch.cuda.max_memory_allocated() - before))
+            del loss, batch
+            for p in model.parameters():
+                p.grad = None
+    except Exception as exc:  # an architecture or setting we cannot run this way
         return {"ok": False, "reason": f"{type(exc).__name__}: {exc}"[:300]}
     finally:
-        if was is not None:
-            layer.gradient_checkpointing = was
+        base._fastpath_loss_chunk = chunk_was
+        model.train(was_training)
         for p in model.parameters():
             p.grad = None
         torch.cuda.empty_cache()
-    a, b = _fit_quadratic(sizes, kept)
-    c, d = _fit_quadratic(sizes, peak)
     cache = 0
-    for module in layer.modules():
+    for module in layers[0].modules():
         base_layer: Any = getattr(module, "base_layer", None)
         weight = getattr(base_layer, "weight", None)
         if weight is not None and getattr(weight, "quant_state", None) is not None:
             cache += 2 * int(base_layer.in_features) * int(base_layer.out_features)
     return {
         "ok": True,
-        "bytes_per_token": a,
-        "bytes_per_token2": b,
-        "bwd_per_token": c,
-        "bwd_per_token2": d,
-        "cache_bytes": cache,
         "sizes": list(sizes),
         "kept": kept,
-        "bwd_peak": peak,
+        "peak": peak,
+        "kept_fit": _fit3(sizes, kept),
+        "peak_fit": _fit3(sizes, peak),
+        "cache_bytes": cache,
+        "chunked_loss": chunked,
     }
 
 
-def _fit_quadratic(x: tuple[int, int], y: list[float]) -> tuple[float, float]:
-    """``y = a x + b x^2`` through two points; ``b`` clipped at 0 (a linear layer's noise)."""
-    (x1, x2), (y1, y2) = x, y
-    b = (y2 / x2 - y1 / x1) / (x2 - x1)
-    if b < 0:
-        return max(y1 / x1, y2 / x2), 0.0
-    return y1 / x1 - b * x1, b
+def _fit3(x: tuple[int, int, int], y: list[float]) -> tuple[float, float, float]:
+    """``c0 + c1 x + c2 x^2`` through three points; a negative square (noise) refitted linear."""
+    (x0, x1, x2), (y0, y1, y2) = x, y
+    d01, d12 = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)
+    c2 = (d12 - d01) / (x2 - x0)
+    if c2 <= 0:  # linear: the slope of the two largest points, whose noise matters least
+        c1 = d12
+        return y2 - c1 * x2, c1, 0.0
+    c1 = d01 - c2 * (x0 + x1)
+    return y0 - c1 * x0 - c2 * x0 * x0, c1, c2
 
 
 GIB = 1024**3

@@ -260,7 +260,7 @@ def _settings(
     """Micro-batch and the recompute/dequant-cache plan: the spec's, or chosen for this card.
 
     On CUDA the fast path's patches are applied first, then one decoder layer's memory is
-    measured (:func:`.fastpath.probe_layer`) and every candidate micro-batch is planned against
+    measured (:func:`.fastpath.probe_memory`) and every candidate micro-batch is planned against
     the card's memory. With ``micro_batch_size: auto`` the one with the best predicted
     throughput wins: recomputing a layer costs about a third of its time, so fewer recomputed
     layers beat a larger micro-batch once steps hold a few thousand tokens.
@@ -288,7 +288,7 @@ def _settings(
         candidates = (int(mbs),)
     fastpath.optimize(model, seq_len=train["max_seq_len"], micro_batch_size=1,
                       gradient_checkpointing=0, dequant_cache=0)  # fmt: skip
-    probe = fastpath.probe_layer(model, layout=layout)
+    probe = fastpath.probe_memory(model, layout=layout)
     budget = _budget_gib(spec)
     policy = _POLICY[train["gradient_checkpointing"]]
     layers = max(1, int(getattr(_base_config(model), "num_hidden_layers", 1)))

@@ -283,9 +283,10 @@ def test_plan_recomputes_the_fewest_layers_that_fit(monkeypatch: pytest.MonkeyPa
     model = _tiny_lora(False)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
     shape = {"seq_len": 65536, "micro_batch_size": 16}  # ~1.6 GB of activations per layer
-    # What probe_layer measures on a GPU, given here: bytes per token kept and in backward.
-    probe = {"ok": True, "bytes_per_token": 2000.0, "bytes_per_token2": 0.0,
-             "bwd_per_token": 400.0, "bwd_per_token2": 0.0, "cache_bytes": 2**20}  # fmt: skip
+    # What probe_memory measures on a GPU, given here: bytes kept by the forward and at the
+    # step's peak, as c0 + c1 tokens + c2 tokens^2 (3 layers at ~2 KB a token each).
+    probe = {"ok": True, "kept_fit": (0.0, 6000.0, 0.0), "peak_fit": (2**20, 6400.0, 0.0),
+             "cache_bytes": 2**20, "chunked_loss": True}  # fmt: skip
     plans = [
         fastpath.plan(model, **shape, budget_gib=b, headroom_gib=0.5, probe=probe)
         for b in (40, 9, 6, 4, 1)
