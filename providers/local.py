@@ -75,7 +75,7 @@ class LocalHost:
 
     def __init__(self, workdir: Path, python: str = sys.executable) -> None:
         # The agent runs on this machine, in this environment when ``python`` is ours: the
-        # runner may then remember its environment check between jobs.
+        # runner then checks the trainer's dependencies here instead of in a new process.
         self.same_environment = True
         self.workdir = str(workdir)
         self._dir = workdir

@@ -12,6 +12,8 @@ Standard library only: the tokenizer is passed in.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -144,16 +146,55 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[st
 
 
 def _mask(offsets: list[tuple[int, int]], spans: Iterable[tuple[int, int, int]]) -> list[bool]:
-    keep = [False] * len(offsets)
+    """Which tokens carry the loss: those whose characters overlap a span (plus the next token
+    after a span marked ``extra``). Each span finds its token range by bisection over running
+    maxima of the token ends and starts (special tokens have empty ``(0, 0)`` offsets)."""
+    n = len(offsets)
+    spans = list(spans)
+    if len(spans) == 1 and spans[0][0] <= 0 and not spans[0][2]:
+        end = spans[0][1]  # one span from the start (text, or a whole completion row)
+        return [e > s and s < end for s, e in offsets]
+    keep = [False] * n
+    ends = list(itertools.accumulate((e for _, e in offsets), max))
+    starts = list(itertools.accumulate((s if e > s else 0 for s, e in offsets), max))
     for start, end, extra in spans:
-        last = -1
-        for k, (s, e) in enumerate(offsets):
-            if e > s and s < end and e > start:
-                keep[k] = True
-                last = k
-        if extra and 0 <= last < len(offsets) - 1:
-            keep[last + 1] = True
+        lo = bisect.bisect_right(ends, start)
+        hi = bisect.bisect_left(starts, end, lo)
+        keep[lo:hi] = [e > s and s < end and e > start for s, e in offsets[lo:hi]]
+        if extra:
+            last = next((k for k in range(hi - 1, lo - 1, -1) if keep[k]), -1)
+            if 0 <= last < n - 1:
+                keep[last + 1] = True
     return keep
+
+
+def _prepare(
+    row: Mapping[str, Any], data_format: str, tokenizer: Any
+) -> tuple[str, list[tuple[int, int, int]], bool]:
+    """A row's text, the character spans that carry the loss, and whether to add BOS/EOS."""
+    if data_format == "messages":
+        text, spans = _assistant_spans(tokenizer, list(row["messages"]))
+        return text, spans, False  # the template writes its own bos
+    if data_format == "prompt_completion":
+        completion = row["completion"]
+        if tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
+            completion += tokenizer.eos_token
+        text = row["prompt"] + completion
+        return text, [(len(row["prompt"]), len(text), 0)], True
+    if data_format == "text":
+        text = row["text"] + (tokenizer.eos_token or "")
+        return text, [(0, len(text), 0)], True
+    raise DataError(f"unknown data_format {data_format!r}")
+
+
+def _labelled(
+    ids: list[int], offsets: list[Any], spans: list[tuple[int, int, int]], loss_on: str
+) -> dict[str, list[int]]:
+    keep = [True] * len(ids) if loss_on == "all" else _mask([tuple(o) for o in offsets], spans)
+    return {
+        "input_ids": ids,
+        "labels": [t if k else IGNORE_INDEX for t, k in zip(ids, keep, strict=True)],
+    }
 
 
 def encode_row(
@@ -167,29 +208,12 @@ def encode_row(
     Raises:
         DataError: an unknown ``data_format`` or a template that loses a reply.
     """
-    if data_format == "messages":
-        text, spans = _assistant_spans(tokenizer, list(row["messages"]))
-        special = False  # the template writes its own bos
-    elif data_format == "prompt_completion":
-        completion = row["completion"]
-        if tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
-            completion += tokenizer.eos_token
-        text = row["prompt"] + completion
-        spans, special = [(len(row["prompt"]), len(text), 0)], True
-    elif data_format == "text":
-        text = row["text"] + (tokenizer.eos_token or "")
-        spans, special = [(0, len(text), 0)], True
-    else:
-        raise DataError(f"unknown data_format {data_format!r}")
+    text, spans, special = _prepare(row, data_format, tokenizer)
     enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    keep = _mask([tuple(o) for o in enc["offset_mapping"]], spans)
-    if loss_on == "all":
-        keep = [True] * len(ids)
-    return {
-        "input_ids": ids,
-        "labels": [t if k else IGNORE_INDEX for t, k in zip(ids, keep, strict=True)],
-    }
+    return _labelled(list(enc["input_ids"]), enc["offset_mapping"], spans, loss_on)
+
+
+_TOKENIZE_BATCH = 512
 
 
 def encode_rows(
@@ -215,23 +239,48 @@ def encode_rows(
     """
     out: list[dict[str, list[int]]] = []
     stats = {"rows": 0, "tokens": 0, "loss_tokens": 0, "truncated": 0, "dropped": 0}
-    for n, row in enumerate(rows, start=1):
-        try:
-            fmt, norm = normalise_row(row) if data_format == "hub" else (data_format, row)
-            enc = encode_row(norm, fmt, tokenizer, loss_on=loss_on)
-        except (DataError, KeyError, TypeError) as exc:
-            raise DataError(f"{source} row {n}: {exc}") from exc
+    pending: list[tuple[str, list[tuple[int, int, int]], bool]] = []
+
+    def flush() -> None:
+        # One tokenizer call per batch: the Rust tokenizer encodes a batch on every core.
+        for special in (True, False):
+            part = [(t, sp) for t, sp, sx in pending if sx is special]
+            if not part:
+                continue
+            texts = [t for t, _ in part]
+            backend = getattr(tokenizer, "backend_tokenizer", None)
+            if backend is not None:  # the Rust tokenizer itself: no per-row Python conversion
+                encs = backend.encode_batch(texts, add_special_tokens=special)
+                pairs = [(e.ids, e.offsets) for e in encs]
+            else:
+                enc = tokenizer(texts, add_special_tokens=special, return_offsets_mapping=True)
+                pairs = list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
+            for (ids, offsets), (_, spans) in zip(pairs, part, strict=True):
+                keep(_labelled(list(ids), offsets, spans, loss_on))
+        pending.clear()
+
+    def keep(enc: dict[str, list[int]]) -> None:
         if len(enc["input_ids"]) > max_seq_len:
             stats["truncated"] += 1
             enc = {k: v[:max_seq_len] for k, v in enc.items()}
         loss_tokens = sum(1 for t in enc["labels"] if t != IGNORE_INDEX)
         if loss_tokens == 0:
             stats["dropped"] += 1
-            continue
+            return
         stats["rows"] += 1
         stats["tokens"] += len(enc["input_ids"])
         stats["loss_tokens"] += loss_tokens
         out.append(enc)
+
+    for n, row in enumerate(rows, start=1):
+        try:
+            fmt, norm = normalise_row(row) if data_format == "hub" else (data_format, row)
+            pending.append(_prepare(norm, fmt, tokenizer))
+        except (DataError, KeyError, TypeError) as exc:
+            raise DataError(f"{source} row {n}: {exc}") from exc
+        if len(pending) >= _TOKENIZE_BATCH:
+            flush()
+    flush()
     if not out:
         raise DataError(
             f"{source}: no row has a trainable token left (max_seq_len={max_seq_len} cuts every "

@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import platform
-import re
 import signal
 import sys
 import time
@@ -30,10 +29,10 @@ from .protocol import (
     MANIFEST_FILE,
     PROTOCOL_VERSION,
     STATE_FILE,
-    TRAINER_REQUIREMENTS,
     State,
     append_event,
     error_dict,
+    missing_requirements,
     write_atomic,
 )
 from .watchdog import Watchdog
@@ -85,18 +84,6 @@ class Reporter:
             print(f"[agent {time.strftime('%H:%M:%S')}] {kind} {detail}".rstrip(), flush=True)
 
 
-def _min_version_ok(installed: str, requirement: str) -> bool:
-    """``installed`` satisfies a ``>=`` floor (the only kind TRAINER_REQUIREMENTS uses)."""
-    floor = requirement.partition(">=")[2]
-    if not floor:
-        return True
-
-    def nums(v: str) -> tuple[int, ...]:
-        return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
-
-    return nums(installed) >= nums(floor)
-
-
 def _bnb_smoke(torch: Any) -> str:
     """A 4-bit NF4 matmul on the GPU, compared with the dequantised weights; "ok" or why not."""
     try:
@@ -129,14 +116,7 @@ def check() -> dict[str, Any]:
         "missing": [],
         "errors": {},
     }
-    for requirement in TRAINER_REQUIREMENTS:
-        name = re.split(r"[<>=!~\[ ;]", requirement, maxsplit=1)[0]
-        try:
-            ok = _min_version_ok(importlib.metadata.version(name), requirement)
-        except importlib.metadata.PackageNotFoundError:
-            ok = False
-        if not ok or importlib.util.find_spec(name) is None:
-            info["missing"].append(name)
+    info["missing"] = missing_requirements()
     try:
         import torch
 
@@ -158,6 +138,9 @@ def check() -> dict[str, Any]:
 
 def run(workdir: Path) -> int:
     """Run one job in ``workdir``; returns the process exit code (0 done/stopped, 1 failed)."""
+    # Micro-batches change shape from step to step (padding-free rows): growable segments keep
+    # the caching allocator from fragmenting (set before torch is imported).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     workdir = Path(workdir).resolve()
     # A manifest means "complete": one left by an earlier (stopped) run is not this run's.
     (workdir / MANIFEST_FILE).unlink(missing_ok=True)

@@ -693,7 +693,9 @@ def _compiled(name: str) -> Any:
         "rms_norm": _rms_norm, "silu_mul": _silu_mul, "rope": _rope, "silu_mul_cat": _silu_mul_cat,
         "silu_mul_cat_backward": _silu_mul_cat_backward,
     }  # fmt: skip
-    return torch.compile(fns[name], dynamic=None)
+    # Dynamic from the start: padding-free micro-batches vary in length, and the memory probe
+    # runs other sizes than training; one compile serves them all.
+    return torch.compile(fns[name], dynamic=True)
 
 
 def _fuse_elementwise(base: Any) -> int:

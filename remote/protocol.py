@@ -60,6 +60,31 @@ TRAINER_REQUIREMENTS = (
     "accelerate>=1.0",
 )
 
+
+def missing_requirements() -> list[str]:
+    """Names of :data:`TRAINER_REQUIREMENTS` this interpreter lacks or has below the floor.
+
+    Looked up in package metadata, never imported: fast, and safe before anything is known.
+    """
+    import importlib.metadata
+    import importlib.util
+    import re
+
+    def nums(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
+
+    missing = []
+    for requirement in TRAINER_REQUIREMENTS:
+        name, _, floor = requirement.partition(">=")
+        try:
+            ok = nums(importlib.metadata.version(name)) >= nums(floor)
+        except importlib.metadata.PackageNotFoundError:
+            ok = False
+        if not ok or importlib.util.find_spec(name) is None:
+            missing.append(name)
+    return missing
+
+
 # Phases in the order a healthy run walks through them.
 PHASES = ("preparing", "loading", "training", "saving", "done", "failed", "stopped")
 TERMINAL_PHASES = frozenset({"done", "failed", "stopped"})

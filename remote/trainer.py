@@ -626,7 +626,8 @@ def _quiet() -> None:
     # absent; the built-in path is the one we use, so the warning is noise in agent.log.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The Rust tokenizer encodes each batch of rows on every core (nothing forks after it).
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]

@@ -32,6 +32,7 @@ from loraburst.remote.protocol import (
     METRICS_FILE,
     STATE_FILE,
     State,
+    missing_requirements,
     verify_manifest,
 )
 
@@ -258,11 +259,16 @@ class Attempt:
         """Check Python/CUDA/torch, install the trainer's pins only where missing, smoke-test.
 
         Fails in seconds, cheaply, with a clear error when the image is broken. A host running
-        this very interpreter (the ``local`` provider) is checked once per set of installed
-        versions: the result is remembered under ``$LORABURST_HOME``.
+        this very interpreter (the ``local`` provider) is checked here, in package metadata,
+        without starting a process or importing torch.
         """
-        remembered = _remembered_check(host)
-        if remembered is not None and remembered.get("ok"):
+        if _same_interpreter(host):
+            missing = missing_requirements()
+            if missing:
+                raise AgentError(
+                    f"the trainer's dependencies are missing here: {', '.join(missing)}. "
+                    "Install them with `pip install 'loraburst[train]'`."
+                )
             return
         # Keep the instance's own PYTHONPATH (site folders some images use) after the bundle's code.
         check = (
@@ -290,8 +296,6 @@ class Attempt:
             )
         if info.get("cuda") and info.get("bnb_smoke") not in (None, "ok"):
             raise AgentError(f"bitsandbytes 4-bit smoke test failed: {info.get('bnb_smoke')}")
-        if remembered is not None:
-            _remember_check(host, {"ok": True, "cuda": info.get("cuda")})
 
     @staticmethod
     def _run_check(host: Host, command: str) -> dict[str, Any]:
@@ -594,58 +598,11 @@ class Attempt:
         return self.host
 
 
-_CHECKED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "triton")
-
-
-def _check_key(host: Host) -> str | None:
-    """Installed versions of the trainer's stack, when ``host`` runs this very interpreter."""
-    import hashlib
+def _same_interpreter(host: Host) -> bool:
+    """Whether ``host`` runs its agent with this very interpreter on this machine."""
     import sys
-    from importlib import metadata
 
-    if not getattr(host, "same_environment", False) or host.python != sys.executable:
-        return None
-    parts = [sys.executable]
-    for name in _CHECKED_PACKAGES:
-        try:
-            parts.append(f"{name}={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{name}=-")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-def _checks_file() -> Path:
-    return runs_dir().parent / "env-checks.json"
-
-
-def _remembered_check(host: Host) -> dict[str, Any] | None:
-    """A passed check for this interpreter and these versions; ``{}`` if none (None: not local)."""
-    key = _check_key(host)
-    if key is None:
-        return None
-    try:
-        found = json.loads(_checks_file().read_text()).get(key)
-    except (OSError, ValueError):
-        found = None
-    return found if isinstance(found, dict) else {}
-
-
-def _remember_check(host: Host, info: dict[str, Any]) -> None:
-    key = _check_key(host)
-    if key is None:
-        return
-    path = _checks_file()
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    known[key] = info
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(known, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # only a shortcut: the next run checks again
+    return bool(getattr(host, "same_environment", False)) and host.python == sys.executable
 
 
 def _is_refusal(exc: ProviderError) -> bool:

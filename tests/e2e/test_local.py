@@ -113,7 +113,7 @@ def test_cli_run_and_ls(tiny_model: Path, tmp_path: Path) -> None:
 
 def test_local_model_folder_is_used_in_place(tiny_model: Path, tmp_path: Path) -> None:
     """No copy of the weights: not in the bundle, not in the run folder; the agent reads them
-    from the user's folder. The environment check is remembered for the next job."""
+    from the user's folder."""
     import tarfile
 
     from loraburst._home import home, runs_dir
@@ -136,5 +136,20 @@ def test_local_model_folder_is_used_in_place(tiny_model: Path, tmp_path: Path) -
         if '"settings"' in line
     ]
     assert loading and loading[0]["packing"] in (True, False)
-    checks = json.loads((home() / "env-checks.json").read_text())
-    assert [v["ok"] for v in checks.values()] == [True]
+
+
+def test_local_dependencies_are_checked_before_the_agent_starts(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local provider runs this interpreter: its packages are checked here, by metadata,
+    and a missing one is named before any agent starts."""
+    from loraburst import AgentError
+    from loraburst._home import runs_dir
+    from loraburst.remote import protocol
+
+    assert protocol.missing_requirements() == []
+    monkeypatch.setattr(protocol, "TRAINER_REQUIREMENTS", ("peft>=999", "no-such-pkg>=1"))
+    assert protocol.missing_requirements() == ["peft", "no-such-pkg"]
+    with pytest.raises(AgentError, match="peft, no-such-pkg"):
+        _job(tiny_model, tmp_path / "out", max_steps=1).run(provider="local", progress=False)
+    assert not list(runs_dir().glob("*/events.jsonl"))  # no agent ever ran
