@@ -51,6 +51,7 @@ RUNS: list[tuple[str, str, str, str, str, dict[str, Any]]] = [
     ("b/unsloth-mb2", "b", "unsloth", "llama-3-8b", "text", {"packing": True, "micro_batch": 2, "grad_ckpt": "off", "mem_cap": CAP}),
     ("b/unsloth-ckpt", "b", "unsloth", "llama-3-8b", "text", {"packing": True, "micro_batch": 4, "grad_ckpt": "unsloth", "mem_cap": CAP}),
     ("c/ours", "c", "ours", "llama-3-8b", "text", {"packing": True, "micro_batch_size": 4, "gradient_checkpointing": "offload"}),
+    ("c/ours-mb2", "c", "ours", "llama-3-8b", "text", {"packing": True, "micro_batch_size": 2, "gradient_checkpointing": "offload"}),
     ("chat/ours", "chat", "ours", "llama-3-8b", "chat", {}),
     ("parity/ours", "parity", "ours", "llama-3.2-3b", "text", {"packing": True, "micro_batch_size": 2, "max_seq_len": 1024, "steps": 100, "lr": 1e-4}),
     ("parity/vanilla", "parity", "vanilla", "llama-3.2-3b", "text", {"packing": True, "micro_batch": 2, "max_len": 1024, "steps": 100, "lr": 1e-4, "grad_ckpt": "on"}),

@@ -693,9 +693,10 @@ def _compiled(name: str) -> Any:
         "rms_norm": _rms_norm, "silu_mul": _silu_mul, "rope": _rope, "silu_mul_cat": _silu_mul_cat,
         "silu_mul_cat_backward": _silu_mul_cat_backward,
     }  # fmt: skip
-    # Dynamic from the start: padding-free micro-batches vary in length, and the memory probe
-    # runs other sizes than training; one compile serves them all.
-    return torch.compile(fns[name], dynamic=True)
+    # Automatic dynamic shapes: a second size (the memory probe's) recompiles with the token
+    # dimension symbolic and everything else (hidden size, heads) static. dynamic=True would
+    # make every dimension symbolic: measured 7% slower on the H200 (8B, 8K tokens a step).
+    return torch.compile(fns[name], dynamic=None)
 
 
 def _fuse_elementwise(base: Any) -> int:
@@ -1170,16 +1171,28 @@ def probe_memory(
         weight = getattr(base_layer, "weight", None)
         if weight is not None and getattr(weight, "quant_state", None) is not None:
             cache += 2 * int(base_layer.in_features) * int(base_layer.out_features)
+    # Memory grows with the square of a row only where attention keeps its scores (eager);
+    # elsewhere a square fitted to three small sizes is allocator noise, which extrapolated
+    # 8x beyond them became 11 GB of phantom memory on the H200 (8B, 8K tokens).
+    quadratic = layout == "padded" and base.config._attn_implementation == "eager"
+    fit = _fit3 if quadratic else _fit_linear
     return {
         "ok": True,
         "sizes": list(sizes),
         "kept": kept,
         "peak": peak,
-        "kept_fit": _fit3(sizes, kept),
-        "peak_fit": _fit3(sizes, peak),
+        "kept_fit": fit(sizes, kept),
+        "peak_fit": fit(sizes, peak),
         "cache_bytes": cache,
         "chunked_loss": chunked,
+        "quadratic": quadratic,
     }
+
+
+def _fit_linear(x: tuple[int, int, int], y: list[float]) -> tuple[float, float, float]:
+    """``c0 + c1 x`` through the two largest points, whose noise matters least."""
+    c1 = (y[2] - y[1]) / (x[2] - x[1])
+    return y[2] - c1 * x[2], c1, 0.0
 
 
 def _fit3(x: tuple[int, int, int], y: list[float]) -> tuple[float, float, float]:
