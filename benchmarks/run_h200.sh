@@ -13,6 +13,7 @@ export PYTHONPATH=/tmp/site:/tmp/lb:$PWD
 runs=${1:-}; budget=${2:-480}; archs=${3:-}; arch_budget=${4:-0}
 if [ -n "$runs" ]; then
   python3 benchmarks/real_path.py --only "$runs" --budget-s "$budget" 2>&1 | tee "${OUT:-/tmp}/real.log" | tail -25
+  [ -n "${OUT:-}" ] && cp benchmarks/results/real_path.json "$OUT"/
 fi
 if [ -n "$archs" ] && [ "$arch_budget" -gt 0 ]; then
   timeout "$arch_budget" python3 benchmarks/planner_accuracy.py --only "$archs" 2>&1 | tee "${OUT:-/tmp}/planner.log" | tail -12
