@@ -709,6 +709,8 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
         # Our CUDA speed path (remote/fastpath.py): its own recompute policy replaces HF's.
         report = _fastpath(model, settings)
         settings = {**settings, "gradient_checkpointing": bool(report.get("checkpointed_layers"))}
+        # The reported peak is training's, not the memory probe's (as the anchors report it).
+        torch.cuda.reset_peak_memory_stats()
         reporter.event(
             "fastpath",
             **{k: v for k, v in report.items() if k != "plan"},

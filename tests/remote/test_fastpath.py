@@ -377,3 +377,18 @@ def test_plan_layers_prefers_fewer_recomputes_then_cache() -> None:
     assert none["offload"] and not none["fits"]
     forced = fastpath._plan_layers(100 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "all")
     assert forced["recompute_layers"] == 32 and forced["dequant_cache"] == 32
+
+
+def test_unverified_architectures_are_planned_with_a_margin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model type whose predictions were not checked on a GPU gets the budget / margin."""
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 0)
+    probe = {"ok": True, "kept_fit": (0.0, 6000.0, 0.0), "peak_fit": (2**20, 6400.0, 0.0),
+             "cache_bytes": 2**20, "chunked_loss": True}  # fmt: skip
+    shape = {"seq_len": 65536, "micro_batch_size": 16, "budget_gib": 9.0, "headroom_gib": 0.5}
+    llama = fastpath.plan(_tiny_lora(False), probe=probe, **shape)
+    qwen = fastpath.plan(_tiny_lora(False, arch="qwen2"), probe=probe, **shape)
+    assert llama["verified_architecture"] and not qwen["verified_architecture"]
+    assert llama["recompute_layers"] == 0 and qwen["recompute_layers"] > 0
+    assert qwen["predicted_peak_gib"] <= (9.0 - 0.5) / fastpath.UNVERIFIED_MARGIN + 0.5
