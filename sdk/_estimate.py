@@ -300,7 +300,7 @@ def estimate(
     """
     if tokens < 0 or rows < 0:
         raise EstimateError(f"tokens ({tokens}) and rows ({rows}) must be >= 0")
-    ms = model_shape(spec.model)
+    ms = model_shape(spec.model, spec.model_revision)
     coeffs = _coeffs()
     wl = _workload(spec, tokens, rows)
     wanted = {resolve_gpu(g).name for g in gpus} if gpus else None

@@ -64,6 +64,11 @@ REGISTRY: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
         (),
     ),
     "llama-3.1-70b": ("meta-llama/Llama-3.1-70B", _L3_70B, ("llama-3-70b", "llama-3.3-70b")),
+    "mistral-7b-v0.1": (
+        "mistralai/Mistral-7B-v0.1",
+        _cfg("mistral", 4096, 32, 32, 8, 14336, 32000, False, 128),
+        ("mistral-7b-v0.2",),
+    ),
     "mistral-7b-v0.3": (
         "mistralai/Mistral-7B-v0.3",
         _cfg("mistral", 4096, 32, 32, 8, 14336, 32768, False, 128),
@@ -137,12 +142,17 @@ class ModelShape:
         return 2.0 * self.params
 
 
-def model_shape(model: str) -> ModelShape:
-    """The shape of ``model``: a local folder with ``config.json``, else the registry.
+def model_shape(model: str, revision: str | None = None) -> ModelShape:
+    """The shape of ``model``: a local folder with ``config.json``, the registry, or the hub.
+
+    A hub id that is not in the registry has just its ``config.json`` fetched with
+    ``huggingface_hub`` (cached; honours ``HF_TOKEN``, ``HF_ENDPOINT``, ``HF_HOME`` and offline
+    mode, ``HF_HUB_OFFLINE=1``).
 
     Raises:
-        EstimateError: the folder has no usable config.json, or the id is not in the registry;
-            the message says how to give a config.
+        EstimateError: the folder has no usable config.json; or the hub has no such repo, it is
+            gated, it has no config.json, or it cannot be reached and the file is not cached;
+            the message says what to do.
     """
     path = Path(model).expanduser()
     if path.is_dir() or path.name == "config.json":
@@ -153,22 +163,90 @@ def model_shape(model: str) -> ModelShape:
                 f"known model id: {', '.join(REGISTRY)})",
                 model=model,
             )
-        try:
-            config = json.loads(cfg_path.read_text())
-            shape = shape_from_config(config)
-        except (OSError, ValueError) as exc:
-            raise EstimateError(f"{cfg_path}: {exc}", model=model) from exc
-        return ModelShape(path.name, str(cfg_path), config, shape)
+        return _from_file(model, path.name, cfg_path)
     key = _INDEX.get(_norm(model))
-    if key is None:
-        close = difflib.get_close_matches(_norm(model), list(_INDEX), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(sorted({_INDEX[c] for c in close}))}?" if close else ""
-        raise EstimateError(
-            f"unknown model {model!r}: no local folder of that name and not in the shape "
-            f"registry.{hint} Give a local folder containing the model's config.json "
-            f"(e.g. `huggingface-cli download {model} config.json --local-dir ./{_norm(model)}` "
-            f"and use ./{_norm(model)} as the model), or one of: {', '.join(REGISTRY)}",
-            model=model,
+    if key is not None:
+        hub, config, _ = REGISTRY[key]
+        return ModelShape(key, f"registry:{hub}", dict(config), shape_from_config(config))
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        return _from_file(model, model, _hub_config(model, revision))
+    close = difflib.get_close_matches(_norm(model), list(_INDEX), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(sorted({_INDEX[c] for c in close}))}?" if close else ""
+    raise EstimateError(
+        f"unknown model {model!r}: not a local folder with a config.json, not a hub id "
+        f"(owner/name) and not in the shape registry.{hint} Known: {', '.join(REGISTRY)}",
+        model=model,
+    )
+
+
+def _from_file(model: str, name: str, cfg_path: Path) -> ModelShape:
+    try:
+        config = json.loads(cfg_path.read_text())
+        shape = shape_from_config(config)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EstimateError(f"{cfg_path}: not a usable config.json ({exc})", model=model) from exc
+    return ModelShape(name, str(cfg_path), config, shape)
+
+
+def _hub_config(model: str, revision: str | None) -> Path:
+    """``config.json`` of a hub repo, from the local cache or downloaded (that file only)."""
+    import os
+
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
         )
-    hub, config, _ = REGISTRY[key]
-    return ModelShape(key, f"registry:{hub}", dict(config), shape_from_config(config))
+    except ImportError as exc:  # pragma: no cover - a base dependency
+        raise EstimateError(
+            f"reading {model}'s config.json from the hub needs huggingface_hub: "
+            "`pip install huggingface_hub`",
+            model=model,
+        ) from exc
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    site = endpoint or "https://huggingface.co"
+    try:
+        return Path(
+            hf_hub_download(
+                model, "config.json", revision=revision, endpoint=endpoint,
+                local_files_only=offline, token=os.environ.get("HF_TOKEN") or None,
+            )
+        )  # fmt: skip
+    except GatedRepoError as exc:
+        raise EstimateError(
+            f"{model} is a gated repo: accept its terms at {site}/{model} and set HF_TOKEN to a "
+            "token of that account (or give a local folder with its config.json)",
+            model=model,
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise EstimateError(
+            f"no model repo {model!r} on {site} (a private repo needs HF_TOKEN); check the id",
+            model=model,
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise EstimateError(
+            f"{model} has no revision {revision!r}; check model_revision", model=model
+        ) from exc
+    except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: first
+        why = "offline mode (HF_HUB_OFFLINE=1) is on" if offline else f"{site} cannot be reached"
+        raise EstimateError(
+            f"{model}'s config.json is not in the local cache and {why}: go online once, or "
+            f"`huggingface-cli download {model} config.json --local-dir ./{_norm(model)}` and "
+            f"use ./{_norm(model)} as the model",
+            model=model,
+        ) from exc
+    except EntryNotFoundError as exc:
+        raise EstimateError(
+            f"{model} has no config.json on {site}; is it a model repo? Give a local folder "
+            "with its config.json instead",
+            model=model,
+        ) from exc
+    except (HfHubHTTPError, OSError) as exc:
+        raise EstimateError(f"reading {model}'s config.json from {site} failed: {exc}",
+                            model=model) from exc  # fmt: skip

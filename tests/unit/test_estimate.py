@@ -139,8 +139,11 @@ def test_folder_without_config_says_how_to_give_one(tmp_path: Path) -> None:
 
 def test_unknown_model_says_how_to_give_a_config() -> None:
     with pytest.raises(EstimateError) as err:
-        model_shape("acme/SuperLM-13B")
+        model_shape("SuperLM-13B")  # neither a folder, nor owner/name, nor in the registry
     assert "config.json" in str(err.value) and "llama-3.1-8b" in str(err.value)
+    with pytest.raises(EstimateError) as err:  # a hub id, offline (the suite runs offline)
+        model_shape("acme/SuperLM-13B")
+    assert "offline mode" in str(err.value) and "config.json --local-dir" in str(err.value)
 
 
 def test_unknown_gpu_lists_known_names_closest_first() -> None:
