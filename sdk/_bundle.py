@@ -68,9 +68,11 @@ def _bundle_spec(spec: JobSpec, train: PreparedDataset, eval_ds: PreparedDataset
 
 
 def _code_files() -> Iterator[tuple[str, Path]]:
+    """The agent's code: every module of ``loraburst.remote``, its sub-packages included."""
     root = Path(_remote_pkg.__file__).parent
-    for p in sorted(root.glob("*.py")):
-        yield f"code/loraburst/remote/{p.name}", p
+    for p in sorted(root.rglob("*.py")):
+        if "__pycache__" not in p.parts:
+            yield f"code/loraburst/remote/{p.relative_to(root).as_posix()}", p
 
 
 def _members(

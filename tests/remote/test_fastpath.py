@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from loraburst.remote import fastpath  # noqa: E402
+from loraburst.remote.fastpath import layers, patch, planner  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
@@ -87,7 +88,7 @@ def _apply(model: Any, **kw: Any) -> Any:
         fuse_elementwise=False, compile_layers=False, offload_checkpoints=False, loss_chunk=7,
     )  # fmt: skip
     opts.update(kw)
-    return fastpath._apply(model, fastpath.FastpathReport(), **opts)
+    return patch._apply(model, fastpath.FastpathReport(), **opts)
 
 
 @pytest.mark.parametrize("quantised", [False, True], ids=["bf16-free", "nf4"])
@@ -250,7 +251,7 @@ def test_rms_norm_matches_hugging_face() -> None:
     with torch.no_grad():
         norm.weight.normal_()
     x = torch.randn(5, 48, dtype=torch.bfloat16)
-    assert torch.equal(fastpath._rms_norm(x, norm.weight, 1e-5), norm(x))
+    assert torch.equal(layers._rms_norm(x, norm.weight, 1e-5), norm(x))
 
 
 def test_optimize_leaves_a_cpu_model_alone() -> None:
@@ -369,13 +370,13 @@ def test_plan_without_a_measurement_falls_back_to_the_leanest_setting() -> None:
 
 def test_plan_layers_prefers_fewer_recomputes_then_cache() -> None:
     gib = fastpath.GIB
-    roomy = fastpath._plan_layers(100 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "auto")
+    roomy = planner._plan_layers(100 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "auto")
     assert roomy["recompute_layers"] == 0 and roomy["dequant_cache"] == 32 and roomy["fits"]
-    tight = fastpath._plan_layers(20 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "auto")
+    tight = planner._plan_layers(20 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "auto")
     assert 0 < tight["recompute_layers"] < 32 and tight["fits"]
-    none = fastpath._plan_layers(1 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "auto")
+    none = planner._plan_layers(1 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "auto")
     assert none["offload"] and not none["fits"]
-    forced = fastpath._plan_layers(100 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "all")
+    forced = planner._plan_layers(100 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "all")
     assert forced["recompute_layers"] == 32 and forced["dequant_cache"] == 32
 
 
