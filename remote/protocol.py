@@ -249,6 +249,131 @@ def safe_extract(tar_path: Path | str, dest: Path | str) -> list[str]:
     return [m.name for m in members]
 
 
+# ------------------------------------------------------------------- the bundle's typed spec
+# spec.json as both sides read it. The client writes it from its pydantic JobSpec
+# (sdk/_spec.py; tests/unit/test_spec.py checks the two have the same fields); the agent reads
+# it here, typed, instead of walking nested dicts.
+
+
+def _typed(cls: Any, raw: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a dict: every key known, nested dataclasses built too."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"spec.json: {where or 'the spec'} must be an object")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"spec.json: unknown key(s) {', '.join(map(repr, unknown))} in {where or 'the spec'} "
+            "(the bundle and the agent's code come from different versions?)"
+        )
+    values = {}
+    for name, value in raw.items():
+        sub = _NESTED.get((cls.__name__, name))
+        values[name] = _typed(sub, value, f"{where}{name}.") if sub else value
+    return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """``lora:`` — the adapter's shape."""
+
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """``quant:`` — how the base weights are loaded."""
+
+    bits: int = 4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    """``train:`` — optimisation and data shaping (see the client's ``TrainConfig``)."""
+
+    epochs: float = 1.0
+    max_steps: int | None = None
+    learning_rate: float = 2e-4
+    micro_batch_size: int | str = "auto"
+    grad_accum: int = 1
+    max_seq_len: int = 2048
+    packing: bool | str = "auto"
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    seed: int = 42
+    eval_fraction: float = 0.0
+    save_every_steps: int | None = 50
+    gradient_checkpointing: bool | str = "auto"
+    max_gpu_memory_gib: float | None = None
+    loss_on: str = "assistant"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpecData:
+    """``spec`` of spec.json: the job as the agent runs it (paths rewritten for the bundle)."""
+
+    model: str
+    dataset: str
+    eval_dataset: str | None = None
+    method: str = "qlora"
+    lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)
+    train: TrainSpec = dataclasses.field(default_factory=TrainSpec)
+    quant: QuantSpec = dataclasses.field(default_factory=QuantSpec)
+    output_dir: str = "adapter"
+    max_cost: float | None = None
+    max_runtime: float | None = None
+    name: str | None = None
+    model_revision: str | None = None
+    artifacts: str | None = None
+
+    @property
+    def quantized(self) -> bool:
+        """Base weights in 4/8 bits (QLoRA, QDoRA); plain LoRA and bits=16 keep them as is."""
+        return self.method != "lora" and self.quant.bits in (4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class BundleSpec:
+    """spec.json: what the agent is asked to run."""
+
+    spec: JobSpecData
+    job_id: str = "job"
+    data_format: str = "messages"
+    protocol_version: int = PROTOCOL_VERSION
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> BundleSpec:
+        """Parse spec.json's content.
+
+        Raises:
+            ValueError: a key this code does not know, or a section that is not an object.
+        """
+        spec: BundleSpec = _typed(cls, raw, "")
+        return spec
+
+    @classmethod
+    def read(cls, path: Path) -> BundleSpec:
+        """Read and parse ``path`` (a bundle's spec.json)."""
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+_NESTED: dict[tuple[str, str], Any] = {
+    ("BundleSpec", "spec"): JobSpecData,
+    ("JobSpecData", "lora"): LoraSpec,
+    ("JobSpecData", "train"): TrainSpec,
+    ("JobSpecData", "quant"): QuantSpec,
+}
+
+
 def _main(argv: list[str]) -> int:
     """``python protocol.py extract TAR DEST``: run standalone on an instance before the
     bundle's code exists there (the transport pipes this file's source to the interpreter)."""

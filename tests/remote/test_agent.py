@@ -30,11 +30,6 @@ from tests.remote._workdir import (
 )
 
 
-def _spec(workdir: Path) -> dict[str, object]:
-    spec: dict[str, object] = json.loads((workdir / "bundle" / "spec.json").read_text())["spec"]
-    return spec
-
-
 def test_qlora_nf4_trains_and_writes_a_verified_adapter(tiny_model: Path, tmp_path: Path) -> None:
     import torch
     from loraburst.remote.trainer import load_model
@@ -72,7 +67,10 @@ def test_qlora_nf4_trains_and_writes_a_verified_adapter(tiny_model: Path, tmp_pa
     assert verify_manifest(workdir, manifest) == []
 
     # Every LoRA tensor moved away from its initial value (same seed -> same init).
-    init_model, _ = load_model(_spec(workdir), str(workdir / "bundle" / "model"))
+    from loraburst.remote.protocol import BundleSpec
+
+    spec = BundleSpec.read(workdir / "bundle" / "spec.json").spec
+    init_model, _ = load_model(spec, str(workdir / "bundle" / "model"))
     initial = get_peft_model_state_dict(init_model)
     trained = load_file(workdir / "adapter" / "adapter_model.safetensors")
     lora = [k for k in trained if "lora_" in k]

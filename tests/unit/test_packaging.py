@@ -60,14 +60,22 @@ def test_remote_imports_only_stdlib_and_itself(tmp_path: Path) -> None:
     # The agent must start on a bare instance: the bundled remote code alone, no client code,
     # no third-party imports at module level (the trainer imports torch & co. in functions).
     # `python -S` leaves site-packages out, so any such import fails here.
+    from loraburst._bundle import _code_files
+
     code_dir = tmp_path / "code" / "loraburst"
-    (code_dir / "remote").mkdir(parents=True)
+    code_dir.mkdir(parents=True)
     (code_dir / "__init__.py").write_text("")
     modules = []
-    for py in sorted((ROOT / "remote").glob("*.py")):
-        (code_dir / "remote" / py.name).write_bytes(py.read_bytes())
-        if py.stem != "__init__":
-            modules.append(f"loraburst.remote.{py.stem}")
+    for name, py in _code_files():  # exactly what a bundle ships
+        target = tmp_path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(py.read_bytes())
+        rel = Path(name).relative_to("code").with_suffix("")
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        modules.append(".".join(parts))
+    assert (
+        "loraburst.remote.recipes.sft" in modules and "loraburst.remote.fastpath.planner" in modules
+    )
     code = "import " + ", ".join(modules)
     proc = subprocess.run(
         [sys.executable, "-S", "-c", code],

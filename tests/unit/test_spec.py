@@ -75,3 +75,37 @@ def test_every_shipped_yaml_loads(path: Path) -> None:
     if "batch" in path.name:
         pytest.skip("batch files are loaded by the batch tests")
     Job.from_yaml(path)
+
+
+def test_the_agent_reads_the_same_spec_the_client_writes() -> None:
+    """protocol's typed spec (what the agent reads) has the JobSpec's fields and defaults, so a
+    key added on one side and not the other fails here, not on a rented instance."""
+    import dataclasses
+
+    from loraburst import JobSpec
+    from loraburst._bundle import _bundle_spec
+    from loraburst._dataset import prepare_dataset
+    from loraburst.remote import protocol
+
+    pairs = [
+        (JobSpec, protocol.JobSpecData),
+        (JobSpec.model_fields["lora"].annotation, protocol.LoraSpec),
+        (JobSpec.model_fields["train"].annotation, protocol.TrainSpec),
+        (JobSpec.model_fields["quant"].annotation, protocol.QuantSpec),
+    ]
+    for client, agent in pairs:
+        assert set(client.model_fields) == {f.name for f in dataclasses.fields(agent)}, agent
+        for f in dataclasses.fields(agent):
+            default = client.model_fields[f.name].get_default(call_default_factory=True)
+            if dataclasses.is_dataclass(f.type) or f.name in ("lora", "train", "quant"):
+                continue
+            if f.name in ("model", "dataset", "output_dir"):
+                continue  # rewritten for the bundle
+            assert f.default == default, (agent.__name__, f.name)
+    spec = JobSpec(model="m", dataset="d.jsonl", train={"max_steps": 3, "packing": False})
+    ds = prepare_dataset([{"text": "hello"}])
+    doc = protocol.BundleSpec.from_dict(__import__("json").loads(_bundle_spec(spec, ds, None)))
+    assert doc.spec.train.max_steps == 3 and doc.spec.train.packing is False
+    assert doc.spec.quantized is spec.quantized
+    with pytest.raises(ValueError, match="unknown key"):
+        protocol.BundleSpec.from_dict({"spec": {"model": "m", "dataset": "d", "trian": {}}})

@@ -1,0 +1,32 @@
+"""Training recipes: one per objective (and backend), each composing :mod:`..training`.
+
+A recipe is a module with ``run(workdir, bundle, reporter)``. :func:`recipe_for` picks it from
+the job's spec; adding an objective (DPO, ORPO) or a backend (MLX) adds a module here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from ..protocol import BundleSpec
+
+__all__ = ["RECIPES", "recipe_for"]
+
+# objective -> module of this package (imported lazily: a recipe's imports are its own).
+RECIPES = {"sft": "sft"}
+
+
+def recipe_for(bundle: BundleSpec) -> ModuleType:
+    """The recipe module that trains ``bundle``'s job.
+
+    Raises:
+        ValueError: no recipe for the job's objective.
+    """
+    objective = "sft"
+    name = RECIPES.get(objective)
+    if name is None:
+        raise ValueError(
+            f"no training recipe for objective {objective!r}; known: {sorted(RECIPES)}"
+        )
+    return importlib.import_module(f".{name}", __package__)

@@ -1,0 +1,176 @@
+"""Supervised fine-tuning with LoRA/QLoRA/DoRA: set up, train, save. One screen, top to bottom::
+
+tokenizer   its chat template, else ChatML
+data        input_ids + labels, -100 off the loss (assistant/completion tokens only)
+batches     packed or not ("auto": pack short rows), one plan for every epoch, collated
+            padding-free where the model allows
+model       NF4/FP4/int8 base (bitsandbytes) or bf16/fp32, wrapped in LoRA/DoRA (peft)
+settings    micro-batch, recompute and dequant cache planned on the loaded model (CUDA)
+train       Trainer over our batches; checkpoint every save_every_steps, resume from the
+            newest; progress reported from a thread
+save        adapter/, metrics.json, then manifest.json (its presence means complete)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..attention import register as register_attention
+from ..batching import choose_packing
+from ..protocol import ENV_ARTIFACTS, BundleSpec, JobSpecData
+from ..training import checkpoints, data, hf, loading, outputs, progress, settings
+
+if TYPE_CHECKING:
+    from ..agent import Reporter
+
+__all__ = ["run"]
+
+_GIB = 1024**3
+
+
+def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
+    """Train the job in ``workdir`` and write its artifacts.
+
+    Raises:
+        FileNotFoundError: a local model folder is missing (the message names it).
+        loraburst.remote._data.DataError: a row cannot be used (names the file and row).
+    """
+    spec = bundle.spec
+    path = loading.model_path(workdir, spec)  # before the heavy imports: fail in a second
+    upload = os.environ.get(ENV_ARTIFACTS) or spec.artifacts
+    reporter.update(phase="loading")
+    reporter.event("loading", model=spec.model, method=spec.method, bits=spec.quant.bits)
+    loading.quiet()
+    import torch
+
+    # -- setup: data, model, memory plan ------------------------------------------------
+    tokenizer, added = loading.load_tokenizer(spec, path)
+    rows, eval_rows, stats = data.encode(workdir, bundle, tokenizer)
+    reporter.event("data", **stats)
+    lengths = [len(r["input_ids"]) for r in rows]
+    settings.cap_memory(spec)
+    packing = choose_packing(spec.train.packing, lengths, spec.train.max_seq_len)
+    cuda = torch.cuda.is_available()
+    model, tokenizer = loading.load_model(spec, path, tokenizer, added, fast=cuda)
+    layout, why_padded = data.layout(settings.base_config(model))
+    if layout == "flat":
+        settings.base_config(model)._attn_implementation = register_attention()
+    chosen, plan = settings.choose(spec, model, lengths, packing, layout)
+    reporter.event(
+        "settings",
+        **{k: v for k, v in chosen.items() if k != "plan"},
+        **({"plan": _public(chosen["plan"])} if "plan" in chosen else {}),
+        batches_per_epoch=plan.batches_per_epoch,
+        mean_tokens_per_micro_batch=round(plan.mean_tokens, 1),
+        **({"padded_because": why_padded} if why_padded else {}),
+    )
+    if chosen.get("plan", {}).get("fits") is False:
+        reporter.event(
+            "warning", message="the memory plan says even the smallest setting may not fit"
+        )
+    dtype = loading.compute_dtype(spec.quant.compute_dtype)
+    if cuda:
+        # Our CUDA speed path (remote/fastpath/): its own recompute policy replaces HF's.
+        report = settings.apply_fastpath(model, chosen)
+        chosen = {**chosen, "gradient_checkpointing": bool(report.get("checkpointed_layers"))}
+        # The reported peak is training's, not the memory probe's (as the anchors report it).
+        torch.cuda.reset_peak_memory_stats()
+        reporter.event("fastpath", **{k: v for k, v in report.items() if k != "plan"},
+                       plan=report.get("plan", {}))  # fmt: skip
+    elif dtype == torch.float32:
+        # Keep LoRA adapters in fp32 when computing in fp32 (CPU).
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seed, mb = spec.train.seed, chosen["micro_batch_size"]
+    train_loader = data.loader(rows, plan, seed=seed, layout=layout, pad_id=pad_id)
+    eval_loader = None
+    if eval_rows:
+        eval_plan = data.batch_plan(spec, [len(r["input_ids"]) for r in eval_rows], mb, packing,
+                                    layout)  # fmt: skip
+        eval_loader = data.loader(eval_rows, eval_plan, seed=seed, layout=layout, pad_id=pad_id,
+                                  shuffle=False)  # fmt: skip
+    trainer = hf.trainer_class()(
+        model=model,
+        args=hf.training_args(spec, workdir, mb, dtype),
+        processing_class=tokenizer,
+        loaders=(train_loader, eval_loader),
+    )
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our events already say it, once
+    callback = progress.progress_callback(reporter, upload, trainer)
+    trainer.add_callback(callback)
+
+    # -- train ----------------------------------------------------------------------------
+    resume = checkpoints.resume_point(workdir, upload, reporter)
+    tokens_before = 0
+    if resume is not None:
+        reporter.event("resuming", checkpoint=resume.name)
+        tokens_before = checkpoints.tokens_at(resume)  # now: rotation may delete it
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        callback.writer.close()
+
+    # -- save -----------------------------------------------------------------------------
+    stopped = reporter.stop_reason
+    reporter.update(phase="saving")
+    metrics = _metrics(spec, trainer, output, stats, chosen, resume, stopped, tokens_before)
+    if eval_loader is not None and stopped is None:
+        metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+    outputs.save_outputs(workdir, model, tokenizer, metrics, upload)
+    phase = "stopped" if stopped else "done"
+    reporter.update(phase=phase, stop_reason=stopped, step=trainer.state.global_step, eta_s=0.0)
+    reporter.event(phase, steps=trainer.state.global_step, final_loss=metrics["final_loss"])
+
+
+def _public(plan: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in plan.items() if k != "probe"}
+
+
+def _metrics(
+    spec: JobSpecData,
+    trainer: Any,
+    output: Any,
+    stats: dict[str, int],
+    chosen: dict[str, Any],
+    resume: Path | None,
+    stopped: str | None,
+    tokens_before: int,
+) -> dict[str, Any]:
+    import torch
+
+    state = trainer.state
+    history = outputs.loss_history(state)
+    losses = [loss for _, loss in history]
+    runtime = output.metrics.get("train_runtime", 0.0)
+    session_tokens = trainer.tokens_seen - tokens_before
+    cuda = torch.cuda.is_available()
+    return {
+        "steps": state.global_step,
+        "total_steps": state.max_steps,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "loss_steps": [step for step, _ in history],
+        "train_tokens": trainer.tokens_seen,
+        "train_runtime_s": runtime,
+        "tokens_per_s": session_tokens / runtime if runtime else None,
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "resumed_from_step": int(resume.name.split("-")[-1]) if resume else None,
+        "stop_reason": stopped,
+        "device": "cuda" if cuda else "cpu",
+        "peak_vram_gb": torch.cuda.max_memory_allocated() / _GIB if cuda else None,
+        "peak_vram_reserved_gb": torch.cuda.max_memory_reserved() / _GIB if cuda else None,
+        "method": spec.method,
+        "quantized_bits": spec.quant.bits if spec.quantized else None,
+        "micro_batch_size": chosen["micro_batch_size"],
+        "gradient_checkpointing": chosen["gradient_checkpointing"],
+        "packing": chosen["packing"],
+        "layout": chosen["layout"],
+        "data": stats,
+    }

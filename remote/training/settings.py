@@ -1,0 +1,121 @@
+"""The micro-batch and the memory plan for this card: chosen on the loaded model.
+
+On CUDA the fast path's patches are applied first (:func:`..fastpath.optimize`), then the
+patched model's memory is measured (:func:`..fastpath.probe_memory`) and each candidate
+micro-batch is planned against the card's memory (:func:`..fastpath.plan`); the candidates are
+ranked by :func:`..memory.micro_batch_score`, the same ranking the client's estimate uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..batching import BatchPlan
+from ..memory import micro_batch_score
+from ..protocol import JobSpecData
+from .data import batch_plan, plan_tokens
+
+__all__ = ["apply_fastpath", "base_config", "budget_gib", "cap_memory", "choose"]
+
+_GIB = 1024**3
+_POLICY: dict[Any, str] = {"auto": "auto", True: "all", False: "none", "offload": "offload"}
+
+
+def base_config(model: Any) -> Any:
+    """The transformers config under a peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.config
+
+
+def budget_gib(spec: JobSpecData) -> float:
+    """GPU memory the plan may use: the card's, or ``train.max_gpu_memory_gib`` when lower."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory / _GIB
+    cap = spec.train.max_gpu_memory_gib
+    return min(total, float(cap)) if cap else total
+
+
+def cap_memory(spec: JobSpecData) -> None:
+    """Hold the process to ``train.max_gpu_memory_gib`` (before anything is allocated)."""
+    import torch
+
+    cap = spec.train.max_gpu_memory_gib
+    if cap and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory / _GIB
+        torch.cuda.set_per_process_memory_fraction(min(1.0, float(cap) / total))
+
+
+def choose(
+    spec: JobSpecData, model: Any, lengths: list[int], packing: bool, layout: str
+) -> tuple[dict[str, Any], BatchPlan]:
+    """Micro-batch and the recompute/dequant-cache plan: the spec's, or chosen for this card.
+
+    Returns:
+        The settings (``micro_batch_size``, ``gradient_checkpointing``, ``packing``,
+        ``layout`` and, on CUDA, ``tokens_per_micro_batch``, ``memory_budget_gib`` and the
+        fast path's ``plan``) and the batch plan they imply.
+    """
+    import torch
+
+    train = spec.train
+    mbs = train.micro_batch_size
+    if not torch.cuda.is_available():
+        mb = min(4, max(len(lengths), 1)) if mbs == "auto" else int(mbs)
+        return {
+            "micro_batch_size": mb,
+            "gradient_checkpointing": train.gradient_checkpointing not in ("auto", False),
+            "packing": packing,
+            "layout": layout,
+        }, batch_plan(spec, lengths, mb, packing, layout)
+    from .. import fastpath
+
+    candidates: tuple[int, ...]
+    if mbs == "auto":
+        # Packed: sequences per micro-batch; unpacked: rows (a few hundred tokens each).
+        candidates = (1, 2, 4, 8) if packing else (1, 2, 4, 8, 16, 32)
+    else:
+        candidates = (int(mbs),)
+    fastpath.optimize(model, seq_len=train.max_seq_len, micro_batch_size=1,
+                      gradient_checkpointing=0, dequant_cache=0)  # fmt: skip
+    probe = fastpath.probe_memory(model, layout=layout)
+    budget = budget_gib(spec)
+    policy = _POLICY[train.gradient_checkpointing]
+    layers = max(1, int(getattr(base_config(model), "num_hidden_layers", 1)))
+    best: tuple[tuple[bool, float], dict[str, Any], BatchPlan] | None = None
+    for mb in candidates:
+        plan = batch_plan(spec, lengths, mb, packing, layout)
+        if mb > candidates[0] and plan.batches_per_epoch < 2:
+            break  # a bigger micro-batch than the data fills
+        tokens = plan_tokens(plan, layout)
+        seq = train.max_seq_len
+        option = fastpath.plan(
+            model, seq_len=seq, micro_batch_size=max(1, -(-tokens // seq)), tokens=tokens,
+            budget_gib=budget, layout=layout, policy=policy, probe=probe,
+        )  # fmt: skip
+        score = micro_batch_score(
+            plan.mean_tokens, option["recompute_layers"], layers, bool(option["fits"]), tokens
+        )
+        settings = {
+            "micro_batch_size": mb,
+            "gradient_checkpointing": option["gradient_checkpointing"],
+            "packing": packing,
+            "layout": layout,
+            "tokens_per_micro_batch": tokens,
+            "memory_budget_gib": round(budget, 2),
+            "plan": option,
+        }
+        if best is None or score > best[0]:
+            best = (score, settings, plan)
+    assert best is not None
+    return best[1], best[2]
+
+
+def apply_fastpath(model: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """Apply the chosen memory plan to the patched model; the fast path's report."""
+    from .. import fastpath
+
+    planned: dict[str, Any] = settings.get("plan", {})
+    report = fastpath.apply_plan(model, planned)
+    return {**dict(report), "plan": {k: v for k, v in planned.items() if k != "probe"},
+            "probe": planned.get("probe")}  # fmt: skip
