@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 from rich.table import Table
+from rich.text import Text
 
 from ._exceptions import BudgetExceededError, ConfigError, LoraburstError
 from ._job import Job, load_yaml_file
@@ -67,7 +68,7 @@ class BatchResult:
             title=f"batch: spent ${self.spent_usd:.4f} of ${self.budget:.2f}",
         )
         for r in self.rows:
-            t.add_row(
+            cells = (
                 r.name,
                 r.status,
                 r.provider or "",
@@ -76,6 +77,8 @@ class BatchResult:
                 f"{r.cost_usd:.4f}",
                 r.adapter_path or (r.error or "")[:80],
             )
+            # Text, not str: paths and provider errors must never be parsed as markup.
+            t.add_row(*(Text(c) for c in cells))
         return t
 
 
