@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import paramiko
 from loraburst._exceptions import HostKeyMismatchError, TransportError
-from loraburst._home import home
+from loraburst._home import home, owner_only
 from loraburst.remote import protocol
 from loraburst.remote.protocol import BUNDLE_DIR, LOG_FILE
 
@@ -42,6 +42,7 @@ def known_hosts_path(provider: str, machine_id: str) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{provider}-{machine_id}")
     folder = Path(home()) / "known_hosts"
     folder.mkdir(exist_ok=True, mode=0o700)
+    owner_only(folder)
     return folder / safe
 
 

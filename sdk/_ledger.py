@@ -4,13 +4,21 @@ An instance row is written **before** the create call, keyed by a unique tag tha
 instance's name at the provider (``lb-<job id>-<attempt>``). A create whose response was lost is
 therefore resolved by looking the tag up at the provider, never by creating twice, and
 ``loraburst cleanup`` can reconcile the ledger with every provider account.
-Rows hold no secrets: no API keys, no private keys.
+Rows hold no secrets: no API keys, no private keys. The file is still owner-only (0600): it maps
+your jobs, costs and instances.
+
+The first open of a brand-new ledger switches it to WAL, which needs a write lock that SQLite
+does not wait for when the connection already reads (it answers "database is locked" at once):
+several processes opening a new home together are serialised by a lock file, and a switch that
+still meets a writer (another tool's connection) is retried until the 30 s timeout.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -18,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ._home import home
+from ._home import home, owner_only
 
 __all__ = ["InstanceRow", "JobRow", "Ledger", "OPEN_STATES"]
 
@@ -89,13 +97,34 @@ class InstanceRow:
 class Ledger:
     """Thread-safe access to the ledger database (one connection per operation)."""
 
+    timeout_s = 30.0
+
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or home() / "ledger.sqlite3"
-        # executescript manages its own transaction, so it gets its own plain connection.
-        conn = sqlite3.connect(self.path, timeout=30)
+        with _init_lock(self.path):
+            _private_file(self.path)
+            deadline = time.monotonic() + self.timeout_s
+            while True:
+                try:
+                    self._create()
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            # SQLite gives -wal and -shm the database file's mode; older ones may predate it.
+            for suffix in ("-wal", "-shm"):
+                sidecar = self.path.with_name(self.path.name + suffix)
+                if sidecar.exists():
+                    _private_file(sidecar)
+
+    def _create(self) -> None:
+        conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            # BEGIN IMMEDIATE takes the write lock up front, where SQLite does wait for it.
+            conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
         finally:
             conn.close()
 
@@ -239,3 +268,20 @@ class Ledger:
                 "SELECT MAX(attempt) FROM instances WHERE job_id = ?", (job_id,)
             ).fetchone()
         return (row[0] or 0) + 1
+
+
+@contextmanager
+def _init_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``<ledger>.lock`` while the ledger is created or migrated."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _private_file(path: Path) -> None:
+    """Create ``path`` 0600 if missing (never briefly readable by others), else make it 0600."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    owner_only(path, 0o600)
