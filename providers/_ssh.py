@@ -15,6 +15,7 @@ import logging
 import posixpath
 import random
 import shlex
+import shutil
 import stat
 import time
 from collections.abc import Callable, Mapping
@@ -22,7 +23,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import paramiko
-from loraburst._exceptions import HostKeyMismatchError, TransportError
+from loraburst._disk import local_io, remove_quietly
+from loraburst._exceptions import ArtifactError, HostKeyMismatchError, TransportError
 from loraburst._home import home, owner_only
 from loraburst.remote import protocol
 from loraburst.remote.protocol import BUNDLE_DIR, LOG_FILE
@@ -35,6 +37,9 @@ log = logging.getLogger("loraburst.providers.ssh")
 T = TypeVar("T")
 _PID_FILE = "agent.pid"
 _DROPS = (paramiko.SSHException, OSError, EOFError)
+# Bounds on a pulled tree: an adapter or checkpoint is a handful of files one or two deep.
+_MAX_DEPTH = 16
+_MAX_ENTRIES = 10_000
 
 
 def known_hosts_path(provider: str, machine_id: str) -> Path:
@@ -372,30 +377,107 @@ class SSHHost:
         self._retrying(f"writing {rel}", write)
 
     def fetch_tree(self, rel: str, dest: Path) -> None:
-        """Copy a file or folder of the work directory to ``dest`` (replacing it)."""
-        import shutil
+        """Copy a file or folder of the work directory to ``dest`` (replacing it).
+
+        The instance is not trusted: every name it lists must be one plain path component (no
+        ``/``, ``..`` or NUL) so that nothing lands outside ``dest``; links, devices and FIFOs
+        are refused, not followed; the tree is bounded in depth and entries.
+
+        Raises:
+            ArtifactError: the instance listed an unsafe name or a non-regular file.
+            LocalStorageError: ``dest`` could not be written (disk full, quota, read-only,
+                permission); never retried as if the connection had dropped.
+            TransportError: the connection dropped twice.
+
+        Whatever fails, nothing of the pull is left at ``dest``.
+        """
 
         def fetch() -> None:
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            elif dest.exists():
-                dest.unlink()
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            self._get(self._sftp_client(), self._abs(rel), dest)
+            with local_io(dest):
+                _clear(dest)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._get(self._sftp_client(), self._abs(rel), dest, 0, [0])
+            except BaseException:
+                remove_quietly(dest)  # a half-pulled tree must never look like a pulled one
+                raise
 
         self._retrying(f"fetching {rel}", fetch)
 
-    def _get(self, sftp: paramiko.SFTPClient, remote: str, dest: Path) -> None:
-        st = sftp.stat(remote)
-        if st.st_mode is not None and stat.S_ISDIR(st.st_mode):
-            dest.mkdir(parents=True, exist_ok=True)
-            for entry in sftp.listdir_attr(remote):
-                self._get(sftp, f"{remote}/{entry.filename}", dest / entry.filename)
-        else:
-            sftp.get(remote, str(dest))
+    def _get(
+        self, sftp: paramiko.SFTPClient, remote: str, dest: Path, depth: int, count: list[int]
+    ) -> None:
+        mode = sftp.lstat(remote).st_mode or 0  # lstat: a link is refused, never followed
+        self._get_entry(sftp, remote, mode, dest, depth, count)
+
+    def _get_entry(
+        self,
+        sftp: paramiko.SFTPClient,
+        remote: str,
+        mode: int,
+        dest: Path,
+        depth: int,
+        count: list[int],
+    ) -> None:
+        if stat.S_ISREG(mode):
+            self._download(sftp, remote, dest)
+            return
+        if not stat.S_ISDIR(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+            raise ArtifactError(f"{self.label}: {remote} is {kind}; refusing to pull it")
+        if depth >= _MAX_DEPTH:
+            raise ArtifactError(f"{self.label}: {remote} is nested over {_MAX_DEPTH} deep")
+        with local_io(dest):
+            dest.mkdir()
+        for entry in sftp.listdir_attr(remote):
+            name = entry.filename
+            if not _plain_name(name):
+                raise ArtifactError(
+                    f"{self.label} listed {name!r} in {remote}, which is not a plain file name; "
+                    "refusing to pull it (it would land outside the destination)"
+                )
+            count[0] += 1
+            if count[0] > _MAX_ENTRIES:
+                raise ArtifactError(f"{self.label}: {remote} holds over {_MAX_ENTRIES} entries")
+            # The listing's own attributes (sshd takes them with lstat): no round trip each.
+            entry_mode = entry.st_mode or 0
+            self._get_entry(sftp, f"{remote}/{name}", entry_mode, dest / name, depth + 1, count)
+
+    @staticmethod
+    def _download(sftp: paramiko.SFTPClient, remote: str, dest: Path) -> None:
+        """One file, read from the instance in pipelined requests, written with every local
+        failure told apart from the connection's."""
+        with sftp.open(remote, "rb") as src:
+            src.prefetch(max_concurrent_requests=64)
+            with local_io(dest):
+                # "x": a name that is already there (a duplicate in a listing) is not reused.
+                out = open(dest, "xb", buffering=0)  # noqa: SIM115 - closed below, mapped
+            try:
+                while block := src.read(1 << 20):
+                    with local_io(dest):
+                        out.write(block)
+            finally:
+                with local_io(dest):
+                    out.close()
 
     def close(self) -> None:
         self._drop()
+
+
+def _plain_name(name: object) -> bool:
+    """One path component that stays in its folder once joined to it."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in ("/", "\\", "\0"))
+    )
+
+
+def _clear(dest: Path) -> None:
+    if dest.is_dir() and not dest.is_symlink():
+        shutil.rmtree(dest)
+    elif dest.exists() or dest.is_symlink():
+        dest.unlink()
 
 
 def _valid_name(name: str) -> bool:

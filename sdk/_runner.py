@@ -30,15 +30,20 @@ from loraburst.remote.protocol import (
     MANIFEST_FILE,
     METRICS_FILE,
     STATE_FILE,
+    ManifestError,
     State,
+    parse_manifest,
+    unlisted_files,
     verify_manifest,
 )
 
 from ._bundle import Bundle
+from ._disk import local_io, remove_quietly
 from ._exceptions import (
     AgentError,
     ArtifactError,
     JobCancelledError,
+    LocalStorageError,
     ProviderAPIError,
     ProviderError,
     RateLimitError,
@@ -455,48 +460,115 @@ class Attempt:
         # Fetch beside, then rename: a half-pulled checkpoint must never look like one.
         final = self.local_dir / CHECKPOINT_DIR / name
         partial = final.with_name(f".partial-{name}")
-        host.fetch_tree(f"{CHECKPOINT_DIR}/{name}", partial)
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
+        try:
+            host.fetch_tree(f"{CHECKPOINT_DIR}/{name}", partial)
+            with local_io(final):
+                remove_quietly(final)
+                partial.rename(final)
+        except LocalStorageError as exc:
+            # The checkpoint is only a local copy for resuming elsewhere; training goes on and
+            # the next checkpoint is tried once more (the user may free space meanwhile).
+            remove_quietly(partial)
+            self._last_ckpt_pulled = done[-1]
+            self.view.message(f"could not keep {name} locally, training goes on: {exc}")
+            return
+        except BaseException:
+            remove_quietly(partial)
+            raise
         self._last_ckpt_pulled = done[-1]
+        # Only the newest complete checkpoint is needed to resume: keep the local disk bounded.
+        for old in (self.local_dir / CHECKPOINT_DIR).glob("checkpoint-*"):
+            if old.name != name and old.name.rsplit("-", 1)[-1].isdigit():
+                remove_quietly(old)
 
     # -- collect --------------------------------------------------------------------------
     def collect(self, output_dir: Path, *, retries: int = 3) -> tuple[Path, dict[str, Any]]:
-        """Pull ``adapter/``, metrics and manifest; verify every sha256 (re-fetch on mismatch)
-        and copy the verified adapter to ``output_dir``."""
+        """Pull ``adapter/`` and metrics, accept exactly what the manifest lists, verify every
+        sha256 (re-fetch on mismatch) and move the verified adapter into ``output_dir``.
+
+        The instance is not trusted: its manifest must be well formed and name only plain
+        paths under ``adapter/`` and ``metrics.json``, and a pulled file it does not list is
+        refused rather than copied. ``<output_dir>/<job id>`` appears whole or not at all.
+
+        Raises:
+            AgentError: no manifest.
+            ArtifactError: a malformed manifest, unlisted or unsafe files, or files that fail
+                their sha256 ``retries`` times.
+            LocalStorageError: this machine could not write the pull or the copy (nothing is
+                left half-written); the instance still holds the adapter.
+        """
         host = self._require_host()
         t0 = time.time()
         pulled = self.local_dir / "pulled"
-        for attempt in range(1, retries + 1):
-            manifest_text = host.read_text(MANIFEST_FILE)
-            if manifest_text is None:
-                raise AgentError("the agent finished but wrote no manifest.json")
-            manifest = json.loads(manifest_text)
-            shutil.rmtree(pulled, ignore_errors=True)
-            pulled.mkdir(parents=True)
-            host.fetch_tree(ADAPTER_DIR, pulled / ADAPTER_DIR)
-            host.fetch_tree(METRICS_FILE, pulled / METRICS_FILE)
-            bad = verify_manifest(pulled, manifest)
-            if not bad:
-                break
-            self.view.message(f"artifact check failed for {bad}; fetching again ({attempt})")
-        else:
+        manifest_text = host.read_text(MANIFEST_FILE)
+        if manifest_text is None:
+            raise AgentError("the agent finished but wrote no manifest.json", job_id=self.job_id)
+        try:
+            manifest = parse_manifest(manifest_text)
+        except ManifestError as exc:
             raise ArtifactError(
-                f"pulled artifacts failed their sha256 check {retries} times: {bad}",
+                f"{self.provider.name} instance's {MANIFEST_FILE} is refused: {exc}",
                 job_id=self.job_id,
-            )
-        (pulled / MANIFEST_FILE).write_text(manifest_text)
-        dest = output_dir / self.job_id
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(pulled, dest)
-        bad = verify_manifest(dest, manifest)
-        if bad:
-            raise ArtifactError(f"copy to {dest} does not verify: {bad}", job_id=self.job_id)
+            ) from None
+        try:
+            for attempt in range(1, retries + 1):
+                with local_io(pulled):
+                    remove_quietly(pulled)
+                    pulled.mkdir(parents=True)
+                host.fetch_tree(ADAPTER_DIR, pulled / ADAPTER_DIR)
+                host.fetch_tree(METRICS_FILE, pulled / METRICS_FILE)
+                unlisted = unlisted_files(pulled, manifest)
+                if unlisted:
+                    raise ArtifactError(
+                        f"the instance's {ADAPTER_DIR}/ holds files its manifest does not list: "
+                        f"{unlisted[:10]}; refusing them",
+                        job_id=self.job_id,
+                    )
+                bad = verify_manifest(pulled, manifest)
+                if not bad:
+                    break
+                self.view.message(f"artifact check failed for {bad}; fetching again ({attempt})")
+            else:
+                raise ArtifactError(
+                    f"pulled artifacts failed their sha256 check {retries} times: {bad}",
+                    job_id=self.job_id,
+                )
+            metrics = _metrics(pulled / METRICS_FILE, self.job_id)
+            dest = self._publish(pulled, manifest, manifest_text, output_dir)
+        finally:
+            remove_quietly(pulled)
         self.durations["pull"] = time.time() - t0
-        metrics: dict[str, Any] = json.loads((dest / METRICS_FILE).read_text())
         return dest / ADAPTER_DIR, metrics
+
+    def _publish(
+        self, pulled: Path, manifest: dict[str, Any], manifest_text: str, output_dir: Path
+    ) -> Path:
+        """Copy the listed files into a hidden folder beside ``<output_dir>/<job id>``, write
+        the manifest last, verify, then rename it into place: a full disk leaves no
+        half-copied adapter (no zero-byte files beside a manifest.json)."""
+        dest = output_dir / self.job_id
+        staging = output_dir / f".partial-{self.job_id}"
+        try:
+            with local_io(staging):
+                remove_quietly(staging)
+                staging.mkdir(parents=True)
+                for rel in sorted(manifest["files"]):
+                    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(pulled / rel, staging / rel)
+                with open(staging / MANIFEST_FILE, "w", encoding="utf-8") as f:
+                    f.write(manifest_text)
+                    f.flush()
+                    os.fsync(f.fileno())
+            bad = verify_manifest(staging, manifest)
+            if bad:
+                raise ArtifactError(f"copy to {dest} does not verify: {bad}", job_id=self.job_id)
+            with local_io(dest):
+                remove_quietly(dest)
+                staging.rename(dest)
+        except BaseException:
+            remove_quietly(staging)
+            raise
+        return dest
 
     # -- teardown -------------------------------------------------------------------------
     def teardown(self) -> float:
@@ -578,6 +650,18 @@ class Attempt:
         if self.host is None:
             raise TransportError("not connected")
         return self.host
+
+
+def _metrics(path: Path, job_id: str) -> dict[str, Any]:
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ArtifactError(
+            f"the instance's {METRICS_FILE} is unreadable: {exc}", job_id=job_id
+        ) from None
+    if not isinstance(metrics, dict):
+        raise ArtifactError(f"the instance's {METRICS_FILE} is not a JSON object", job_id=job_id)
+    return metrics
 
 
 def _is_refusal(exc: ProviderError) -> bool:
