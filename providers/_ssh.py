@@ -36,6 +36,7 @@ __all__ = ["SSHHost", "known_hosts_path", "launch_and_wait"]
 log = logging.getLogger("loraburst.providers.ssh")
 T = TypeVar("T")
 _PID_FILE = "agent.pid"
+_ENV_FILE = "agent.env"  # the agent's secrets on their way in: 0600, deleted at once
 _DROPS = (paramiko.SSHException, OSError, EOFError)
 # Bounds on a pulled tree: an adapter or checkpoint is a handful of files one or two deep.
 _MAX_DEPTH = 16
@@ -328,20 +329,31 @@ class SSHHost:
     def start_agent(self, env: Mapping[str, str]) -> None:
         """Start the agent detached (``setsid nohup``) so that it outlives this connection.
 
-        ``env`` travels on the command line, quoted, and is never logged (it may hold keys).
+        ``env`` may hold keys (AWS, a provider's), so it never travels on a command line, which
+        every user of the instance can read in ``/proc/<pid>/cmdline``: it goes through the
+        command's standard input into ``agent.env``, created 0600, which the shell sources into
+        the agent's environment and deletes before the agent starts. Never logged either.
         """
-        assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if _valid_name(k))
+        exports = "".join(
+            f"export {k}={shlex.quote(v)}\n" for k, v in env.items() if _valid_name(k)
+        )
         code = shlex.quote(self._abs(f"{BUNDLE_DIR}/code"))
         cmd = (
-            f"env {assigns} PYTHONPATH={code} PYTHONUNBUFFERED=1 setsid nohup "
+            f"umask 077 && cat > {_ENV_FILE}.tmp && mv -f {_ENV_FILE}.tmp {_ENV_FILE} || exit 96\n"
+            f". ./{_ENV_FILE} || exit 95\n"
+            f"rm -f {_ENV_FILE}\n"
+            f"PYTHONPATH={code} PYTHONUNBUFFERED=1 setsid nohup "
             f"{shlex.quote(self._python)} -m loraburst.remote.agent {shlex.quote(self.workdir)} "
             f">> {LOG_FILE} 2>&1 < /dev/null & echo $! > {_PID_FILE}"
         )
+        full = f"cd {shlex.quote(self.workdir)} || exit 97\n{cmd}"
         try:
-            rc, _, err = self.run(cmd, timeout=60)
-        except TransportError as exc:
+            rc, _, _ = self._exec(full, timeout=60, stdin=exports.encode())
+        except _DROPS as exc:
+            self._drop()
             raise TransportError(f"starting the agent on {self.label} failed: {exc}") from None
         if rc != 0:
+            # Not stderr: a shell complaining about agent.env may quote a line of it.
             raise TransportError(f"starting the agent on {self.label} failed (exit {rc})")
         log.info("agent started on %s", self.label)
 
