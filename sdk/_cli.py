@@ -133,7 +133,7 @@ def _cmd_attach(args: argparse.Namespace) -> int:
 def _cmd_cleanup(args: argparse.Namespace) -> int:
     from ._cleanup import cleanup
 
-    report = cleanup(dry_run=args.dry_run)
+    report = cleanup(dry_run=args.dry_run, release_held=args.release_held)
     for line in report.lines():
         _out.print(line, markup=False, highlight=False)
     return 0 if report.ok else 1
@@ -187,11 +187,21 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("logs", help="a job's events and agent log")
     s.add_argument("job")
     s.set_defaults(fn=_cmd_logs)
-    s = sub.add_parser("attach", help="re-attach to a job after a client crash and finish it")
+    s = sub.add_parser(
+        "attach",
+        help="finish a job another client left (crashed, disk full): follow, pull, tear down; "
+        "resume from its checkpoints if its instance is gone",
+    )
     s.add_argument("job")
     s.set_defaults(fn=_cmd_attach)
     s = sub.add_parser("cleanup", help="terminate instances the ledger or providers left open")
     s.add_argument("--dry-run", action="store_true")
+    s.add_argument(
+        "--release-held",
+        action="store_true",
+        help="also terminate instances kept for `attach` because this machine's disk was full "
+        "(their adapter is lost)",
+    )
     s.set_defaults(fn=_cmd_cleanup)
     s = sub.add_parser("batch", help="run a batch of jobs under one budget")
     s.add_argument("batch", type=Path)

@@ -18,9 +18,18 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._exceptions import ConfigError, LocalStorageError
+from ._exceptions import ConfigError, EstimateError, LocalStorageError
+from ._home import runs_dir
+from ._spec import JobSpec
 
-__all__ = ["check_writable_dir", "local_io", "remove_quietly", "storage_error"]
+__all__ = [
+    "artifact_bytes",
+    "check_outputs",
+    "check_writable_dir",
+    "local_io",
+    "remove_quietly",
+    "storage_error",
+]
 
 _HINTS = {
     errno.ENOSPC: "the disk is full; free space",
@@ -101,3 +110,44 @@ def check_writable_dir(path: Path, what: str, need_bytes: int = 0) -> Path:
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
+
+
+def artifact_bytes(spec: JobSpec) -> int | None:
+    """A low estimate of the adapter's bytes (LoRA weights in fp32), or None when the model's
+    shape is unknown. Tokenizer files and trained embedding rows come on top of it."""
+    from loraburst.remote.memory import lora_params
+
+    from ._shapes import model_shape
+
+    try:
+        shape = model_shape(spec.model).shape
+    except EstimateError:
+        return None
+    return 4 * lora_params(shape, spec.lora.r, spec.lora.target_modules)
+
+
+def check_outputs(spec: JobSpec, *, pulls_checkpoints: bool) -> Path:
+    """Check every folder this job writes to before anything is rented: ``output_dir`` (the
+    verified adapter) and ``$LORABURST_HOME/runs`` (checkpoint copies, the pull), writable and
+    with room for the expected artifacts (checked together when they share a disk).
+
+    A checkpoint is the adapter plus Adam's two moments (3x); the runner keeps the newest one
+    (two while the next arrives), a local run also has the trainer's own two, and the pull and
+    the copy into ``output_dir`` take one adapter each.
+
+    Returns:
+        The absolute ``output_dir`` (created).
+
+    Raises:
+        ConfigError: naming the folder, what is wrong and how to fix it.
+    """
+    adapter = artifact_bytes(spec) or 0
+    runs_need = adapter * (1 + 2 * 3 if pulls_checkpoints else 2 + 3 * 3)
+    runs = check_writable_dir(runs_dir(), "the run folder ($LORABURST_HOME/runs)")
+    output_dir = check_writable_dir(Path(spec.output_dir), "output_dir")
+    if os.stat(runs).st_dev == os.stat(output_dir).st_dev:
+        check_writable_dir(output_dir, "output_dir", need_bytes=runs_need + adapter)
+    else:
+        check_writable_dir(runs, "the run folder ($LORABURST_HOME/runs)", need_bytes=runs_need)
+        check_writable_dir(output_dir, "output_dir", need_bytes=adapter)
+    return output_dir

@@ -263,7 +263,15 @@ class Job:
     def attach(
         cls, job_id: str, *, providers: Mapping[str, Provider] | None = None, progress: bool = True
     ) -> JobResult:
-        """Re-attach to a job after the client died: follow it, pull the adapter, tear down."""
+        """Finish a job another client left (it died, or its disk was full): follow it, pull
+        the adapter, tear down; if its instance is gone, resume from the checkpoints kept in
+        ``$LORABURST_HOME/runs/<job>`` on the same provider and GPU.
+
+        Raises:
+            JobError: another live process follows the job, or it cannot be finished.
+            LocalStorageError: this machine still cannot store the adapter (the instance is
+                kept for another attach).
+        """
         from ._execute import attach
 
         return attach(job_id, providers=providers, progress=progress)

@@ -1,9 +1,14 @@
 """The runner: one attempt of a job on one offer, from create to confirmed teardown.
 
 An attempt walks ``provision -> connect -> bootstrap -> upload -> start -> follow -> collect``
-and always ends in ``teardown`` (terminate, then confirm with the provider that the instance is
-gone, and only then close the ledger row). ``follow`` touches the agent's heartbeat, keeps the
-budget, pulls checkpoints and reconnects when SSH drops while the detached agent keeps training.
+and ends in ``teardown`` (terminate, then confirm with the provider that the instance is gone,
+and only then close the ledger row). ``follow`` touches the agent's heartbeat, keeps the budget,
+pulls checkpoints and reconnects when SSH drops while the detached agent keeps training — but
+never when the host key changed (another machine answers: ``HostKeyMismatchError`` at once).
+
+The one exception to teardown is ``hold``: when this machine cannot store the finished adapter
+(a full disk), the instance holding its only copy is kept for ``loraburst attach``, for a bounded
+time, instead of being terminated with it.
 """
 
 from __future__ import annotations
@@ -42,8 +47,11 @@ from ._disk import local_io, remove_quietly
 from ._exceptions import (
     AgentError,
     ArtifactError,
+    HostKeyMismatchError,
+    InstanceLostError,
     JobCancelledError,
     LocalStorageError,
+    LoraburstError,
     ProviderAPIError,
     ProviderError,
     RateLimitError,
@@ -52,13 +60,10 @@ from ._exceptions import (
 )
 from ._home import runs_dir
 from ._ledger import Ledger
+from ._owner import claim, release
 from ._progress import ProgressView
 
-__all__ = ["Attempt", "Lost", "billed_cost"]
-
-
-class Lost(Exception):
-    """The instance is gone (preempted or vanished) mid-run; the caller may relaunch."""
+__all__ = ["Attempt", "billed_cost"]
 
 
 def billed_cost(price_per_hour: float, seconds: float, increment_s: int) -> float:
@@ -81,6 +86,9 @@ class Attempt:
     teardown_timeout_s = 120.0
     heartbeat_grace_s = 600.0
     api_outage_s = 300.0  # status checks may fail this long before the attempt gives up
+    # How long an instance holding the only copy of an adapter this machine could not store is
+    # kept for `loraburst attach` (it bills meanwhile; then its watchdog terminates it).
+    hold_s = 2 * 3600.0
 
     def __init__(
         self,
@@ -117,6 +125,7 @@ class Attempt:
         self.durations: dict[str, float] = {}
         self._last_ckpt_pulled = 0
         self._api_trouble_since: float | None = None
+        self.held = False
 
     # -- money ----------------------------------------------------------------------------
     def elapsed_billable(self) -> float:
@@ -147,9 +156,8 @@ class Attempt:
     def provision(self) -> Machine:
         """Record the instance, create it, and wait until it is reachable."""
         t0 = time.time()
-        self.local_dir.mkdir(parents=True, exist_ok=True)
-        # While this file names a live process, `loraburst cleanup` leaves the instance alone.
-        (self.local_dir / "client.pid").write_text(str(os.getpid()))
+        # While this process holds the claim, `loraburst cleanup` leaves the instance alone.
+        claim(self.job_id)
         self.ledger.record_instance(
             self.tag,
             job_id=self.job_id,
@@ -203,7 +211,10 @@ class Attempt:
                 time.sleep(self.poll_s)
                 continue
             if current is None or current.status in ("terminated", "preempted"):
-                raise Lost(f"{self.provider.name} instance {machine.id} vanished while booting")
+                raise InstanceLostError(
+                    f"{self.provider.name} instance {machine.id} vanished while booting",
+                    job_id=self.job_id,
+                )
             if current.ready:
                 return current
             if time.time() > deadline:
@@ -310,7 +321,8 @@ class Attempt:
         """Follow the agent until it reaches a terminal phase; return its last State.
 
         Raises:
-            Lost: the provider says the instance is gone.
+            InstanceLostError: the provider says the instance is gone.
+            HostKeyMismatchError: the instance's host key changed (never retried).
             AgentError: the agent died without a terminal state.
         """
         t0 = time.time()
@@ -340,12 +352,14 @@ class Attempt:
                             self.state = State.from_json(text)
                             break
                         # A dead agent on a machine the provider says is gone was preempted:
-                        # that is a relaunch (Lost), not a training failure.
+                        # that is a relaunch (InstanceLostError), not a training failure.
                         self._check_alive()
                         log = host.read_text("agent.log") or ""
                         raise AgentError(f"the agent stopped without finishing:\n{log[-1500:]}")
                 else:
                     dead_reads = 0
+            except HostKeyMismatchError:
+                raise  # another machine answers at this address: stop, never retry
             except TransportError:
                 self._reconnect()
                 continue
@@ -370,9 +384,11 @@ class Attempt:
         if not known:
             return  # the API is having a moment; the instance and the agent carry on
         if current is None or current.status in ("terminated", "preempted"):
-            raise Lost(
+            raise InstanceLostError(
                 f"{self.provider.name} instance {self.machine.id} is gone "
-                f"({current.status if current else 'unknown to the provider'})"
+                f"({current.status if current else 'unknown to the provider'})",
+                job_id=self.job_id,
+                provider=self.provider.name,
             )
 
     def _find_until(self, deadline: float) -> Machine | None:
@@ -418,6 +434,8 @@ class Attempt:
                 self.connect()
                 self.view.message("reconnected")
                 return
+            except HostKeyMismatchError:
+                raise
             except TransportError:
                 time.sleep(delay + random.uniform(0, delay))
                 delay = min(delay * 2, 15.0)
@@ -570,6 +588,55 @@ class Attempt:
             raise
         return dest
 
+    # -- hold -----------------------------------------------------------------------------
+    def hold(self, cause: LocalStorageError) -> LocalStorageError:
+        """Keep the instance (with the only copy of the adapter) instead of tearing it down,
+        because this machine could not store the adapter; returns the error to raise.
+
+        The agent's watchdog is told not to terminate before the hold ends, the ledger row
+        becomes ``held`` (``loraburst attach`` finishes the pull, ``loraburst cleanup`` keeps it
+        until then), and the SSH key is kept for that attach.
+        """
+        self.held = True
+        until = time.time() + self.hold_s
+        machine = self.machine.id if self.machine is not None else self.tag
+        told_agent = ""
+        try:
+            self._require_host().write_text(
+                CONTROL_FILE, json.dumps({"hold_until": until, "reason": "local disk"})
+            )
+        except LoraburstError as exc:
+            told_agent = (
+                f" (the instance's watchdog could not be told to wait: {exc}; it may terminate "
+                f"the instance {self.heartbeat_grace_s / 60:.0f} min after this client stops)"
+            )
+        self._close_host()
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(until))
+        recorded = ""
+        try:
+            # billed_usd: what it cost so far (attach recounts the whole instance at the end).
+            self.ledger.update_instance(
+                self.tag,
+                state="held",
+                held_until=until,
+                billed_usd=self.cost_so_far(),
+                note=f"local disk: {cause}"[:500],
+            )
+            self.ledger.update_job(self.job_id, status="held", error=str(cause)[:500])
+        except LoraburstError as exc:
+            recorded = f" The ledger could not record the hold ({exc})."
+        release(self.job_id)
+        return LocalStorageError(
+            f"job {self.job_id}: {cause}. The {self.provider.name} instance {machine} is KEPT "
+            f"with the only copy of the adapter (${self.offer.price_per_hour:.2f}/h) until "
+            f"{when}{told_agent}. Free space, then run `loraburst attach {self.job_id}` to pull "
+            f"it; `loraburst cleanup --release-held` gives it up.{recorded}",
+            path=cause.path,
+            errno=cause.errno,
+            job_id=self.job_id,
+            provider=self.provider.name,
+        )
+
     # -- teardown -------------------------------------------------------------------------
     def teardown(self) -> float:
         """Terminate and confirm; returns the billed cost. Raises TeardownError loudly when
@@ -631,7 +698,7 @@ class Attempt:
         cost = self.cost_so_far()
         self.ledger.update_instance(self.tag, state="terminated", ended_at=ended, billed_usd=cost)
         self._drop_key()
-        (self.local_dir / "client.pid").unlink(missing_ok=True)
+        release(self.job_id)
         self.durations["teardown"] = time.time() - t0
         return cost
 
