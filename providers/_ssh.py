@@ -545,6 +545,9 @@ def launch_and_wait(
         if rc != 0 or out.strip() != "ok":
             raise TransportError(f"{provider.name} instance {machine.id}: `echo ok` failed")
         return current
+    except HostKeyMismatchError:
+        _terminate_quietly(provider, machine.id)
+        raise  # its own type and message: the caller must not retry or fail over
     except TransportError as exc:
         _terminate_quietly(provider, machine.id)
         if "terminated" in str(exc):
