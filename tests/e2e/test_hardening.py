@@ -171,3 +171,69 @@ def test_local_write_errors_name_the_errno() -> None:
     err = storage_error(OSError(errno.EDQUOT, "Disk quota exceeded"), "/x/y")
     assert isinstance(err, LocalStorageError) and err.errno == errno.EDQUOT
     assert "/x/y" in str(err) and "quota" in str(err)
+
+
+@pytest.mark.slow
+def test_a_local_job_whose_output_disk_fills_is_finished_by_attach(
+    tiny_model: Path, small_disk: SmallDisk
+) -> None:
+    import json
+    import threading
+
+    out = small_disk(8 << 20)
+    fillers: list[Path] = []
+
+    def training() -> bool:
+        for state in runs_dir().glob("*/state.json"):
+            try:
+                if json.loads(state.read_text()).get("step", 0) >= 1:
+                    return True
+            except ValueError:
+                pass  # caught mid-write
+        return False
+
+    def filler() -> None:
+        deadline = time.time() + 120
+        while not training() and time.time() < deadline:
+            time.sleep(0.1)
+        fillers.append(fill(out))
+
+    t = threading.Thread(target=filler, daemon=True)
+    t.start()
+    job = Job(
+        str(tiny_model),
+        SAMPLE_DATA,
+        output_dir=out,
+        name="full",
+        train={"max_steps": 12, "micro_batch_size": 4, "max_seq_len": 64, "save_every_steps": 6},
+    )
+    with pytest.raises(LocalStorageError) as e:
+        job.run(provider="local", progress=False)
+    t.join(5)
+    job_id = e.value.context["job_id"]
+    assert f"loraburst attach {job_id}" in str(e.value)
+    assert Ledger().job(job_id).status == "held"  # type: ignore[union-attr]
+    assert [p.name for p in out.iterdir() if not p.name.startswith(".filler")] == []
+    fillers[0].unlink()
+    # The user attaches later, from another process, once the agent has exited: the local
+    # "instance" is then only its run folder.
+    from loraburst.providers.local import pid_alive
+
+    agent = int((runs_dir() / job_id / "agent.pid").read_text())
+    deadline = time.time() + 60
+    while pid_alive(agent) and time.time() < deadline:
+        time.sleep(0.2)
+    res = subprocess.run(
+        [sys.executable, "-m", "loraburst._cli", "attach", job_id],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "succeeded" in res.stdout
+    assert (out / job_id / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((out / job_id / "metrics.json").read_text())["steps"] == 12
+    assert Ledger().job(job_id).status == "succeeded"  # type: ignore[union-attr]
+    # It pulled what the held run had finished: nothing was trained again.
+    (row,) = Ledger().instances(job_id=job_id)
+    assert row.state == "terminated"
