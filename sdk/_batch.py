@@ -193,8 +193,11 @@ class Batch:
                 )
             base = Job.from_yaml(path.parent / sw.pop("job"))
             return cls.sweep(base, **sw, **kwargs)
+        items = raw.get("jobs") or []
+        if not isinstance(items, list):
+            raise ConfigError(f"{path}: jobs: must be a list of job files or job mappings")
         jobs = []
-        for i, item in enumerate(raw.get("jobs") or []):
+        for i, item in enumerate(items):
             if isinstance(item, str):
                 jobs.append(Job.from_yaml(path.parent / item))
             elif isinstance(item, dict):

@@ -302,6 +302,8 @@ def load_yaml_file(path: Path, what: str) -> Any:
             data = f.read(MAX_YAML_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # a NUL in the path: the OS cannot even be asked
+        raise ConfigError(f"cannot read {what} {path!r}: {exc}") from None
     if len(data) > MAX_YAML_BYTES:
         raise ConfigError(
             f"{what} {path} is over {MAX_YAML_BYTES >> 20} MiB; it should hold settings only "
