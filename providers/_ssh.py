@@ -41,6 +41,8 @@ _DROPS = (paramiko.SSHException, OSError, EOFError)
 # Bounds on a pulled tree: an adapter or checkpoint is a handful of files one or two deep.
 _MAX_DEPTH = 16
 _MAX_ENTRIES = 10_000
+# The most of a file (or a command's output) read into memory from the instance.
+_MAX_READ = 16 << 20
 
 
 def known_hosts_path(provider: str, machine_id: str) -> Path:
@@ -255,14 +257,14 @@ class SSHHost:
         deadline = time.monotonic() + timeout
         while True:
             if chan.recv_ready():
-                out += chan.recv(65536)
+                _keep_tail(out, chan.recv(65536))
             elif chan.recv_stderr_ready():
-                err += chan.recv_stderr(65536)
+                _keep_tail(err, chan.recv_stderr(65536))
             elif chan.exit_status_ready():
                 while chan.recv_ready():
-                    out += chan.recv(65536)
+                    _keep_tail(out, chan.recv(65536))
                 while chan.recv_stderr_ready():
-                    err += chan.recv_stderr(65536)
+                    _keep_tail(err, chan.recv_stderr(65536))
                 break
             elif time.monotonic() > deadline:
                 chan.close()
@@ -366,13 +368,20 @@ class SSHHost:
         return rc == 0
 
     def read_text(self, rel: str) -> str | None:
+        """A small file of the work directory (None when missing). At most its last
+        ``_MAX_READ`` bytes: the instance decides how big its files are, this client's memory
+        does not (a log's tail is what the callers want; a huge state.json fails to parse)."""
+
         def read() -> str | None:
             try:
                 with self._sftp_client().open(self._abs(rel), "r") as f:
-                    data: bytes = f.read()
+                    size = f.stat().st_size or 0
+                    if size > _MAX_READ:
+                        f.seek(size - _MAX_READ)
+                    data: bytes = f.read(_MAX_READ)
             except FileNotFoundError:
                 return None
-            return data.decode("utf-8")
+            return data.decode("utf-8", errors="replace")
 
         return self._retrying(f"reading {rel}", read)
 
@@ -474,6 +483,13 @@ class SSHHost:
 
     def close(self) -> None:
         self._drop()
+
+
+def _keep_tail(buf: bytearray, data: bytes) -> None:
+    """Append, keeping at most the last ``_MAX_READ`` bytes (callers use output's tail)."""
+    buf += data
+    if len(buf) > _MAX_READ:
+        del buf[: len(buf) - _MAX_READ]
 
 
 def _plain_name(name: object) -> bool:

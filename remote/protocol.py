@@ -90,13 +90,62 @@ class State:
 
     @classmethod
     def from_json(cls, text: str) -> State:
-        raw = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        """Parse ``state.json``, checking every known field's type (the client reads it from
+        an instance it does not trust; unknown fields are ignored for newer agents).
+
+        Raises:
+            ValueError: not a JSON object, or a field of the wrong type (naming it).
+        """
+        try:
+            raw = json.loads(text)
+        except RecursionError:
+            raise ValueError("state.json is nested too deeply") from None
+        if not isinstance(raw, dict):
+            raise ValueError("state.json is not a JSON object")
+        fields = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in raw:
+                continue
+            value = raw[f.name]
+            if not _STATE_TYPES[f.name](value):
+                raise ValueError(f"state.json field {f.name!r} has a bad value {value!r:.80}")
+            fields[f.name] = value
+        return cls(**fields)
 
     @property
     def terminal(self) -> bool:
         return self.phase in TERMINAL_PHASES
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _text(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+_STATE_TYPES = {
+    "phase": lambda v: v in PHASES,
+    "step": lambda v: _int(v) and v >= 0,
+    "total_steps": lambda v: _int(v) and v >= 0,
+    "loss": _num,
+    "tokens_per_s": _num,
+    "eta_s": _num,
+    "epoch": _num,
+    "error": lambda v: (
+        v is None or (isinstance(v, dict) and all(isinstance(x, str) for x in v.values()))
+    ),
+    "stop_reason": _text,
+    "pid": lambda v: v is None or _int(v),
+    "started_at": _num,
+    "updated_at": lambda v: _num(v) and v is not None,
+    "protocol_version": _int,
+}
 
 
 def error_dict(exc: BaseException) -> dict[str, str]:

@@ -14,6 +14,7 @@ time, instead of being terminated with it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -64,6 +65,9 @@ from ._owner import claim, release
 from ._progress import ProgressView
 
 __all__ = ["Attempt", "billed_cost"]
+
+# metrics.json is a few KB of numbers; anything near this is not ours.
+_MAX_METRICS_BYTES = 16 << 20
 
 
 def billed_cost(price_per_hour: float, seconds: float, increment_s: int) -> float:
@@ -334,7 +338,7 @@ class Attempt:
                 host.write_text(HEARTBEAT_FILE, f"{time.time():.0f}\n")
                 text = host.read_text(STATE_FILE)
                 if text:
-                    self.state = State.from_json(text)
+                    self.state = self._parse_state(text)
                     if self.state.step >= 1:
                         self.durations.setdefault("to_first_step", time.time() - t0)
                 self.view.update(self.state, self.spent_before + self.cost_so_far())
@@ -348,8 +352,8 @@ class Attempt:
                     dead_reads += 1
                     if dead_reads >= 3:  # re-read state: it may have finished in between
                         text = host.read_text(STATE_FILE)
-                        if text and State.from_json(text).terminal:
-                            self.state = State.from_json(text)
+                        if text and self._parse_state(text).terminal:
+                            self.state = self._parse_state(text)
                             break
                         # A dead agent on a machine the provider says is gone was preempted:
                         # that is a relaunch (InstanceLostError), not a training failure.
@@ -375,6 +379,15 @@ class Attempt:
                 f"{err.get('type', 'Error')}: {err.get('message', '')}"
             )
         return self.state
+
+    def _parse_state(self, text: str) -> State:
+        try:
+            return State.from_json(text)
+        except ValueError as exc:  # the agent writes it atomically: this is not a torn read
+            raise AgentError(
+                f"the {self.provider.name} instance's {STATE_FILE} is unreadable: {exc}",
+                job_id=self.job_id,
+            ) from None
 
     def _check_alive(self) -> None:
         assert self.machine is not None
@@ -528,6 +541,12 @@ class Attempt:
                 f"{self.provider.name} instance's {MANIFEST_FILE} is refused: {exc}",
                 job_id=self.job_id,
             ) from None
+        if manifest["files"][METRICS_FILE]["size"] > _MAX_METRICS_BYTES:
+            raise ArtifactError(
+                f"the instance's {METRICS_FILE} is over {_MAX_METRICS_BYTES >> 20} MiB; refusing it",
+                job_id=self.job_id,
+            )
+        _check_room(manifest, pulled, output_dir)
         try:
             for attempt in range(1, retries + 1):
                 with local_io(pulled):
@@ -717,6 +736,32 @@ class Attempt:
         if self.host is None:
             raise TransportError("not connected")
         return self.host
+
+
+def _check_room(manifest: dict[str, Any], pulled: Path, output_dir: Path) -> None:
+    """Fail before pulling when the manifest's files cannot fit: the pull and the copy into
+    ``output_dir`` (both on one disk when they share it).
+
+    Raises:
+        LocalStorageError: with ``ENOSPC``, saying how much is needed and free.
+    """
+    need = sum(int(meta["size"]) for meta in manifest["files"].values())
+    places: dict[int, tuple[Path, int]] = {}
+    for folder in (pulled.parent, output_dir):
+        with local_io(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            dev = os.stat(folder).st_dev
+        where, total = places.get(dev, (folder, 0))
+        places[dev] = (where, total + need)
+    for where, total in places.values():
+        free = shutil.disk_usage(where).free
+        if free < total:
+            raise LocalStorageError(
+                f"the adapter needs {total / 1e6:,.1f} MB under {where} on this machine and "
+                f"only {free / 1e6:,.1f} MB are free (free space)",
+                path=str(where),
+                errno=errno.ENOSPC,
+            )
 
 
 def _metrics(path: Path, job_id: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loraburst import ArtifactError, LocalStorageError, LoraburstError
+from loraburst import AgentError, ArtifactError, LocalStorageError, LoraburstError
 from loraburst._ledger import Ledger
 from loraburst._progress import ProgressView
 from loraburst._runner import Attempt
@@ -289,3 +289,49 @@ def test_a_full_output_disk_leaves_no_half_copied_adapter(
     # Before: zero-byte files beside a manifest.json, and the pull left in runs/.
     assert list(out.iterdir()) == []
     assert not (attempt.local_dir / "pulled").exists()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        "[]",
+        '{"phase": "training", "step": "12"}',
+        '{"phase": "[/x] pwned", "step": 1}',
+        '{"phase": "done", "error": {"type": ["list"]}}',
+        "[" * 100_000,
+    ],
+)
+def test_a_bad_state_file_is_an_agent_error(
+    sshd_host: SSHDHost, attempt: Attempt, text: str
+) -> None:
+    work = sshd_host.root / "runs" / "j1"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "state.json").write_text(text)
+    with pytest.raises(AgentError, match="state.json is unreadable"):
+        attempt.follow()
+
+
+def test_reads_from_the_instance_are_bounded(sshd_host: SSHDHost) -> None:
+    work = sshd_host.root / "runs" / "j1"
+    work.mkdir(parents=True)
+    (work / "agent.log").write_bytes(b"x" * (40 << 20) + b"\xff the end")
+    host = _host(sshd_host.target, sshd_host.key_path)
+    try:
+        text = host.read_text("agent.log")
+        rc, out, _ = host.run("head -c 40000000 /dev/zero | tr '\\\\0' y; echo; echo last")
+    finally:
+        host.close()
+    assert text is not None and len(text) <= 16 << 20 and text.endswith("\ufffd the end")
+    assert rc == 0 and len(out) <= 16 << 20 and out.endswith("last\n")
+
+
+def test_an_adapter_that_cannot_fit_is_refused_before_pulling(
+    sshd_host: SSHDHost, attempt: Attempt, small_disk: SmallDisk
+) -> None:
+    files = {**FILES, "adapter/adapter_model.safetensors": os.urandom(3 << 20)}
+    _finished_run(sshd_host.root, "j1", files)
+    out = small_disk(2 << 20)
+    with pytest.raises(LocalStorageError, match=r"needs 3\.1 MB under .* only 2\.1 MB are free"):
+        attempt.collect(out)
+    assert list(out.iterdir()) == [] and not (attempt.local_dir / "pulled").exists()
