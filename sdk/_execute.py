@@ -56,6 +56,9 @@ __all__ = ["attach", "execute"]
 
 # Relaunches of the same offer after it was lost (preempted) before moving to the next one.
 _LOST_RETRIES_PER_OFFER = 1
+# Job statuses whose instance went away under them (the client died, it was preempted under
+# attach, its disk was full): attach may resume these from their checkpoints.
+_RESUMABLE = ("pending", "running", "interrupted", "held")
 
 
 @contextlib.contextmanager
@@ -466,6 +469,12 @@ def attach(
             adapter, metrics = _collect_or_hold(run, output_dir)
         except InstanceLostError as exc:
             lost = exc
+        except KeyboardInterrupt:
+            ledger.update_job(job_id, status="failed", error="cancelled during attach")
+            raise JobCancelledError(
+                f"job {job_id} was cancelled during attach; its instance was torn down",
+                job_id=job_id,
+            ) from None
         except LoraburstError as exc:
             if not run.held:
                 ledger.update_job(job_id, status="failed", error=str(exc)[:500])
@@ -560,6 +569,15 @@ def _resume(
 
     job_id = row.id
     gone = f"{lost}; " if lost else f"job {job_id} has no running instance; "
+    if row.status not in _RESUMABLE:
+        # It ended for a reason of its own (a training error, a cancel, the budget): running
+        # it again is the user's call, not attach's.
+        raise JobError(
+            f"{gone}it ended {row.status}"
+            + (f" ({row.error})" if row.error else "")
+            + "; nothing to attach to",
+            job_id=job_id,
+        )
     ckpt_dir = runs_dir() / job_id / CHECKPOINT_DIR
     complete = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
     previous = ledger.instances(job_id=job_id)

@@ -237,3 +237,25 @@ def test_a_local_job_whose_output_disk_fills_is_finished_by_attach(
     # It pulled what the held run had finished: nothing was trained again.
     (row,) = Ledger().instances(job_id=job_id)
     assert row.state == "terminated"
+
+
+def test_attach_never_leaves_a_job_running_and_never_reruns_a_failed_one(
+    runpod_fake: Any, runpod_provider: Any
+) -> None:
+    from loraburst import InstanceLostError
+
+    ledger = Ledger()
+    # A client died before its instance was up, and the instance is gone: nothing to resume.
+    ledger.create_job("r-1", name=None, spec_json="{}", cache_key=None, bundle_sha256="ab")
+    ledger.update_job("r-1", status="running")
+    with pytest.raises(InstanceLostError, match="cannot be resumed"):
+        Job.attach("r-1", providers={"runpod": runpod_provider}, progress=False)
+    assert Ledger().job("r-1").status == "failed"  # type: ignore[union-attr]
+    # A job that failed on its own (a training error) has checkpoints, but is not rerun.
+    ledger.create_job("f-1", name=None, spec_json="{}", cache_key=None, bundle_sha256="ab")
+    ledger.update_job("f-1", status="failed", error="training failed: CUDA OOM")
+    (runs_dir() / "f-1" / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (runs_dir() / "f-1" / "checkpoints" / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    with pytest.raises(JobError, match="ended failed .training failed: CUDA OOM."):
+        Job.attach("f-1", providers={"runpod": runpod_provider}, progress=False)
+    assert runpod_fake.pods == {}
