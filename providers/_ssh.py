@@ -15,6 +15,7 @@ import logging
 import posixpath
 import random
 import shlex
+import shutil
 import stat
 import time
 from collections.abc import Callable, Mapping
@@ -22,8 +23,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import paramiko
-from loraburst._exceptions import HostKeyMismatchError, TransportError
-from loraburst._home import home
+from loraburst._disk import local_io, remove_quietly
+from loraburst._exceptions import ArtifactError, HostKeyMismatchError, TransportError
+from loraburst._home import home, owner_only
 from loraburst.remote import protocol
 from loraburst.remote.protocol import BUNDLE_DIR, LOG_FILE
 
@@ -34,7 +36,13 @@ __all__ = ["SSHHost", "known_hosts_path", "launch_and_wait"]
 log = logging.getLogger("loraburst.providers.ssh")
 T = TypeVar("T")
 _PID_FILE = "agent.pid"
+_ENV_FILE = "agent.env"  # the agent's secrets on their way in: 0600, deleted at once
 _DROPS = (paramiko.SSHException, OSError, EOFError)
+# Bounds on a pulled tree: an adapter or checkpoint is a handful of files one or two deep.
+_MAX_DEPTH = 16
+_MAX_ENTRIES = 10_000
+# The most of a file (or a command's output) read into memory from the instance.
+_MAX_READ = 16 << 20
 
 
 def known_hosts_path(provider: str, machine_id: str) -> Path:
@@ -42,6 +50,7 @@ def known_hosts_path(provider: str, machine_id: str) -> Path:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{provider}-{machine_id}")
     folder = Path(home()) / "known_hosts"
     folder.mkdir(exist_ok=True, mode=0o700)
+    owner_only(folder)
     return folder / safe
 
 
@@ -248,14 +257,14 @@ class SSHHost:
         deadline = time.monotonic() + timeout
         while True:
             if chan.recv_ready():
-                out += chan.recv(65536)
+                _keep_tail(out, chan.recv(65536))
             elif chan.recv_stderr_ready():
-                err += chan.recv_stderr(65536)
+                _keep_tail(err, chan.recv_stderr(65536))
             elif chan.exit_status_ready():
                 while chan.recv_ready():
-                    out += chan.recv(65536)
+                    _keep_tail(out, chan.recv(65536))
                 while chan.recv_stderr_ready():
-                    err += chan.recv_stderr(65536)
+                    _keep_tail(err, chan.recv_stderr(65536))
                 break
             elif time.monotonic() > deadline:
                 chan.close()
@@ -366,20 +375,31 @@ class SSHHost:
     def start_agent(self, env: Mapping[str, str]) -> None:
         """Start the agent detached (``setsid nohup``) so that it outlives this connection.
 
-        ``env`` travels on the command line, quoted, and is never logged (it may hold keys).
+        ``env`` may hold keys (AWS, a provider's), so it never travels on a command line, which
+        every user of the instance can read in ``/proc/<pid>/cmdline``: it goes through the
+        command's standard input into ``agent.env``, created 0600, which the shell sources into
+        the agent's environment and deletes before the agent starts. Never logged either.
         """
-        assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if _valid_name(k))
+        exports = "".join(
+            f"export {k}={shlex.quote(v)}\n" for k, v in env.items() if _valid_name(k)
+        )
         code = shlex.quote(self._abs(f"{BUNDLE_DIR}/code"))
         cmd = (
-            f"env {assigns} PYTHONPATH={code} PYTHONUNBUFFERED=1 setsid nohup "
+            f"umask 077 && cat > {_ENV_FILE}.tmp && mv -f {_ENV_FILE}.tmp {_ENV_FILE} || exit 96\n"
+            f". ./{_ENV_FILE} || exit 95\n"
+            f"rm -f {_ENV_FILE}\n"
+            f"PYTHONPATH={code} PYTHONUNBUFFERED=1 setsid nohup "
             f"{shlex.quote(self._python)} -m loraburst.remote.agent {shlex.quote(self.workdir)} "
             f">> {LOG_FILE} 2>&1 < /dev/null & echo $! > {_PID_FILE}"
         )
+        full = f"cd {shlex.quote(self.workdir)} || exit 97\n{cmd}"
         try:
-            rc, _, err = self.run(cmd, timeout=60)
-        except TransportError as exc:
+            rc, _, _ = self._exec(full, timeout=60, stdin=exports.encode())
+        except _DROPS as exc:
+            self._drop()
             raise TransportError(f"starting the agent on {self.label} failed: {exc}") from None
         if rc != 0:
+            # Not stderr: a shell complaining about agent.env may quote a line of it.
             raise TransportError(f"starting the agent on {self.label} failed (exit {rc})")
         log.info("agent started on %s", self.label)
 
@@ -392,13 +412,20 @@ class SSHHost:
         return rc == 0
 
     def read_text(self, rel: str) -> str | None:
+        """A small file of the work directory (None when missing). At most its last
+        ``_MAX_READ`` bytes: the instance decides how big its files are, this client's memory
+        does not (a log's tail is what the callers want; a huge state.json fails to parse)."""
+
         def read() -> str | None:
             try:
                 with self._sftp_client().open(self._abs(rel), "r") as f:
-                    data: bytes = f.read()
+                    size = f.stat().st_size or 0
+                    if size > _MAX_READ:
+                        f.seek(size - _MAX_READ)
+                    data: bytes = f.read(_MAX_READ)
             except FileNotFoundError:
                 return None
-            return data.decode("utf-8")
+            return data.decode("utf-8", errors="replace")
 
         return self._retrying(f"reading {rel}", read)
 
@@ -415,30 +442,114 @@ class SSHHost:
         self._retrying(f"writing {rel}", write)
 
     def fetch_tree(self, rel: str, dest: Path) -> None:
-        """Copy a file or folder of the work directory to ``dest`` (replacing it)."""
-        import shutil
+        """Copy a file or folder of the work directory to ``dest`` (replacing it).
+
+        The instance is not trusted: every name it lists must be one plain path component (no
+        ``/``, ``..`` or NUL) so that nothing lands outside ``dest``; links, devices and FIFOs
+        are refused, not followed; the tree is bounded in depth and entries.
+
+        Raises:
+            ArtifactError: the instance listed an unsafe name or a non-regular file.
+            LocalStorageError: ``dest`` could not be written (disk full, quota, read-only,
+                permission); never retried as if the connection had dropped.
+            TransportError: the connection dropped twice.
+
+        Whatever fails, nothing of the pull is left at ``dest``.
+        """
 
         def fetch() -> None:
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            elif dest.exists():
-                dest.unlink()
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            self._get(self._sftp_client(), self._abs(rel), dest)
+            with local_io(dest):
+                _clear(dest)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._get(self._sftp_client(), self._abs(rel), dest, 0, [0])
+            except BaseException:
+                remove_quietly(dest)  # a half-pulled tree must never look like a pulled one
+                raise
 
         self._retrying(f"fetching {rel}", fetch)
 
-    def _get(self, sftp: paramiko.SFTPClient, remote: str, dest: Path) -> None:
-        st = sftp.stat(remote)
-        if st.st_mode is not None and stat.S_ISDIR(st.st_mode):
-            dest.mkdir(parents=True, exist_ok=True)
-            for entry in sftp.listdir_attr(remote):
-                self._get(sftp, f"{remote}/{entry.filename}", dest / entry.filename)
-        else:
-            sftp.get(remote, str(dest))
+    def _get(
+        self, sftp: paramiko.SFTPClient, remote: str, dest: Path, depth: int, count: list[int]
+    ) -> None:
+        mode = sftp.lstat(remote).st_mode or 0  # lstat: a link is refused, never followed
+        self._get_entry(sftp, remote, mode, dest, depth, count)
+
+    def _get_entry(
+        self,
+        sftp: paramiko.SFTPClient,
+        remote: str,
+        mode: int,
+        dest: Path,
+        depth: int,
+        count: list[int],
+    ) -> None:
+        if stat.S_ISREG(mode):
+            self._download(sftp, remote, dest)
+            return
+        if not stat.S_ISDIR(mode):
+            kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+            raise ArtifactError(f"{self.label}: {remote} is {kind}; refusing to pull it")
+        if depth >= _MAX_DEPTH:
+            raise ArtifactError(f"{self.label}: {remote} is nested over {_MAX_DEPTH} deep")
+        with local_io(dest):
+            dest.mkdir()
+        for entry in sftp.listdir_attr(remote):
+            name = entry.filename
+            if not _plain_name(name):
+                raise ArtifactError(
+                    f"{self.label} listed {name!r} in {remote}, which is not a plain file name; "
+                    "refusing to pull it (it would land outside the destination)"
+                )
+            count[0] += 1
+            if count[0] > _MAX_ENTRIES:
+                raise ArtifactError(f"{self.label}: {remote} holds over {_MAX_ENTRIES} entries")
+            # The listing's own attributes (sshd takes them with lstat): no round trip each.
+            entry_mode = entry.st_mode or 0
+            self._get_entry(sftp, f"{remote}/{name}", entry_mode, dest / name, depth + 1, count)
+
+    @staticmethod
+    def _download(sftp: paramiko.SFTPClient, remote: str, dest: Path) -> None:
+        """One file, read from the instance in pipelined requests, written with every local
+        failure told apart from the connection's."""
+        with sftp.open(remote, "rb") as src:
+            src.prefetch(max_concurrent_requests=64)
+            with local_io(dest):
+                # "x": a name that is already there (a duplicate in a listing) is not reused.
+                out = open(dest, "xb", buffering=0)  # noqa: SIM115 - closed below, mapped
+            try:
+                while block := src.read(1 << 20):
+                    with local_io(dest):
+                        out.write(block)
+            finally:
+                with local_io(dest):
+                    out.close()
 
     def close(self) -> None:
         self._drop()
+
+
+def _keep_tail(buf: bytearray, data: bytes) -> None:
+    """Append, keeping at most the last ``_MAX_READ`` bytes (callers use output's tail)."""
+    buf += data
+    if len(buf) > _MAX_READ:
+        del buf[: len(buf) - _MAX_READ]
+
+
+def _plain_name(name: object) -> bool:
+    """One path component that stays in its folder once joined to it."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in ("/", "\\", "\0"))
+    )
+
+
+def _clear(dest: Path) -> None:
+    if dest.is_dir() and not dest.is_symlink():
+        shutil.rmtree(dest)
+    elif dest.exists() or dest.is_symlink():
+        dest.unlink()
 
 
 def _valid_name(name: str) -> bool:
@@ -494,6 +605,9 @@ def launch_and_wait(
         if rc != 0 or out.strip() != "ok":
             raise TransportError(f"{provider.name} instance {machine.id}: `echo ok` failed")
         return current
+    except HostKeyMismatchError:
+        _terminate_quietly(provider, machine.id)
+        raise  # its own type and message: the caller must not retry or fail over
     except TransportError as exc:
         _terminate_quietly(provider, machine.id)
         if "terminated" in str(exc):

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import ClassVar
 
+from loraburst._disk import local_io, remove_quietly
 from loraburst._home import runs_dir
 from loraburst.remote.protocol import BUNDLE_DIR, LOG_FILE, safe_extract
 
@@ -150,14 +151,20 @@ class LocalHost:
         os.replace(tmp, path)
 
     def fetch_tree(self, rel: str, dest: Path) -> None:
+        """Copy; a local write failure is a ``LocalStorageError`` and leaves nothing at ``dest``."""
         src = self._dir / rel
-        if dest.exists():
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dest)
-        else:
-            shutil.copy2(src, dest)
+        try:
+            with local_io(dest):
+                if dest.exists():
+                    shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if src.is_dir():
+                    shutil.copytree(src, dest)
+                else:
+                    shutil.copy2(src, dest)
+        except BaseException:
+            remove_quietly(dest)
+            raise
 
     def run(self, command: str, timeout: float = 600.0) -> tuple[int, str, str]:
         proc = subprocess.run(

@@ -117,13 +117,62 @@ class State:
 
     @classmethod
     def from_json(cls, text: str) -> State:
-        raw = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        """Parse ``state.json``, checking every known field's type (the client reads it from
+        an instance it does not trust; unknown fields are ignored for newer agents).
+
+        Raises:
+            ValueError: not a JSON object, or a field of the wrong type (naming it).
+        """
+        try:
+            raw = json.loads(text)
+        except RecursionError:
+            raise ValueError("state.json is nested too deeply") from None
+        if not isinstance(raw, dict):
+            raise ValueError("state.json is not a JSON object")
+        fields = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in raw:
+                continue
+            value = raw[f.name]
+            if not _STATE_TYPES[f.name](value):
+                raise ValueError(f"state.json field {f.name!r} has a bad value {value!r:.80}")
+            fields[f.name] = value
+        return cls(**fields)
 
     @property
     def terminal(self) -> bool:
         return self.phase in TERMINAL_PHASES
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _text(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+_STATE_TYPES = {
+    "phase": lambda v: v in PHASES,
+    "step": lambda v: _int(v) and v >= 0,
+    "total_steps": lambda v: _int(v) and v >= 0,
+    "loss": _num,
+    "tokens_per_s": _num,
+    "eta_s": _num,
+    "epoch": _num,
+    "error": lambda v: (
+        v is None or (isinstance(v, dict) and all(isinstance(x, str) for x in v.values()))
+    ),
+    "stop_reason": _text,
+    "pid": lambda v: v is None or _int(v),
+    "started_at": _num,
+    "updated_at": lambda v: _num(v) and v is not None,
+    "protocol_version": _int,
+}
 
 
 def error_dict(exc: BaseException) -> dict[str, str]:
@@ -182,14 +231,92 @@ def build_manifest(workdir: Path, paths: list[str]) -> dict[str, Any]:
     return {"protocol_version": PROTOCOL_VERSION, "files": files}
 
 
+class ManifestError(ValueError):
+    """A manifest that is malformed, empty, or names a path outside the folders it covers."""
+
+
+def safe_relpath(rel: str) -> bool:
+    """Whether ``rel`` is a plain relative POSIX path that stays inside its root: no absolute
+    path, no empty, ``.`` or ``..`` component, no backslash or NUL."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "\0" in rel:
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
+def parse_manifest(
+    text: str, covers: tuple[str, ...] = (ADAPTER_DIR, METRICS_FILE)
+) -> dict[str, Any]:
+    """Check a manifest the instance wrote before anything is pulled against it.
+
+    It must be a JSON object whose ``files`` maps at least one path to
+    ``{"sha256": <64 hex>, "size": <bytes>}``; every path must be safe (``safe_relpath``) and lie
+    in ``covers`` (a listed file, or inside a listed folder), and every folder of ``covers``
+    must hold at least one file.
+
+    Raises:
+        ManifestError: saying which entry is wrong and why.
+    """
+    try:
+        doc = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ManifestError(f"manifest is not valid JSON: {exc}") from None
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, dict):
+        raise ManifestError('manifest must be a JSON object with a "files" mapping')
+    if not files:
+        raise ManifestError("manifest lists no files")
+    for rel, meta in files.items():
+        if not safe_relpath(rel):
+            raise ManifestError(f"manifest entry {rel!r} is not a plain relative path")
+        if not any(rel == c or rel.startswith(c + "/") for c in covers):
+            raise ManifestError(f"manifest entry {rel!r} is outside {', '.join(covers)}")
+        digest = meta.get("sha256") if isinstance(meta, dict) else None
+        size = meta.get("size") if isinstance(meta, dict) else None
+        if not (isinstance(digest, str) and len(digest) == 64 and _is_hex(digest)):
+            raise ManifestError(f"manifest entry {rel!r} has no valid sha256")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ManifestError(f"manifest entry {rel!r} has no valid size")
+    for c in covers:
+        if not any(rel == c or rel.startswith(c + "/") for rel in files):
+            raise ManifestError(f"manifest lists nothing for {c}")
+    checked: dict[str, Any] = doc
+    return checked
+
+
+def _is_hex(text: str) -> bool:
+    return all(ch in "0123456789abcdef" for ch in text)
+
+
 def verify_manifest(root: Path, manifest: dict[str, Any]) -> list[str]:
-    """Return the files under ``root`` that are missing or whose sha256 differs (empty = ok)."""
+    """Return the listed files under ``root`` that are unsafe names, missing, not regular files,
+    or whose size or sha256 differs (empty = ok). ``unlisted_files`` checks the other way."""
     bad = []
     for rel, meta in manifest["files"].items():
         p = root / rel
-        if not p.is_file() or sha256_file(p) != meta["sha256"]:
+        ok = (
+            safe_relpath(rel)
+            and p.is_file()
+            and not p.is_symlink()
+            and ("size" not in meta or p.stat().st_size == meta["size"])
+            and sha256_file(p) == meta["sha256"]
+        )
+        if not ok:
             bad.append(rel)
     return bad
+
+
+def unlisted_files(root: Path, manifest: dict[str, Any]) -> list[str]:
+    """Everything under ``root`` that is not a folder and that the manifest does not list
+    (files, links, devices), as ``root``-relative POSIX paths."""
+    listed = set(manifest["files"])
+    found = []
+    for p in sorted(root.rglob("*")):
+        if p.is_dir() and not p.is_symlink():
+            continue
+        rel = p.relative_to(root).as_posix()
+        if rel not in listed:
+            found.append(rel)
+    return found
 
 
 # The chat template used when the tokenizer has none: ChatML, with {% generation %} markers so

@@ -2,8 +2,10 @@
 
 Inputs, all from the client: ``LORABURST_DEADLINE`` (unix time) and
 ``LORABURST_HEARTBEAT_GRACE_S`` in the environment; ``WORKDIR/heartbeat`` (its mtime is the
-client's last sign of life); ``WORKDIR/control.json`` with ``{"stop": reason}`` or
-``{"deadline": t}`` (replaces the env deadline).
+client's last sign of life); ``WORKDIR/control.json`` with ``{"stop": reason}``,
+``{"deadline": t}`` (replaces the env deadline) or ``{"hold_until": t}`` (the client could not
+store the adapter and keeps the instance for ``loraburst attach``: no self-termination before
+``t``, so the only copy of the adapter is not destroyed while the user frees space).
 
 Decisions (:meth:`Watchdog.decide`, a pure function of those inputs and the clock):
 
@@ -17,6 +19,8 @@ client gone (heartbeat older than     with a way to terminate: training goes on 
 grace), training running              client may re-attach); without: it stops
                                       ("client_gone")
 client gone, training ended           the instance is terminated
+held (before ``hold_until``)          nothing is terminated, whatever the heartbeat or
+                                      deadline say; after it, the rows above apply
 ====================================  ==================================================
 
 Termination goes through the provider's API with a key that only ever lives in the
@@ -164,6 +168,7 @@ class Watchdog:
         self.started_at = clock()
         self.training_ended = False
         self.terminated = False
+        self.hold_until: float | None = None
         self._stop: str | None = None
         self._said_gone = False
         self._failures = 0
@@ -203,6 +208,8 @@ class Watchdog:
             return None
         if isinstance(control.get("deadline"), (int, float)):
             self.deadline = float(control["deadline"])
+        hold = control.get("hold_until")
+        self.hold_until = float(hold) if isinstance(hold, (int, float)) else None
         # A stop left over from an earlier agent (the client restarted us) is not for us.
         stop = control.get("stop")
         return str(stop) if stop and mtime >= self.started_at else None
@@ -217,10 +224,12 @@ class Watchdog:
             stop = "deadline"
         if stop is None and gone and self.terminator is None:
             stop = "client_gone"
+        held = self.hold_until is not None and now < self.hold_until
         terminate = (
             self.terminator is not None
             and self.training_ended
             and not self.terminated
+            and not held
             and (gone or (past_deadline and now >= (self.deadline or 0.0) + self.pull_window_s))
         )
         return Decision(stop=stop, terminate=terminate, client_gone=gone)

@@ -36,10 +36,19 @@ from ._exceptions import (
     EstimateError as EstimateError,
 )
 from ._exceptions import (
+    HostKeyMismatchError as HostKeyMismatchError,
+)
+from ._exceptions import (
+    InstanceLostError as InstanceLostError,
+)
+from ._exceptions import (
     JobCancelledError as JobCancelledError,
 )
 from ._exceptions import (
     JobError as JobError,
+)
+from ._exceptions import (
+    LocalStorageError as LocalStorageError,
 )
 from ._exceptions import (
     LoraburstError as LoraburstError,
@@ -88,11 +97,14 @@ __all__ = [
     "Estimate",
     "EstimateError",
     "EstimateRow",
+    "HostKeyMismatchError",
+    "InstanceLostError",
     "Job",
     "JobCancelledError",
     "JobError",
     "JobResult",
     "JobSpec",
+    "LocalStorageError",
     "LoraConfig",
     "LoraburstError",
     "PlacementError",

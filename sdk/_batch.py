@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -19,9 +20,10 @@ from typing import Any
 
 import yaml
 from rich.table import Table
+from rich.text import Text
 
 from ._exceptions import BudgetExceededError, ConfigError, LoraburstError
-from ._job import Job
+from ._job import Job, load_yaml_file
 from ._placement import plan
 
 __all__ = ["Batch", "BatchResult", "BatchRow"]
@@ -66,7 +68,7 @@ class BatchResult:
             title=f"batch: spent ${self.spent_usd:.4f} of ${self.budget:.2f}",
         )
         for r in self.rows:
-            t.add_row(
+            cells = (
                 r.name,
                 r.status,
                 r.provider or "",
@@ -75,6 +77,8 @@ class BatchResult:
                 f"{r.cost_usd:.4f}",
                 r.adapter_path or (r.error or "")[:80],
             )
+            # Text, not str: paths and provider errors must never be parsed as markup.
+            t.add_row(*(Text(c) for c in cells))
         return t
 
 
@@ -98,8 +102,10 @@ class Batch:
         progress: bool = False,
         **run_kwargs: Any,
     ) -> None:
-        if budget <= 0:
-            raise ConfigError("Batch budget must be positive (dollars)")
+        if not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
+            raise ConfigError(f"Batch budget must be a positive number of dollars, not {budget!r}")
+        if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int):
+            raise ConfigError(f"max_concurrent must be a whole number, not {max_concurrent!r}")
         if max_concurrent < 1:
             raise ConfigError("max_concurrent must be at least 1")
         names = [j.spec.name or f"job-{i}" for i, j in enumerate(jobs)]
@@ -164,21 +170,20 @@ class Batch:
             ConfigError: unreadable YAML, unknown keys, or an invalid job (naming it).
         """
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read batch file {path}: {exc}") from exc
+        raw = load_yaml_file(path, "batch file")
         if not isinstance(raw, dict) or "budget" not in raw:
             raise ConfigError(f"{path}: a batch file needs budget: and jobs: (or sweep:)")
         settings = ("budget", "max_concurrent", "provider", *_PLACEMENT_KEYS)
         unknown = set(raw) - {*settings, "jobs", "sweep"}
         if unknown:
             raise ConfigError(
-                f"{path}: unknown keys {sorted(unknown)}; known: "
+                f"{path}: unknown keys {sorted(map(str, unknown))}; known: "
                 f"{sorted({*settings, 'jobs', 'sweep'})}"
             )
         kwargs = {k: raw[k] for k in settings if k in raw}
         if "sweep" in raw:
+            if not isinstance(raw["sweep"] or {}, dict):
+                raise ConfigError(f"{path}: sweep: must be a mapping with job: and grids")
             sw = dict(raw["sweep"] or {})
             bad = set(sw) - {"job", "lora", "train", "quant"}
             if "job" not in sw or bad:
@@ -188,8 +193,11 @@ class Batch:
                 )
             base = Job.from_yaml(path.parent / sw.pop("job"))
             return cls.sweep(base, **sw, **kwargs)
+        items = raw.get("jobs") or []
+        if not isinstance(items, list):
+            raise ConfigError(f"{path}: jobs: must be a list of job files or job mappings")
         jobs = []
-        for i, item in enumerate(raw.get("jobs") or []):
+        for i, item in enumerate(items):
             if isinstance(item, str):
                 jobs.append(Job.from_yaml(path.parent / item))
             elif isinstance(item, dict):

@@ -1,24 +1,25 @@
 """``loraburst cleanup``: reconcile the ledger with every provider account, by tag.
 
 An instance is orphaned when it carries our tag prefix (``lb-``) and no live client is
-following its job (a client holds ``runs/<job>/client.pid`` while it follows). Orphans are
-terminated and confirmed gone; ledger rows whose instance the provider no longer knows are
-closed. Nothing is terminated with ``dry_run``.
+following its job (``loraburst run`` and ``loraburst attach`` claim ``runs/<job>/client.pid``
+while they follow, see ``_owner``). Orphans are terminated and confirmed gone; ledger rows whose
+instance the provider no longer knows are closed. Nothing is terminated with ``dry_run``.
+
+An instance *held* for ``loraburst attach`` (it has the only copy of an adapter this machine
+could not store) is kept until its hold ends, unless ``release_held`` says to give it up.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Mapping
 
 from loraburst.providers import Provider, get_provider
-from loraburst.providers.local import pid_alive
 
 from ._exceptions import ProviderError
-from ._home import runs_dir
 from ._ledger import Ledger
+from ._owner import client_alive
 from ._placement import configured_providers
 
 __all__ = ["CleanupReport", "cleanup", "client_alive"]
@@ -40,20 +41,12 @@ class CleanupReport:
         verb = "would terminate" if self.dry_run else "terminated"
         out = [f"{verb}: {t}" for t in self.terminated]
         out += [f"closed ledger row (instance already gone): {t}" for t in self.closed]
-        out += [f"kept (a client is following it): {t}" for t in self.kept]
+        out += [
+            f"kept: {t}" if ": held until" in t else f"kept (a client is following it): {t}"
+            for t in self.kept
+        ]
         out += [f"FAILED: {t}" for t in self.failed]
         return out or ["nothing to clean up"]
-
-
-def client_alive(job_id: str) -> bool:
-    """Whether a client process is following ``job_id`` right now."""
-    try:
-        pid = int((runs_dir() / job_id / "client.pid").read_text())
-    except (OSError, ValueError):
-        return False
-    if pid == os.getpid():
-        return False  # cleanup itself runs in this process: that client is not following
-    return bool(pid_alive(pid))
 
 
 def _job_of(tag: str) -> str:
@@ -65,8 +58,14 @@ def cleanup(
     dry_run: bool = False,
     providers: Mapping[str, Provider] | None = None,
     ledger: Ledger | None = None,
+    release_held: bool = False,
 ) -> CleanupReport:
-    """Terminate orphaned tagged instances and close stale ledger rows."""
+    """Terminate orphaned tagged instances and close stale ledger rows.
+
+    Args:
+        release_held: also terminate instances held for ``loraburst attach`` before their
+            hold ends (their adapter is then lost).
+    """
     ledger = ledger or Ledger()
     report = CleanupReport(dry_run=dry_run)
     names = {i.provider for i in ledger.instances(open_only=True)}
@@ -85,6 +84,19 @@ def cleanup(
             label = f"{name} {m.id} ({m.tag})"
             if client_alive(_job_of(m.tag)):
                 report.kept.append(label)
+                continue
+            row = ledger.instance(m.tag)
+            if (
+                not release_held
+                and row is not None
+                and row.state == "held"
+                and (row.held_until or 0) > time.time()
+            ):
+                until = time.strftime("%Y-%m-%d %H:%M", time.localtime(row.held_until))
+                report.kept.append(
+                    f"{label}: held until {until} with the job's adapter; "
+                    f"`loraburst attach {row.job_id}` pulls it, --release-held gives it up"
+                )
                 continue
             if dry_run:
                 report.terminated.append(label)

@@ -1,4 +1,9 @@
-"""The ``loraburst`` command line. User errors print one clear message, never a traceback."""
+"""The ``loraburst`` command line. User errors print one clear message, never a traceback.
+
+Only our own styling is rich markup: every piece of text that comes from a user (paths, job
+names), a provider (messages, GPU names) or an instance (state, errors) is printed verbatim,
+escaped or as ``Text`` — ``[/x]`` in a path once crashed the CLI with a MarkupError.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ._exceptions import ConfigError, LoraburstError, TeardownError
 
@@ -24,7 +31,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     job = Job.from_yaml(args.job)
     train = job.validate()
-    _out.print(f"[green]valid[/]: {args.job}: {train.stats.describe()}")
+    _out.print(f"[green]valid[/]: {escape(str(args.job))}: {escape(train.stats.describe())}")
     return 0
 
 
@@ -43,7 +50,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     _out.print(
         f"{result.status}: adapter at {result.adapter_path} "
-        f"(job {result.job_id}, {result.provider} {result.gpu}, ${result.cost_usd:.4f})"
+        f"(job {result.job_id}, {result.provider} {result.gpu}, ${result.cost_usd:.4f})",
+        markup=False,
     )
     return 0
 
@@ -67,21 +75,35 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     t = Table("job", "status", "provider", "gpu", "cost $", "adapter", title="jobs")
     for j in ledger.jobs():
         t.add_row(
-            j.id, j.status, j.provider or "", j.gpu or "", f"{j.cost_usd:.4f}", j.adapter_path or ""
+            *_plain(
+                j.id,
+                j.status,
+                j.provider or "",
+                j.gpu or "",
+                f"{j.cost_usd:.4f}",
+                j.adapter_path or "",
+            )
         )
     _out.print(t)
     t = Table("instance tag", "provider", "id", "state", "$/h", "billed $", title="instances")
     for i in ledger.instances():
         t.add_row(
-            i.tag,
-            i.provider,
-            i.provider_id or "",
-            i.state,
-            f"{i.price_per_hour:.2f}",
-            f"{i.billed_usd:.4f}",
+            *_plain(
+                i.tag,
+                i.provider,
+                i.provider_id or "",
+                i.state,
+                f"{i.price_per_hour:.2f}",
+                f"{i.billed_usd:.4f}",
+            )
         )
     _out.print(t)
     return 0
+
+
+def _plain(*cells: str) -> list[Text]:
+    """Table cells shown exactly as written (a str cell would be parsed as markup)."""
+    return [Text(c) for c in cells]
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
@@ -101,16 +123,19 @@ def _cmd_attach(args: argparse.Namespace) -> int:
     from ._job import Job
 
     result = Job.attach(args.job)
-    _out.print(f"{result.status}: adapter at {result.adapter_path} (${result.cost_usd:.4f})")
+    _out.print(
+        f"{result.status}: adapter at {result.adapter_path} (${result.cost_usd:.4f})",
+        markup=False,
+    )
     return 0
 
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
     from ._cleanup import cleanup
 
-    report = cleanup(dry_run=args.dry_run)
+    report = cleanup(dry_run=args.dry_run, release_held=args.release_held)
     for line in report.lines():
-        _out.print(line)
+        _out.print(line, markup=False, highlight=False)
     return 0 if report.ok else 1
 
 
@@ -162,11 +187,21 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("logs", help="a job's events and agent log")
     s.add_argument("job")
     s.set_defaults(fn=_cmd_logs)
-    s = sub.add_parser("attach", help="re-attach to a job after a client crash and finish it")
+    s = sub.add_parser(
+        "attach",
+        help="finish a job another client left (crashed, disk full): follow, pull, tear down; "
+        "resume from its checkpoints if its instance is gone",
+    )
     s.add_argument("job")
     s.set_defaults(fn=_cmd_attach)
     s = sub.add_parser("cleanup", help="terminate instances the ledger or providers left open")
     s.add_argument("--dry-run", action="store_true")
+    s.add_argument(
+        "--release-held",
+        action="store_true",
+        help="also terminate instances kept for `attach` because this machine's disk was full "
+        "(their adapter is lost)",
+    )
     s.set_defaults(fn=_cmd_cleanup)
     s = sub.add_parser("batch", help="run a batch of jobs under one budget")
     s.add_argument("batch", type=Path)
@@ -185,13 +220,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.fn(args)
         return code
     except ConfigError as exc:
-        _err.print(f"[red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        _err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except TeardownError as exc:
-        _err.print(f"[bold red]TEARDOWN FAILED:[/] {exc}", highlight=False, soft_wrap=True)
+        _err.print(
+            f"[bold red]TEARDOWN FAILED:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         return 3
     except LoraburstError as exc:
-        _err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
         _err.print("interrupted")

@@ -18,6 +18,7 @@ torch, transformers and pyarrow are imported only inside the functions that need
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -32,6 +33,7 @@ from typing import IO, Any
 from ._dataset_formats import KIND_OF_FORMAT, RowChecker
 from ._dataset_read import DATA_SUFFIXES, Located, read_path, read_rows
 from ._dataset_tokens import TokenTally, count_tokens
+from ._disk import local_io
 from ._exceptions import ConfigError, DatasetError
 from ._home import home
 
@@ -141,8 +143,9 @@ class _Spill:
 
     def __init__(self) -> None:
         self.folder = home() / "datasets"
-        self.folder.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".spill-", suffix=".jsonl")
+        with local_io(self.folder):
+            self.folder.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".spill-", suffix=".jsonl")
         self.tmp = Path(tmp)
         self._f = os.fdopen(fd, "wb", buffering=1 << 20)
         self._sha = hashlib.sha256()
@@ -150,19 +153,22 @@ class _Spill:
 
     def write(self, row: dict[str, Any]) -> None:
         line = json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
-        self._f.write(line)
+        with local_io(self.tmp):
+            self._f.write(line)
         self._sha.update(line)
         self.size += len(line)
 
     def keep(self) -> tuple[Path, str]:
-        self._f.close()
         digest = self._sha.hexdigest()
         final = self.folder / f"{digest}.jsonl"
-        os.replace(self.tmp, final)
+        with local_io(self.tmp):
+            self._f.close()
+            os.replace(self.tmp, final)
         return final, digest
 
     def discard(self) -> None:
-        self._f.close()
+        with contextlib.suppress(OSError):  # closing flushes, which fails on a full disk
+            self._f.close()
         self.tmp.unlink(missing_ok=True)
 
 

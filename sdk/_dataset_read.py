@@ -9,6 +9,12 @@ that problems come out in file order. Nothing is checked for meaning here; that 
 Readers stream: JSONL and CSV are read a line at a time, Parquet and ``save_to_disk`` folders a
 record batch at a time, so memory stays flat whatever the file's size. A ``.json`` file is one
 document and is parsed whole.
+
+Reads are bounded: a line longer than the row limit (``LORABURST_MAX_ROW_MB``, 8 MiB by default)
+is reported as a problem of its line and skipped without being held in memory, a ``.json``
+document over 64 MiB is refused (JSONL streams), and a path that is not a regular file (a
+device such as ``/dev/zero``, a FIFO, a socket, whether or not reached through a symlink) is
+refused before it is opened for reading.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,12 +47,50 @@ _Reader = Callable[[Path, str], Located]
 _JSON_COLUMNS = ("messages", "conversations")
 # Rows per Parquet batch: small enough that memory stays flat, large enough to be fast.
 _BATCH_ROWS = 4096
+# A .json file is parsed whole (Python objects take several times the file's bytes).
+MAX_JSON_BYTES = 64 << 20
+# Bytes read at a time while skipping the rest of an over-long line.
+_SKIP_CHUNK = 1 << 20
+
+
+def max_row_bytes() -> int:
+    """The longest line (row) a reader accepts: ``LORABURST_MAX_ROW_MB`` MiB, default 8.
+
+    8 MiB of text is about two million tokens, twice the longest ``max_seq_len`` there is; a
+    longer line is almost always a file that is not one row per line.
+    """
+    text = os.environ.get("LORABURST_MAX_ROW_MB", "").strip()
+    try:
+        mb = float(text) if text else 8.0
+    except ValueError:
+        raise ConfigError(
+            f"LORABURST_MAX_ROW_MB={text!r} is not a number of MiB (e.g. 8 or 32)"
+        ) from None
+    if not 0 < mb < 1 << 20:
+        raise ConfigError(f"LORABURST_MAX_ROW_MB={text!r} must be between 0 and 1048576 MiB")
+    return int(mb * (1 << 20))
+
+
+def _too_long(limit: int) -> Unreadable:
+    return Unreadable(
+        f"line is longer than {limit / (1 << 20):g} MiB, the row limit; split it into shorter "
+        "rows (the trainer truncates each row at train.max_seq_len tokens anyway), or raise "
+        "the limit with LORABURST_MAX_ROW_MB if the file really holds rows that long"
+    )
 
 
 def _decode(path: Path, name: str) -> str | list[tuple[str, Any]]:
     """The whole file's text (for ``.json``, one document), or a one-row list that says where
     the bad UTF-8 is."""
-    data = path.read_bytes()
+    with open(path, "rb") as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        reason = (
+            f"a .json file is parsed whole and this one is over {MAX_JSON_BYTES >> 20} MiB; "
+            "write it as JSONL, one row a line (e.g. `jq -c '.[]' in.json > in.jsonl`), which "
+            "is read a row at a time"
+        )
+        return [(f"{name}:1", Unreadable(reason))]
     try:
         # utf-8-sig: spreadsheet tools often prepend a BOM that json would reject.
         return data.decode("utf-8-sig")
@@ -59,10 +105,22 @@ def _bad_utf8(offset: int) -> Unreadable:
 
 def _lines(path: Path) -> Iterator[tuple[int, str | Unreadable]]:
     """``(line number, text)`` of each physical line, decoded one at a time; a line that is not
-    UTF-8 comes as an ``Unreadable`` naming the file offset of its first bad byte."""
+    UTF-8 comes as an ``Unreadable`` naming the file offset of its first bad byte, and a line
+    over the row limit as one that says so (it is skipped without being held in memory)."""
+    limit = max_row_bytes()
     offset = 0
+    lineno = 0
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        while raw := f.readline(limit + 1):
+            lineno += 1
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                # Read on to the end of this line in bounded chunks, keeping none of it.
+                while raw and not raw.endswith(b"\n"):
+                    offset += len(raw)
+                    raw = f.readline(_SKIP_CHUNK)
+                offset += len(raw)
+                yield lineno, _too_long(limit)
+                continue
             # A BOM from a spreadsheet tool would make the first row malformed.
             skip = 3 if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else 0
             try:
@@ -145,7 +203,15 @@ def _read_csv(path: Path, name: str) -> Iterator[tuple[str, Any]]:
         except StopIteration:
             break
         except csv.Error as e:
-            yield where, Unreadable(f"malformed CSV: {e}")
+            hint = ""
+            if "field larger than field limit" in str(e):
+                # csv's own bound (128 Ki characters a cell) also stops an unclosed quote from
+                # swallowing the rest of the file.
+                hint = (
+                    f"; a CSV cell holds at most {csv.field_size_limit():,} characters (or a "
+                    "quote is never closed): write long rows as JSONL"
+                )
+            yield where, Unreadable(f"malformed CSV: {e}{hint}")
             break
         if not any(c.strip() for c in cells):
             continue
@@ -280,7 +346,32 @@ def read_path(path: Path, name: str) -> Located:
     if reader is None:
         known = ", ".join(sorted(_READERS))
         raise ConfigError(f"{name}: unsupported file type {path.suffix!r}; use one of {known}")
+    _require_regular(path, name)
     return reader(path, name)
+
+
+def _require_regular(path: Path, name: str) -> None:
+    """Refuse devices, FIFOs and sockets: reading ``/dev/zero`` never ends and a FIFO blocks."""
+    try:
+        mode = path.stat().st_mode  # follows symlinks: a link to a regular file is fine
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read it: {e.strerror or e}", source=name) from e
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
+        target = f" (a link to {os.path.realpath(path)})" if path.is_symlink() else ""
+        raise ConfigError(
+            f"{name}: is {kind}{target}, not a data file; give a .jsonl/.json/.csv/.parquet "
+            "file or a save_to_disk folder",
+            source=name,
+        )
 
 
 def read_rows(rows: list[Any], name: str = "<rows>") -> Located:

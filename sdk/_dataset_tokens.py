@@ -5,6 +5,11 @@ Exact counts follow what TRL's ``SFTTrainer`` feeds the model: a conversation is
 the tokenizer's chat template (or our ChatML default) and tokenised without extra special tokens;
 prompt/completion and text rows get the EOS token appended, as TRL does, and the tokenizer's
 usual special tokens (BOS, say).
+
+Memory stays bounded whatever the rows' length: a tokenizer call never sees more than
+``_BATCH_CHARS`` characters (fast tokenizers keep a few hundred bytes per token), and a row longer
+than ``_CHUNK_CHARS`` is counted in pieces cut before whitespace, where pre-tokenizers split
+anyway; such a row's count may differ from one tokenisation of the whole by a token a piece.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,10 @@ TURN_OVERHEAD_TOKENS = 4
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _BATCH = 1024
+# Characters per tokenizer call and per piece of a long row: half a million characters cost the
+# tokenizer a few hundred MB at most (a 50 MB row tokenised whole took 10 GB).
+_BATCH_CHARS = 1 << 19
+_CHUNK_CHARS = 1 << 17
 
 
 def _on_disk(name: str) -> bool:
@@ -112,11 +121,51 @@ def _exact(rows: Sequence[dict[str, Any]], kind: str, tok: Any) -> list[int]:
             joined = [r["text"] for r in rows]
         texts = [t if not eos or t.endswith(eos) else t + eos for t in joined]
         special = True
-    counts: list[int] = []
-    for i in range(0, len(texts), _BATCH):
-        batch = tok(texts[i : i + _BATCH], add_special_tokens=special)
-        counts += [len(ids) for ids in _ids(batch)]
+    counts = [0] * len(texts)
+    short = [(i, t) for i, t in enumerate(texts) if len(t) <= _CHUNK_CHARS]
+    for batch in _batches(short):
+        encoded = _ids(tok([t for _, t in batch], add_special_tokens=special))
+        for (i, _), ids in zip(batch, encoded, strict=True):
+            counts[i] = len(ids)
+    # A long text is counted in pieces without special tokens, plus the ones the tokenizer adds
+    # once per text (what it adds to an empty one).
+    long = [(i, p) for i, t in enumerate(texts) if len(t) > _CHUNK_CHARS for p in _pieces(t)]
+    if long:
+        extra = len(_ids(tok([""], add_special_tokens=True))[0]) if special else 0
+        for i in {i for i, _ in long}:
+            counts[i] = extra
+        for batch in _batches(long):
+            encoded = _ids(tok([t for _, t in batch], add_special_tokens=False))
+            for (i, _), ids in zip(batch, encoded, strict=True):
+                counts[i] += len(ids)
     return counts
+
+
+def _batches(items: list[tuple[int, str]]) -> Iterator[list[tuple[int, str]]]:
+    """``items`` in runs of at most ``_BATCH`` texts and ``_BATCH_CHARS`` characters."""
+    batch: list[tuple[int, str]] = []
+    size = 0
+    for item in items:
+        if batch and (len(batch) >= _BATCH or size + len(item[1]) > _BATCH_CHARS):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += len(item[1])
+    if batch:
+        yield batch
+
+
+def _pieces(text: str) -> Iterator[str]:
+    """``text`` in pieces of at most ``_CHUNK_CHARS`` characters, each cut just before a
+    whitespace character where there is one (so that words stay whole)."""
+    start = 0
+    while len(text) - start > _CHUNK_CHARS:
+        end = start + _CHUNK_CHARS
+        cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+        end = cut if cut > start else end
+        yield text[start:end]
+        start = end
+    yield text[start:]
 
 
 def count_tokens(
@@ -185,17 +234,22 @@ class TokenTally:
         self._tokenizer = tokenizer
         self._loaded: Any | None = None
         self._pending: list[dict[str, Any]] = []
+        self._pending_chars = 0
 
     def add(self, row: dict[str, Any]) -> None:
-        self.chars += row_chars(row)
+        chars = row_chars(row)
+        self.chars += chars
         self.estimate.add(_estimate(row))
         if self.exact is not None:
             self._pending.append(row)
-            if len(self._pending) >= _BATCH:
+            self._pending_chars += chars
+            # Bounded by characters as well as rows: 1024 rows of a megabyte each are a GB.
+            if len(self._pending) >= _BATCH or self._pending_chars >= _BATCH_CHARS:
                 self._flush()
 
     def _flush(self) -> None:
         rows, self._pending = self._pending, []
+        self._pending_chars = 0
         if self.exact is None or not rows:
             return
         if self._loaded is None:

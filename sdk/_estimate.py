@@ -153,13 +153,17 @@ class Estimate:
 
     def __rich__(self) -> Table:
         from rich.table import Table
+        from rich.text import Text
 
         head, body = self._cells()
-        table = Table(title=self._title(), caption="\n".join(self.notes) or None)
+        # Text, not str: model and GPU names and notes come from users and providers, and a
+        # str would be parsed as markup.
+        caption = Text("\n".join(self.notes)) if self.notes else None
+        table = Table(title=Text(self._title()), caption=caption)
         for h in head:
             table.add_column(h, justify="right" if h in ("tok/s", "$/hr", "n") else "left")
         for cells in body:
-            table.add_row(*cells)
+            table.add_row(*(Text(c) for c in cells))
         return table
 
     def __str__(self) -> str:

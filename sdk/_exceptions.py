@@ -12,13 +12,16 @@
     │   ├── RateLimitError                    429 that outlived our retries
     │   └── ProviderAPIError                  any other API failure (5xx, malformed reply)
     ├── TransportError                        SSH/SFTP: not ready, host key changed, dropped
-    │   └── HostKeyMismatchError
+    │   └── HostKeyMismatchError              stops at once: never retried, never failed over
     ├── AgentError                            the on-instance agent failed or vanished
-    ├── ArtifactError                         a pulled artifact failed its sha256 check
+    ├── ArtifactError                         a pulled artifact is unlisted, unsafe or corrupt
+    ├── LocalStorageError                     this machine could not write (disk full, quota,
+    │                                         read-only, permission): not a dropped connection
     ├── TeardownError                         an instance could not be confirmed gone
     └── JobError                              a job did not produce its adapter
         ├── JobCancelledError                 Ctrl-C / SIGTERM
         ├── BudgetExceededError               refused before launch, or cap hit at runtime
+        ├── InstanceLostError                 the instance was preempted or vanished
         └── PlacementError                    every offer in the chain failed (has a table)
 
 Every error carries the context it has (job id, provider, file and row) as attributes;
@@ -41,8 +44,10 @@ __all__ = [
     "DatasetError",
     "EstimateError",
     "HostKeyMismatchError",
+    "InstanceLostError",
     "JobCancelledError",
     "JobError",
+    "LocalStorageError",
     "LoraburstError",
     "PlacementError",
     "ProviderAPIError",
@@ -129,7 +134,25 @@ class AgentError(LoraburstError):
 
 
 class ArtifactError(LoraburstError):
-    """A pulled artifact does not match the sha256 in its manifest."""
+    """A pulled artifact does not match its manifest: a missing, unlisted or corrupt file, a
+    malformed manifest, or a name from the instance that would land outside its folder."""
+
+
+class LocalStorageError(LoraburstError):
+    """A file on this machine could not be written or read (disk full, quota, read-only file
+    system, permission). Never a transport error: reconnecting cannot fix it.
+
+    Attributes:
+        path: the local path that failed.
+        errno: the ``OSError``'s errno (``ENOSPC``, ``EDQUOT``, ``EROFS``, ``EACCES`` ...).
+    """
+
+    def __init__(
+        self, message: str, *, path: str | None = None, errno: int | None = None, **context: Any
+    ) -> None:
+        super().__init__(message, path=path, errno=errno, **context)
+        self.path = path
+        self.errno = errno
 
 
 class TeardownError(LoraburstError):
@@ -146,6 +169,11 @@ class JobCancelledError(JobError):
 
 class BudgetExceededError(JobError):
     """The job's estimate exceeds ``max_cost`` (before launch) or the cap was hit."""
+
+
+class InstanceLostError(JobError):
+    """The instance was preempted or vanished mid-run. ``Job.run`` relaunches and resumes from
+    the last checkpoint by itself; this reaches the caller only when that is not possible."""
 
 
 class PlacementError(JobError):

@@ -1,4 +1,10 @@
-"""Running a job across a placement chain: failover, preemption/resume, Ctrl-C, teardown."""
+"""Running a job across a placement chain: failover, preemption/resume, Ctrl-C, teardown.
+
+``attach`` finishes a job another client left: it claims the job (so ``cleanup`` keeps its
+instance), follows it, pulls, and tears down; when the instance turns out to be gone it resumes
+from the checkpoints kept in ``runs/<job>`` on the same provider and GPU. A full local disk at
+pull-back holds the instance (see ``Attempt.hold``) and never rents the chain's next offer.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +12,39 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from loraburst.remote.protocol import CHECKPOINT_DIR, ENV_ARTIFACTS
+from loraburst.remote.protocol import CHECKPOINT_DIR, ENV_ARTIFACTS, MANIFEST_FILE
 
-from ._bundle import build_bundle
+from ._bundle import Bundle, build_bundle
+from ._disk import check_outputs, storage_error
 from ._exceptions import (
     AuthError,
     CapacityError,
     ConfigError,
+    HostKeyMismatchError,
+    InstanceLostError,
     JobCancelledError,
     JobError,
+    LocalStorageError,
     LoraburstError,
     PlacementError,
     ProviderError,
     TransportError,
 )
-from ._home import runs_dir
-from ._ledger import Ledger
+from ._home import home, runs_dir
+from ._ledger import InstanceRow, JobRow, Ledger
+from ._owner import claim, release
 from ._progress import ProgressView
 from ._result import Attempt as AttemptRow
 from ._result import JobResult, JobStatus
-from ._runner import Attempt, Lost
+from ._runner import Attempt
 
 if TYPE_CHECKING:
     from loraburst.providers import Provider
@@ -44,6 +56,9 @@ __all__ = ["attach", "execute"]
 
 # Relaunches of the same offer after it was lost (preempted) before moving to the next one.
 _LOST_RETRIES_PER_OFFER = 1
+# Job statuses whose instance went away under them (the client died, it was preempted under
+# attach, its disk was full): attach may resume these from their checkpoints.
+_RESUMABLE = ("pending", "running", "interrupted", "held")
 
 
 @contextlib.contextmanager
@@ -112,9 +127,16 @@ def execute(
         deadline=deadline,
         max_cost=None if allow_partial else max_cost,
     )
+    # Every place this job will write, checked before anything is rented.
+    output_dir = check_outputs(
+        job.spec, pulls_checkpoints=any(c.provider.name != "local" for c in candidates)
+    )
 
     t0 = time.time()
-    bundle = build_bundle(job.spec, train, ev)
+    try:
+        bundle = build_bundle(job.spec, train, ev)
+    except OSError as exc:
+        raise storage_error(exc, home() / "bundles") from exc
     durations = {"bundle": time.time() - t0}
 
     job_id = new_job_id(job.spec.name)
@@ -130,12 +152,12 @@ def execute(
         f"job {job_id}: bundle {bundle.sha256[:12]} ({bundle.size / 1e6:.1f} MB), "
         f"{train.stats.describe()}"
     )
-    output_dir = Path(job.spec.output_dir).expanduser()
-    env = _agent_env(job, job_id, env)
+    env = _agent_env(job.spec.artifacts, job_id, env)
     with view, _sigterm_as_interrupt():
-        try:
-            return _run_chain(
-                job,
+        return _guarded(
+            job_id,
+            ledger,
+            lambda: _run_chain(
                 job_id,
                 candidates,
                 bundle,
@@ -143,16 +165,24 @@ def execute(
                 view,
                 output_dir,
                 max_cost=max_cost,
+                max_runtime=job.spec.max_runtime,
                 env=env,
                 durations=durations,
                 t_start=t_start,
-            )
-        except LoraburstError as exc:
-            row = ledger.job(job_id)
-            exc.context.update(job_id=job_id, cost_usd=row.cost_usd if row else 0.0)
-            if row is not None and row.status == "running":
-                ledger.update_job(job_id, status="failed", error=str(exc)[:500])
-            raise
+            ),
+        )
+
+
+def _guarded(job_id: str, ledger: Ledger, chain: Callable[[], JobResult]) -> JobResult:
+    """Run ``chain``; a job that ends in an error is never left ``running`` in the ledger."""
+    try:
+        return chain()
+    except LoraburstError as exc:
+        row = ledger.job(job_id)
+        exc.context.update(job_id=job_id, cost_usd=row.cost_usd if row else 0.0)
+        if row is not None and row.status == "running":
+            ledger.update_job(job_id, status="failed", error=str(exc)[:500])
+        raise
 
 
 # Forwarded to the agent (over SSH, never into the bundle or ledger) when artifacts= is set.
@@ -167,12 +197,12 @@ _AWS_ENV = (
 )
 
 
-def _agent_env(job: Job, job_id: str, env: Mapping[str, str] | None) -> dict[str, str]:
+def _agent_env(artifacts: str | None, job_id: str, env: Mapping[str, str] | None) -> dict[str, str]:
     """The agent's environment: the caller's, plus S3 checkpointing under ``<artifacts>/<job>``
     with the client's AWS credentials when ``artifacts=`` is set."""
     out = dict(env or {})
-    if job.spec.artifacts:
-        out.setdefault(ENV_ARTIFACTS, f"{job.spec.artifacts.rstrip('/')}/{job_id}")
+    if artifacts:
+        out.setdefault(ENV_ARTIFACTS, f"{artifacts.rstrip('/')}/{job_id}")
         for key in _AWS_ENV:
             if key in os.environ:
                 out.setdefault(key, os.environ[key])
@@ -180,21 +210,21 @@ def _agent_env(job: Job, job_id: str, env: Mapping[str, str] | None) -> dict[str
 
 
 def _run_chain(
-    job: Job,
     job_id: str,
     candidates: list[Candidate],
-    bundle: Any,
+    bundle: Bundle,
     ledger: Ledger,
     view: ProgressView,
     output_dir: Path,
     *,
     max_cost: float | None,
+    max_runtime: float | None,
     env: Mapping[str, str] | None,
     durations: dict[str, float],
     t_start: float,
+    spent: float = 0.0,
 ) -> JobResult:
     attempts: list[AttemptRow] = []
-    spent = 0.0
     resume_dir = runs_dir() / job_id / CHECKPOINT_DIR
     index, lost_here = 0, 0
     while index < len(candidates):
@@ -208,7 +238,7 @@ def _run_chain(
             view=view,
             spent_before=spent,
             max_cost=max_cost,
-            max_runtime=job.spec.max_runtime,
+            max_runtime=max_runtime,
             env=env,
         )
         label = f"{cand.provider.name} {cand.offer.gpu}"
@@ -223,7 +253,7 @@ def _run_chain(
                 state = run.follow()
             except KeyboardInterrupt:
                 state = _stop_gracefully(run)
-            adapter, metrics = run.collect(output_dir)
+            adapter, metrics = _collect_or_hold(run, output_dir)
         except KeyboardInterrupt:
             outcome = "cancelled"
             raise JobCancelledError(
@@ -233,13 +263,22 @@ def _run_chain(
             outcome = f"{'capacity' if isinstance(exc, CapacityError) else 'auth'}: {exc}"
             index += 1
             continue
-        except Lost as exc:
+        except InstanceLostError as exc:
             outcome = f"lost: {exc}"
             lost_here += 1
             if lost_here > _LOST_RETRIES_PER_OFFER:
                 index, lost_here = index + 1, 0
             view.message(f"{exc}; relaunching and resuming from the last checkpoint")
             continue
+        except HostKeyMismatchError as exc:
+            # Another machine answers at the instance's address: stop here, tear down, and
+            # rent nothing else until a person has looked.
+            outcome = f"host key: {exc}"
+            raise
+        except LocalStorageError as exc:
+            # This machine's disk, not the offer: the next offer would meet the same disk.
+            outcome = f"local disk: {exc}"
+            raise
         except TransportError as exc:
             outcome = f"transport: {exc}"
             index += 1
@@ -250,7 +289,8 @@ def _run_chain(
             continue
         finally:
             try:
-                run.teardown()
+                if not run.held:
+                    run.teardown()
             finally:
                 spent += run.cost_so_far() if run.launched_at else 0.0
                 attempts.append(
@@ -297,6 +337,15 @@ def _run_chain(
     raise PlacementError(
         f"job {job_id}: every offer failed", [(a.provider, a.gpu, a.outcome) for a in attempts]
     )
+
+
+def _collect_or_hold(run: Attempt, output_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """``run.collect``; when this machine cannot store the adapter, hold the instance that has
+    its only copy (for ``loraburst attach``) instead of letting teardown destroy it."""
+    try:
+        return run.collect(output_dir)
+    except LocalStorageError as exc:
+        raise run.hold(exc) from exc
 
 
 def _stop_gracefully(run: Attempt) -> Any:
@@ -353,8 +402,15 @@ def _status_of(text: str) -> JobStatus:
 def attach(
     job_id: str, *, providers: Mapping[str, Provider] | None = None, progress: bool = True
 ) -> JobResult:
-    """Re-attach to ``job_id``'s open instance, finish following it, pull, tear down."""
-    from loraburst.providers import Offer, get_provider
+    """Finish ``job_id`` for a client that is gone: follow its open instance, pull, tear down;
+    when that instance is gone, resume from the local checkpoints on the same provider and GPU.
+
+    Raises:
+        ConfigError: no such job.
+        JobError: another live process follows it, or it cannot be finished or resumed.
+        LocalStorageError: this machine still cannot store the adapter (the instance is held).
+    """
+    from loraburst.providers import get_provider
 
     ledger = Ledger()
     row = ledger.job(job_id)
@@ -373,62 +429,78 @@ def attach(
                 cost_usd=row.cost_usd,
                 durations={},
             )
-        raise JobError(
-            f"job {job_id} has no running instance to attach to (status {row.status})",
-            job_id=job_id,
-        )
+        return _resume(row, ledger, providers, progress)
     inst = open_rows[-1]
     prov = (providers or {}).get(inst.provider) or get_provider(inst.provider)
-    offer = Offer(
-        provider=inst.provider,
-        gpu=inst.gpu or "?",
-        gpu_count=1,
-        vram_gb=0,
-        price_per_hour=inst.price_per_hour,
-        instance_type=inst.gpu or "?",
-        billing_increment_s=inst.billing_increment_s,
-    )
+    claim(job_id)  # from here on `loraburst cleanup` leaves this job's instance alone
+    spec = json.loads(row.spec_json)
     view = ProgressView(row.name or job_id, enabled=progress)
+    # The job's cost so far, without what this instance billed before a hold (recounted below).
+    spent_before = max(0.0, row.cost_usd - inst.billed_usd)
     run = Attempt(
         job_id=job_id,
         attempt=inst.attempt,
         provider=prov,
-        offer=offer,
+        offer=_offer_of(inst),
         ledger=ledger,
         view=view,
-        spent_before=row.cost_usd,
+        spent_before=spent_before,
     )
     run.tag = inst.tag
     from loraburst.providers import _keys
 
     run.key_path = _keys.key_path(inst.tag)
     run.launched_at = inst.launched_at
-    spec = json.loads(row.spec_json)
     output_dir = Path(spec.get("output_dir", "outputs")).expanduser()
     t0 = time.time()
-    machine = prov.get(inst.provider_id) if inst.provider_id else prov.find(inst.tag)
+    lost: InstanceLostError | None = None
     with view, _sigterm_as_interrupt():
         try:
+            machine = _machine_of(prov, inst, job_id)
             if machine is None or machine.status in ("terminated", "preempted"):
-                raise JobError(
-                    f"job {job_id}'s instance {inst.provider_id} is gone; its "
-                    f"checkpoints are in {runs_dir() / job_id}",
+                raise InstanceLostError(
+                    f"job {job_id}'s {inst.provider} instance {inst.provider_id} is gone",
                     job_id=job_id,
+                    provider=inst.provider,
                 )
             run.machine = machine
             run.connect()
             state = run.follow()
-            adapter, metrics = run.collect(output_dir)
+            adapter, metrics = _collect_or_hold(run, output_dir)
+        except InstanceLostError as exc:
+            lost = exc
+        except KeyboardInterrupt:
+            ledger.update_job(job_id, status="failed", error="cancelled during attach")
+            raise JobCancelledError(
+                f"job {job_id} was cancelled during attach; its instance was torn down",
+                job_id=job_id,
+            ) from None
+        except LoraburstError as exc:
+            if not run.held:
+                ledger.update_job(job_id, status="failed", error=str(exc)[:500])
+            raise
         finally:
-            run.teardown()
+            try:
+                if not run.held:
+                    run.teardown()
+            finally:
+                release(job_id)
+                billed = run.cost_so_far() if run.launched_at else 0.0
+                ledger.update_job(job_id, cost_usd=spent_before + billed)
+    if lost is not None:
+        ledger.update_job(job_id, status="interrupted", error=str(lost)[:500])
+        again = ledger.job(job_id)
+        assert again is not None
+        return _resume(again, ledger, providers, progress, lost=lost)
     status = _status(state.phase, state.stop_reason, None)
-    cost = row.cost_usd + run.cost_so_far()
+    cost = spent_before + run.cost_so_far()
     ledger.update_job(
         job_id,
         status=status,
         adapter_path=str(adapter),
         metrics_json=json.dumps(metrics),
         cost_usd=cost,
+        error=None,
     )
     return JobResult(
         job_id=job_id,
@@ -440,3 +512,126 @@ def attach(
         cost_usd=cost,
         durations={"total": time.time() - t0},
     )
+
+
+def _offer_of(inst: InstanceRow) -> Any:
+    from loraburst.providers import Offer
+
+    return Offer(
+        provider=inst.provider,
+        gpu=inst.gpu or "?",
+        gpu_count=1,
+        vram_gb=0,
+        price_per_hour=inst.price_per_hour,
+        instance_type=inst.gpu or "?",
+        billing_increment_s=inst.billing_increment_s,
+    )
+
+
+def _machine_of(prov: Provider, inst: InstanceRow, job_id: str) -> Any:
+    """The instance as the provider sees it now. A local "instance" is the run folder: once its
+    agent has exited the provider forgets it, but a finished run's manifest is still there."""
+    machine = prov.get(inst.provider_id) if inst.provider_id else prov.find(inst.tag)
+    if machine is None and inst.provider == "local":
+        from loraburst.providers import Machine
+
+        if (runs_dir() / job_id / MANIFEST_FILE).is_file():
+            return Machine(
+                provider="local",
+                id=inst.provider_id or inst.tag,
+                tag=inst.tag,
+                status="running",
+                python=sys.executable,
+                workdir_root=str(runs_dir()),
+            )
+    return machine
+
+
+def _resume(
+    row: JobRow,
+    ledger: Ledger,
+    providers: Mapping[str, Provider] | None,
+    progress: bool,
+    *,
+    lost: InstanceLostError | None = None,
+) -> JobResult:
+    """Relaunch a job whose instance is gone on the provider and GPU it last ran on, and resume
+    from the newest checkpoint kept locally (what ``Job.run`` does after a preemption).
+
+    Raises:
+        InstanceLostError: nothing to resume from, or no such offer right now (the job stays
+            resumable: attach again later).
+        JobError: the job's bundle is gone from this machine.
+    """
+    from loraburst.providers import get_provider
+
+    from ._placement import Candidate
+
+    job_id = row.id
+    gone = f"{lost}; " if lost else f"job {job_id} has no running instance; "
+    if row.status not in _RESUMABLE:
+        # It ended for a reason of its own (a training error, a cancel, the budget): running
+        # it again is the user's call, not attach's.
+        raise JobError(
+            f"{gone}it ended {row.status}"
+            + (f" ({row.error})" if row.error else "")
+            + "; nothing to attach to",
+            job_id=job_id,
+        )
+    ckpt_dir = runs_dir() / job_id / CHECKPOINT_DIR
+    complete = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    previous = ledger.instances(job_id=job_id)
+    if not complete or not previous:
+        if row.status in ("running", "interrupted", "pending"):
+            ledger.update_job(job_id, status="failed", error=f"{gone}nothing to resume from")
+        raise InstanceLostError(
+            f"{gone}no checkpoint of it was kept in {ckpt_dir}, so it cannot be resumed; "
+            f"run the job again (status {row.status})",
+            job_id=job_id,
+        )
+    bundle_path = home() / "bundles" / f"{row.bundle_sha256}.tar"
+    if not row.bundle_sha256 or not bundle_path.is_file():
+        raise JobError(
+            f"{gone}its bundle {bundle_path} is no longer on this machine, so it cannot be "
+            "resumed; run the job again",
+            job_id=job_id,
+        )
+    last = previous[-1]
+    prov = (providers or {}).get(last.provider) or get_provider(last.provider)
+    offers = [o for o in prov.offers() if o.gpu == last.gpu and o.available]
+    if not offers:
+        ledger.update_job(job_id, status="interrupted", error=f"{gone}no {last.gpu} offer")
+        raise InstanceLostError(
+            f"{gone}{last.provider} has no {last.gpu} to resume on right now; its checkpoints "
+            f"are kept in {ckpt_dir}: run `loraburst attach {job_id}` again later",
+            job_id=job_id,
+        )
+    offer = min(offers, key=lambda o: o.price_per_hour)
+    spec = json.loads(row.spec_json)
+    latest = max(complete, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+    view = ProgressView(row.name or job_id, enabled=progress)
+    bundle = Bundle(
+        path=bundle_path, sha256=row.bundle_sha256, size=bundle_path.stat().st_size, files=0
+    )
+    with view, _sigterm_as_interrupt():
+        view.message(
+            f"{gone}relaunching on {last.provider} {last.gpu}, resuming from {latest.name}"
+        )
+        return _guarded(
+            job_id,
+            ledger,
+            lambda: _run_chain(
+                job_id,
+                [Candidate(prov, offer, None)],
+                bundle,
+                ledger,
+                view,
+                Path(spec.get("output_dir", "outputs")).expanduser(),
+                max_cost=spec.get("max_cost"),
+                max_runtime=spec.get("max_runtime"),
+                env=_agent_env(spec.get("artifacts"), job_id, None),
+                durations={},
+                t_start=time.time(),
+                spent=row.cost_usd,
+            ),
+        )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -105,14 +107,7 @@ class Job:
             ConfigError: unreadable YAML, unknown keys (with a did-you-mean) or bad values.
         """
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+        raw = load_yaml_file(path, "job file")
         if not isinstance(raw, dict):
             raise ConfigError(
                 f"{path}: a job file must be a mapping of keys such as model:, dataset:, train:"
@@ -120,7 +115,7 @@ class Job:
         base = path.resolve().parent
         for key in ("dataset", "eval_dataset", "model", "output_dir"):
             value = raw.get(key)
-            if isinstance(value, str) and not Path(value).is_absolute():
+            if isinstance(value, str) and value and not Path(value).is_absolute():
                 candidate = base / value
                 looks_local = value.startswith(".") or candidate.exists() or key == "output_dir"
                 if looks_local or Path(value).suffix in {".jsonl", ".json", ".csv", ".parquet"}:
@@ -267,7 +262,15 @@ class Job:
     def attach(
         cls, job_id: str, *, providers: Mapping[str, Provider] | None = None, progress: bool = True
     ) -> JobResult:
-        """Re-attach to a job after the client died: follow it, pull the adapter, tear down."""
+        """Finish a job another client left (it died, or its disk was full): follow it, pull
+        the adapter, tear down; if its instance is gone, resume from the checkpoints kept in
+        ``$LORABURST_HOME/runs/<job>`` on the same provider and GPU.
+
+        Raises:
+            JobError: another live process follows the job, or it cannot be finished.
+            LocalStorageError: this machine still cannot store the adapter (the instance is
+                kept for another attach).
+        """
         from ._execute import attach
 
         return attach(job_id, providers=providers, progress=progress)
@@ -277,6 +280,50 @@ class Job:
             f"Job(model={self.spec.model!r}, dataset={_short(self.spec.dataset)}, "
             f"method={self.spec.method!r})"
         )
+
+
+# A job or batch file holds settings, never data: anything bigger is a wrong path (a dataset,
+# /dev/zero) and is refused before it is read into memory.
+MAX_YAML_BYTES = 1 << 20
+
+
+def load_yaml_file(path: Path, what: str) -> Any:
+    """Parse a small YAML settings file, with every failure a ConfigError naming ``path``.
+
+    Raises:
+        ConfigError: not a regular file, over 1 MiB, unreadable, not UTF-8, or invalid YAML
+            (naming the line).
+    """
+    try:
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ConfigError(f"{what} {path} is not a regular file; give a .yaml file")
+            data = f.read(MAX_YAML_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:  # a NUL in the path: the OS cannot even be asked
+        raise ConfigError(f"cannot read {what} {path!r}: {exc}") from None
+    if len(data) > MAX_YAML_BYTES:
+        raise ConfigError(
+            f"{what} {path} is over {MAX_YAML_BYTES >> 20} MiB; it should hold settings only "
+            "(put rows in a dataset file and name it under dataset:)"
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: {what} is not valid UTF-8 (byte {exc.start}); re-save it as UTF-8"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    except RecursionError:
+        # PyYAML recurses once per nesting level: a few thousand "[" exhaust the stack.
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
 
 
 def _short(value: object) -> str:

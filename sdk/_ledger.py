@@ -4,21 +4,30 @@ An instance row is written **before** the create call, keyed by a unique tag tha
 instance's name at the provider (``lb-<job id>-<attempt>``). A create whose response was lost is
 therefore resolved by looking the tag up at the provider, never by creating twice, and
 ``loraburst cleanup`` can reconcile the ledger with every provider account.
-Rows hold no secrets: no API keys, no private keys.
+Rows hold no secrets: no API keys, no private keys. The file is still owner-only (0600): it maps
+your jobs, costs and instances.
+
+The first open of a brand-new ledger switches it to WAL, which needs a write lock that SQLite
+does not wait for when the connection already reads (it answers "database is locked" at once):
+several processes opening a new home together are serialised by a lock file, and a switch that
+still meets a writer (another tool's connection) is retried until the 30 s timeout.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from ._home import home
+from ._exceptions import LocalStorageError
+from ._home import home, owner_only
 
 __all__ = ["InstanceRow", "JobRow", "Ledger", "OPEN_STATES"]
 
@@ -34,7 +43,7 @@ CREATE TABLE IF NOT EXISTS instances (
     provider_id TEXT, gpu TEXT, price_per_hour REAL NOT NULL DEFAULT 0,
     billing_increment_s INTEGER NOT NULL DEFAULT 1, state TEXT NOT NULL,
     created_at REAL NOT NULL, launched_at REAL, ended_at REAL,
-    billed_usd REAL NOT NULL DEFAULT 0, note TEXT
+    billed_usd REAL NOT NULL DEFAULT 0, note TEXT, held_until REAL
 );
 CREATE TABLE IF NOT EXISTS instance_events (
     tag TEXT NOT NULL, ts REAL NOT NULL, state TEXT NOT NULL, note TEXT
@@ -42,8 +51,11 @@ CREATE TABLE IF NOT EXISTS instance_events (
 CREATE INDEX IF NOT EXISTS jobs_cache ON jobs(cache_key);
 """
 
-# Instance states that may still bill: cleanup looks at these.
-OPEN_STATES = ("creating", "launched", "running", "terminating", "teardown_failed")
+# Instance states that may still bill: cleanup looks at these. "held": kept on purpose with the
+# only copy of an adapter this machine could not store, for `loraburst attach` (until held_until).
+OPEN_STATES = ("creating", "launched", "running", "held", "terminating", "teardown_failed")
+# Columns added after the first release, with their type: added to older ledgers on open.
+_ADDED_COLUMNS = {"instances": {"held_until": "REAL"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,18 +96,45 @@ class InstanceRow:
     ended_at: float | None
     billed_usd: float
     note: str | None
+    held_until: float | None = None
 
 
 class Ledger:
     """Thread-safe access to the ledger database (one connection per operation)."""
 
+    timeout_s = 30.0
+
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or home() / "ledger.sqlite3"
-        # executescript manages its own transaction, so it gets its own plain connection.
-        conn = sqlite3.connect(self.path, timeout=30)
+        with _init_lock(self.path):
+            _private_file(self.path)
+            deadline = time.monotonic() + self.timeout_s
+            while True:
+                try:
+                    self._create()
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+            # SQLite gives -wal and -shm the database file's mode; older ones may predate it.
+            for suffix in ("-wal", "-shm"):
+                sidecar = self.path.with_name(self.path.name + suffix)
+                if sidecar.exists():
+                    _private_file(sidecar)
+
+    def _create(self) -> None:
+        conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            # BEGIN IMMEDIATE takes the write lock up front, where SQLite does wait for it.
+            conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns.items():
+                    if name not in have:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
         finally:
             conn.close()
 
@@ -107,9 +146,16 @@ class Ledger:
             conn.execute("BEGIN IMMEDIATE")
             yield conn
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and _disk_trouble(exc):
+                raise LocalStorageError(
+                    f"the ledger {self.path} could not be written: {exc} (free space on that "
+                    "disk; loraburst records every instance there before renting it)",
+                    path=str(self.path),
+                ) from exc
             raise
         finally:
             conn.close()
@@ -198,7 +244,7 @@ class Ledger:
     def update_instance(
         self, tag: str, *, state: str | None = None, note: str | None = None, **fields: Any
     ) -> None:
-        allowed = {"provider_id", "launched_at", "ended_at", "billed_usd"}
+        allowed = {"provider_id", "launched_at", "ended_at", "billed_usd", "held_until"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"unknown instance fields {sorted(bad)}")
@@ -239,3 +285,26 @@ class Ledger:
                 "SELECT MAX(attempt) FROM instances WHERE job_id = ?", (job_id,)
             ).fetchone()
         return (row[0] or 0) + 1
+
+
+@contextmanager
+def _init_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``<ledger>.lock`` while the ledger is created or migrated."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _private_file(path: Path) -> None:
+    """Create ``path`` 0600 if missing (never briefly readable by others), else make it 0600."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    owner_only(path, 0o600)
+
+
+def _disk_trouble(exc: sqlite3.OperationalError) -> bool:
+    """SQLite's "database or disk is full" and "disk I/O error": this machine's disk."""
+    text = str(exc)
+    return "disk is full" in text or "disk I/O error" in text

@@ -1,4 +1,8 @@
-"""The progress display: one rich bar for every provider (step/total, loss, tokens/s, ETA, $)."""
+"""The progress display: one rich bar for every provider (step/total, loss, tokens/s, ETA, $).
+
+Messages carry provider and instance text (errors, paths, the agent's phase): they are printed
+as plain text, never parsed as rich markup.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from types import TracebackType
 
 from loraburst.remote.protocol import State
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -37,13 +42,13 @@ class ProgressView:
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"),
+                TextColumn("{task.fields[info]}", markup=False),
                 TimeElapsedColumn(),
                 console=self._console,
                 transient=False,
             )
             self._progress.start()
-            self._task = self._progress.add_task(self._label, total=None, info="")
+            self._task = self._progress.add_task(escape(self._label), total=None, info="")
         return self
 
     def __exit__(
@@ -54,7 +59,7 @@ class ProgressView:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            self._console.print(text, highlight=False)
+            self._console.print(text, highlight=False, markup=False)
 
     def update(self, state: State, spent_usd: float) -> None:
         if not self.enabled:
@@ -75,5 +80,7 @@ class ProgressView:
         elif state.step != self._last_printed:
             self._last_printed = state.step
             self._console.print(
-                f"{self._label}: step {state.step}/{state.total_steps} {info}", highlight=False
+                f"{self._label}: step {state.step}/{state.total_steps} {info}",
+                highlight=False,
+                markup=False,
             )

@@ -1,14 +1,20 @@
 """The runner: one attempt of a job on one offer, from create to confirmed teardown.
 
 An attempt walks ``provision -> connect -> bootstrap -> upload -> start -> follow -> collect``
-and always ends in ``teardown`` (terminate, then confirm with the provider that the instance is
-gone, and only then close the ledger row). ``follow`` touches the agent's heartbeat, keeps the
-budget, pulls checkpoints and reconnects when SSH drops while the detached agent keeps training.
+and ends in ``teardown`` (terminate, then confirm with the provider that the instance is gone,
+and only then close the ledger row). ``follow`` touches the agent's heartbeat, keeps the budget,
+pulls checkpoints and reconnects when SSH drops while the detached agent keeps training — but
+never when the host key changed (another machine answers: ``HostKeyMismatchError`` at once).
+
+The one exception to teardown is ``hold``: when this machine cannot store the finished adapter
+(a full disk), the instance holding its only copy is kept for ``loraburst attach``, for a bounded
+time, instead of being terminated with it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -31,16 +37,24 @@ from loraburst.remote.protocol import (
     MANIFEST_FILE,
     METRICS_FILE,
     STATE_FILE,
+    ManifestError,
     State,
     missing_requirements,
+    parse_manifest,
+    unlisted_files,
     verify_manifest,
 )
 
 from ._bundle import Bundle
+from ._disk import local_io, remove_quietly
 from ._exceptions import (
     AgentError,
     ArtifactError,
+    HostKeyMismatchError,
+    InstanceLostError,
     JobCancelledError,
+    LocalStorageError,
+    LoraburstError,
     ProviderAPIError,
     ProviderError,
     RateLimitError,
@@ -50,13 +64,13 @@ from ._exceptions import (
 from ._home import runs_dir
 from ._ledger import Ledger
 from ._model_folder import content_digest
+from ._owner import claim, release
 from ._progress import ProgressView
 
-__all__ = ["Attempt", "Lost", "billed_cost"]
+__all__ = ["Attempt", "billed_cost"]
 
-
-class Lost(Exception):
-    """The instance is gone (preempted or vanished) mid-run; the caller may relaunch."""
+# metrics.json is a few KB of numbers; anything near this is not ours.
+_MAX_METRICS_BYTES = 16 << 20
 
 
 def billed_cost(price_per_hour: float, seconds: float, increment_s: int) -> float:
@@ -79,6 +93,9 @@ class Attempt:
     teardown_timeout_s = 120.0
     heartbeat_grace_s = 600.0
     api_outage_s = 300.0  # status checks may fail this long before the attempt gives up
+    # How long an instance holding the only copy of an adapter this machine could not store is
+    # kept for `loraburst attach` (it bills meanwhile; then its watchdog terminates it).
+    hold_s = 2 * 3600.0
 
     def __init__(
         self,
@@ -115,6 +132,7 @@ class Attempt:
         self.durations: dict[str, float] = {}
         self._last_ckpt_pulled = 0
         self._api_trouble_since: float | None = None
+        self.held = False
 
     # -- money ----------------------------------------------------------------------------
     def elapsed_billable(self) -> float:
@@ -145,9 +163,8 @@ class Attempt:
     def provision(self) -> Machine:
         """Record the instance, create it, and wait until it is reachable."""
         t0 = time.time()
-        self.local_dir.mkdir(parents=True, exist_ok=True)
-        # While this file names a live process, `loraburst cleanup` leaves the instance alone.
-        (self.local_dir / "client.pid").write_text(str(os.getpid()))
+        # While this process holds the claim, `loraburst cleanup` leaves the instance alone.
+        claim(self.job_id)
         self.ledger.record_instance(
             self.tag,
             job_id=self.job_id,
@@ -201,7 +218,10 @@ class Attempt:
                 time.sleep(self.poll_s)
                 continue
             if current is None or current.status in ("terminated", "preempted"):
-                raise Lost(f"{self.provider.name} instance {machine.id} vanished while booting")
+                raise InstanceLostError(
+                    f"{self.provider.name} instance {machine.id} vanished while booting",
+                    job_id=self.job_id,
+                )
             if current.ready:
                 return current
             if time.time() > deadline:
@@ -323,7 +343,8 @@ class Attempt:
         """Follow the agent until it reaches a terminal phase; return its last State.
 
         Raises:
-            Lost: the provider says the instance is gone.
+            InstanceLostError: the provider says the instance is gone.
+            HostKeyMismatchError: the instance's host key changed (never retried).
             AgentError: the agent died without a terminal state.
         """
         t0 = time.time()
@@ -335,7 +356,7 @@ class Attempt:
                 host.write_text(HEARTBEAT_FILE, f"{time.time():.0f}\n")
                 text = host.read_text(STATE_FILE)
                 if text:
-                    self.state = State.from_json(text)
+                    self.state = self._parse_state(text)
                     if self.state.step >= 1:
                         self.durations.setdefault("to_first_step", time.time() - t0)
                 self.view.update(self.state, self.spent_before + self.cost_so_far())
@@ -349,16 +370,18 @@ class Attempt:
                     dead_reads += 1
                     if dead_reads >= 3:  # re-read state: it may have finished in between
                         text = host.read_text(STATE_FILE)
-                        if text and State.from_json(text).terminal:
-                            self.state = State.from_json(text)
+                        if text and self._parse_state(text).terminal:
+                            self.state = self._parse_state(text)
                             break
                         # A dead agent on a machine the provider says is gone was preempted:
-                        # that is a relaunch (Lost), not a training failure.
+                        # that is a relaunch (InstanceLostError), not a training failure.
                         self._check_alive()
                         log = host.read_text("agent.log") or ""
                         raise AgentError(f"the agent stopped without finishing:\n{log[-1500:]}")
                 else:
                     dead_reads = 0
+            except HostKeyMismatchError:
+                raise  # another machine answers at this address: stop, never retry
             except TransportError:
                 self._reconnect()
                 continue
@@ -375,6 +398,15 @@ class Attempt:
             )
         return self.state
 
+    def _parse_state(self, text: str) -> State:
+        try:
+            return State.from_json(text)
+        except ValueError as exc:  # the agent writes it atomically: this is not a torn read
+            raise AgentError(
+                f"the {self.provider.name} instance's {STATE_FILE} is unreadable: {exc}",
+                job_id=self.job_id,
+            ) from None
+
     def _check_alive(self) -> None:
         assert self.machine is not None
         if self.provider.name == "local":
@@ -383,9 +415,11 @@ class Attempt:
         if not known:
             return  # the API is having a moment; the instance and the agent carry on
         if current is None or current.status in ("terminated", "preempted"):
-            raise Lost(
+            raise InstanceLostError(
                 f"{self.provider.name} instance {self.machine.id} is gone "
-                f"({current.status if current else 'unknown to the provider'})"
+                f"({current.status if current else 'unknown to the provider'})",
+                job_id=self.job_id,
+                provider=self.provider.name,
             )
 
     def _find_until(self, deadline: float) -> Machine | None:
@@ -431,6 +465,8 @@ class Attempt:
                 self.connect()
                 self.view.message("reconnected")
                 return
+            except HostKeyMismatchError:
+                raise
             except TransportError:
                 time.sleep(delay + random.uniform(0, delay))
                 delay = min(delay * 2, 15.0)
@@ -473,48 +509,170 @@ class Attempt:
         # Fetch beside, then rename: a half-pulled checkpoint must never look like one.
         final = self.local_dir / CHECKPOINT_DIR / name
         partial = final.with_name(f".partial-{name}")
-        host.fetch_tree(f"{CHECKPOINT_DIR}/{name}", partial)
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
+        try:
+            host.fetch_tree(f"{CHECKPOINT_DIR}/{name}", partial)
+            with local_io(final):
+                remove_quietly(final)
+                partial.rename(final)
+        except LocalStorageError as exc:
+            # The checkpoint is only a local copy for resuming elsewhere; training goes on and
+            # the next checkpoint is tried once more (the user may free space meanwhile).
+            remove_quietly(partial)
+            self._last_ckpt_pulled = done[-1]
+            self.view.message(f"could not keep {name} locally, training goes on: {exc}")
+            return
+        except BaseException:
+            remove_quietly(partial)
+            raise
         self._last_ckpt_pulled = done[-1]
+        # Only the newest complete checkpoint is needed to resume: keep the local disk bounded.
+        for old in (self.local_dir / CHECKPOINT_DIR).glob("checkpoint-*"):
+            if old.name != name and old.name.rsplit("-", 1)[-1].isdigit():
+                remove_quietly(old)
 
     # -- collect --------------------------------------------------------------------------
     def collect(self, output_dir: Path, *, retries: int = 3) -> tuple[Path, dict[str, Any]]:
-        """Pull ``adapter/``, metrics and manifest; verify every sha256 (re-fetch on mismatch)
-        and copy the verified adapter to ``output_dir``."""
+        """Pull ``adapter/`` and metrics, accept exactly what the manifest lists, verify every
+        sha256 (re-fetch on mismatch) and move the verified adapter into ``output_dir``.
+
+        The instance is not trusted: its manifest must be well formed and name only plain
+        paths under ``adapter/`` and ``metrics.json``, and a pulled file it does not list is
+        refused rather than copied. ``<output_dir>/<job id>`` appears whole or not at all.
+
+        Raises:
+            AgentError: no manifest.
+            ArtifactError: a malformed manifest, unlisted or unsafe files, or files that fail
+                their sha256 ``retries`` times.
+            LocalStorageError: this machine could not write the pull or the copy (nothing is
+                left half-written); the instance still holds the adapter.
+        """
         host = self._require_host()
         t0 = time.time()
         pulled = self.local_dir / "pulled"
-        for attempt in range(1, retries + 1):
-            manifest_text = host.read_text(MANIFEST_FILE)
-            if manifest_text is None:
-                raise AgentError("the agent finished but wrote no manifest.json")
-            manifest = json.loads(manifest_text)
-            shutil.rmtree(pulled, ignore_errors=True)
-            pulled.mkdir(parents=True)
-            host.fetch_tree(ADAPTER_DIR, pulled / ADAPTER_DIR)
-            host.fetch_tree(METRICS_FILE, pulled / METRICS_FILE)
-            bad = verify_manifest(pulled, manifest)
-            if not bad:
-                break
-            self.view.message(f"artifact check failed for {bad}; fetching again ({attempt})")
-        else:
+        manifest_text = host.read_text(MANIFEST_FILE)
+        if manifest_text is None:
+            raise AgentError("the agent finished but wrote no manifest.json", job_id=self.job_id)
+        try:
+            manifest = parse_manifest(manifest_text)
+        except ManifestError as exc:
             raise ArtifactError(
-                f"pulled artifacts failed their sha256 check {retries} times: {bad}",
+                f"{self.provider.name} instance's {MANIFEST_FILE} is refused: {exc}",
+                job_id=self.job_id,
+            ) from None
+        if manifest["files"][METRICS_FILE]["size"] > _MAX_METRICS_BYTES:
+            raise ArtifactError(
+                f"the instance's {METRICS_FILE} is over {_MAX_METRICS_BYTES >> 20} MiB; refusing it",
                 job_id=self.job_id,
             )
-        (pulled / MANIFEST_FILE).write_text(manifest_text)
-        dest = output_dir / self.job_id
-        if dest.exists():
-            shutil.rmtree(dest)
-        shutil.copytree(pulled, dest)
-        bad = verify_manifest(dest, manifest)
-        if bad:
-            raise ArtifactError(f"copy to {dest} does not verify: {bad}", job_id=self.job_id)
+        _check_room(manifest, pulled, output_dir)
+        try:
+            for attempt in range(1, retries + 1):
+                with local_io(pulled):
+                    remove_quietly(pulled)
+                    pulled.mkdir(parents=True)
+                host.fetch_tree(ADAPTER_DIR, pulled / ADAPTER_DIR)
+                host.fetch_tree(METRICS_FILE, pulled / METRICS_FILE)
+                unlisted = unlisted_files(pulled, manifest)
+                if unlisted:
+                    raise ArtifactError(
+                        f"the instance's {ADAPTER_DIR}/ holds files its manifest does not list: "
+                        f"{unlisted[:10]}; refusing them",
+                        job_id=self.job_id,
+                    )
+                bad = verify_manifest(pulled, manifest)
+                if not bad:
+                    break
+                self.view.message(f"artifact check failed for {bad}; fetching again ({attempt})")
+            else:
+                raise ArtifactError(
+                    f"pulled artifacts failed their sha256 check {retries} times: {bad}",
+                    job_id=self.job_id,
+                )
+            metrics = _metrics(pulled / METRICS_FILE, self.job_id)
+            dest = self._publish(pulled, manifest, manifest_text, output_dir)
+        finally:
+            remove_quietly(pulled)
         self.durations["pull"] = time.time() - t0
-        metrics: dict[str, Any] = json.loads((dest / METRICS_FILE).read_text())
         return dest / ADAPTER_DIR, metrics
+
+    def _publish(
+        self, pulled: Path, manifest: dict[str, Any], manifest_text: str, output_dir: Path
+    ) -> Path:
+        """Copy the listed files into a hidden folder beside ``<output_dir>/<job id>``, write
+        the manifest last, verify, then rename it into place: a full disk leaves no
+        half-copied adapter (no zero-byte files beside a manifest.json)."""
+        dest = output_dir / self.job_id
+        staging = output_dir / f".partial-{self.job_id}"
+        try:
+            with local_io(staging):
+                remove_quietly(staging)
+                staging.mkdir(parents=True)
+                for rel in sorted(manifest["files"]):
+                    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(pulled / rel, staging / rel)
+                with open(staging / MANIFEST_FILE, "w", encoding="utf-8") as f:
+                    f.write(manifest_text)
+                    f.flush()
+                    os.fsync(f.fileno())
+            bad = verify_manifest(staging, manifest)
+            if bad:
+                raise ArtifactError(f"copy to {dest} does not verify: {bad}", job_id=self.job_id)
+            with local_io(dest):
+                remove_quietly(dest)
+                staging.rename(dest)
+        except BaseException:
+            remove_quietly(staging)
+            raise
+        return dest
+
+    # -- hold -----------------------------------------------------------------------------
+    def hold(self, cause: LocalStorageError) -> LocalStorageError:
+        """Keep the instance (with the only copy of the adapter) instead of tearing it down,
+        because this machine could not store the adapter; returns the error to raise.
+
+        The agent's watchdog is told not to terminate before the hold ends, the ledger row
+        becomes ``held`` (``loraburst attach`` finishes the pull, ``loraburst cleanup`` keeps it
+        until then), and the SSH key is kept for that attach.
+        """
+        self.held = True
+        until = time.time() + self.hold_s
+        machine = self.machine.id if self.machine is not None else self.tag
+        told_agent = ""
+        try:
+            self._require_host().write_text(
+                CONTROL_FILE, json.dumps({"hold_until": until, "reason": "local disk"})
+            )
+        except LoraburstError as exc:
+            told_agent = (
+                f" (the instance's watchdog could not be told to wait: {exc}; it may terminate "
+                f"the instance {self.heartbeat_grace_s / 60:.0f} min after this client stops)"
+            )
+        self._close_host()
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(until))
+        recorded = ""
+        try:
+            # billed_usd: what it cost so far (attach recounts the whole instance at the end).
+            self.ledger.update_instance(
+                self.tag,
+                state="held",
+                held_until=until,
+                billed_usd=self.cost_so_far(),
+                note=f"local disk: {cause}"[:500],
+            )
+            self.ledger.update_job(self.job_id, status="held", error=str(cause)[:500])
+        except LoraburstError as exc:
+            recorded = f" The ledger could not record the hold ({exc})."
+        release(self.job_id)
+        return LocalStorageError(
+            f"job {self.job_id}: {cause}. The {self.provider.name} instance {machine} is KEPT "
+            f"with the only copy of the adapter (${self.offer.price_per_hour:.2f}/h) until "
+            f"{when}{told_agent}. Free space, then run `loraburst attach {self.job_id}` to pull "
+            f"it; `loraburst cleanup --release-held` gives it up.{recorded}",
+            path=cause.path,
+            errno=cause.errno,
+            job_id=self.job_id,
+            provider=self.provider.name,
+        )
 
     # -- teardown -------------------------------------------------------------------------
     def teardown(self) -> float:
@@ -577,7 +735,7 @@ class Attempt:
         cost = self.cost_so_far()
         self.ledger.update_instance(self.tag, state="terminated", ended_at=ended, billed_usd=cost)
         self._drop_key()
-        (self.local_dir / "client.pid").unlink(missing_ok=True)
+        release(self.job_id)
         self.durations["teardown"] = time.time() - t0
         return cost
 
@@ -603,6 +761,44 @@ def _same_interpreter(host: Host) -> bool:
     import sys
 
     return bool(getattr(host, "same_environment", False)) and host.python == sys.executable
+
+
+def _check_room(manifest: dict[str, Any], pulled: Path, output_dir: Path) -> None:
+    """Fail before pulling when the manifest's files cannot fit: the pull and the copy into
+    ``output_dir`` (both on one disk when they share it).
+
+    Raises:
+        LocalStorageError: with ``ENOSPC``, saying how much is needed and free.
+    """
+    need = sum(int(meta["size"]) for meta in manifest["files"].values())
+    places: dict[int, tuple[Path, int]] = {}
+    for folder in (pulled.parent, output_dir):
+        with local_io(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            dev = os.stat(folder).st_dev
+        where, total = places.get(dev, (folder, 0))
+        places[dev] = (where, total + need)
+    for where, total in places.values():
+        free = shutil.disk_usage(where).free
+        if free < total:
+            raise LocalStorageError(
+                f"the adapter needs {total / 1e6:,.1f} MB under {where} on this machine and "
+                f"only {free / 1e6:,.1f} MB are free (free space)",
+                path=str(where),
+                errno=errno.ENOSPC,
+            )
+
+
+def _metrics(path: Path, job_id: str) -> dict[str, Any]:
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ArtifactError(
+            f"the instance's {METRICS_FILE} is unreadable: {exc}", job_id=job_id
+        ) from None
+    if not isinstance(metrics, dict):
+        raise ArtifactError(f"the instance's {METRICS_FILE} is not a JSON object", job_id=job_id)
+    return metrics
 
 
 def _is_refusal(exc: ProviderError) -> bool:

@@ -2,26 +2,44 @@
 
 The YAML keys are the contract; ``tests/unit/test_spec.py`` loads every shipped YAML file.
 Unknown keys are errors with a did-you-mean, because a typo such as ``learnig_rate`` would
-otherwise silently train with the default.
+otherwise silently train with the default. Every number is bounded to what the trainer (and the
+estimator) accepts, and infinities and NaN are refused everywhere, so that a value that would
+fail on the rented instance fails here, before anything is rented.
 """
 
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ._exceptions import ConfigError
 
 __all__ = ["JobSpec", "LoraConfig", "QuantConfig", "TrainConfig", "spec_error"]
 
+# Upper bounds far beyond any real job, low enough that the estimator's and the trainer's
+# arithmetic stays exact (a float of 1e300 epochs or steps turns into nonsense or overflows).
+MAX_EPOCHS = 10_000
+MAX_STEPS = 100_000_000
+MAX_BATCH = 65_536
+MAX_RUNTIME_S = 366 * 24 * 3600.0
+
 
 class _Strict(BaseModel):
     """Forbid unknown keys and suggest the closest known one."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: YAML spells infinity `.inf`; no field means anything by it, and the
+    # estimator's arithmetic (math.ceil of steps) overflows on it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -43,23 +61,39 @@ class LoraConfig(_Strict):
     """LoRA adapter shape."""
 
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    alpha: float = Field(
+        32, gt=0, le=1e6, description="LoRA scaling numerator (scale = alpha / r)."
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: str | list[str] = Field(
         "all-linear", description='"all-linear" or a list of module names such as ["q_proj"].'
     )
 
+    @field_validator("target_modules")
+    @classmethod
+    def _modules_named(cls, value: str | list[str]) -> str | list[str]:
+        names = [value] if isinstance(value, str) else value
+        if not names or any(not n.strip() for n in names):
+            raise ValueError(
+                'must be "all-linear" or a non-empty list of module names such as ["q_proj"]'
+            )
+        return value
+
 
 class TrainConfig(_Strict):
     """Optimisation and data-shaping settings."""
 
-    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored with max_steps).")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    epochs: float = Field(
+        1.0, gt=0, le=MAX_EPOCHS, description="Passes over the data (ignored with max_steps)."
+    )
+    max_steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="Stop after this many optimizer steps."
+    )
     learning_rate: float = Field(2e-4, gt=0, lt=1)
-    micro_batch_size: int | Literal["auto"] = Field(
+    micro_batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] | Literal["auto"] = Field(
         "auto", description='Sequences per forward pass; "auto" picks the largest that fits.'
     )
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     max_seq_len: int = Field(2048, ge=8, le=1_048_576)
     packing: bool | Literal["auto"] = Field(
         "auto",
@@ -68,9 +102,12 @@ class TrainConfig(_Strict):
     )
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    seed: int = 42
+    # numpy's seed (which transformers.set_seed calls) takes 0 .. 2**32 - 1 and nothing else.
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed, 0 .. 4294967295.")
     eval_fraction: float = Field(0.0, ge=0, lt=0.5, description="Hold out this share for eval.")
-    save_every_steps: int | None = Field(50, ge=1, description="Checkpoint period (None: never).")
+    save_every_steps: int | None = Field(
+        50, ge=1, le=MAX_STEPS, description="Checkpoint period (None: never)."
+    )
     gradient_checkpointing: bool | Literal["auto", "offload"] = Field(
         "auto",
         description='"auto" recomputes only the layers whose activations would not fit; true '
@@ -79,14 +116,15 @@ class TrainConfig(_Strict):
     max_gpu_memory_gib: float | None = Field(
         None,
         gt=0,
+        le=4096,
         description="Plan for and use at most this much GPU memory (share a card, or rehearse "
         "a smaller one on a bigger card).",
     )
     loss_on: Literal["assistant", "all"] = Field(
         "assistant", description="Train on assistant/completion tokens only, or on every token."
     )
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0, le=1e3)
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6)
     optim: str = Field("adamw_torch", description="transformers optimizer name.")
 
 
@@ -104,16 +142,22 @@ class QuantConfig(_Strict):
 class JobSpec(_Strict):
     """Everything that defines a fine-tuning job; serialised into the bundle as spec.json."""
 
-    model: str = Field(description="Hub id (e.g. meta-llama/Llama-3.1-8B) or local folder.")
+    model: str = Field(
+        min_length=1, description="Hub id (e.g. meta-llama/Llama-3.1-8B) or local folder."
+    )
     dataset: str | list[dict[str, Any]] = Field(description="File, folder, hub id or rows.")
     eval_dataset: str | list[dict[str, Any]] | None = None
     method: Literal["qlora", "lora", "dora"] = "qlora"
     lora: LoraConfig = Field(default_factory=LoraConfig)  # type: ignore[arg-type]
     train: TrainConfig = Field(default_factory=TrainConfig)  # type: ignore[arg-type]
     quant: QuantConfig = Field(default_factory=QuantConfig)  # type: ignore[arg-type]
-    output_dir: str = Field("outputs", description="Where the verified adapter is copied.")
-    max_cost: float | None = Field(None, gt=0, description="Dollar cap for this job.")
-    max_runtime: float | None = Field(None, gt=0, description="Hard wall-clock cap, seconds.")
+    output_dir: str = Field(
+        "outputs", min_length=1, description="Where the verified adapter is copied."
+    )
+    max_cost: float | None = Field(None, gt=0, le=1e7, description="Dollar cap for this job.")
+    max_runtime: float | None = Field(
+        None, gt=0, le=MAX_RUNTIME_S, description="Hard wall-clock cap, seconds."
+    )
     name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
     model_revision: str | None = None
     artifacts: str | None = Field(None, description="s3://bucket/prefix for checkpoints.")

@@ -35,10 +35,18 @@ class SSHD:
         folder: the instance's folder (created); ``folder/root`` is its remote root.
         authorized_key: the only public key allowed in (an OpenSSH ``ssh-ed25519 ...`` line).
         env: variables every SSH session sees (``SetEnv``), besides the remote root and python.
+        audit: record every command line sshd runs in ``commands.log`` (one per line), as an
+            instance's process accounting would: what a session runs is the ``-c`` argument of
+            the user's shell, readable by anyone in ``/proc/<pid>/cmdline``.
     """
 
     def __init__(
-        self, folder: Path, authorized_key: str, env: Mapping[str, str] | None = None
+        self,
+        folder: Path,
+        authorized_key: str,
+        env: Mapping[str, str] | None = None,
+        *,
+        audit: bool = False,
     ) -> None:
         self.folder = folder
         self.root = folder / "root"
@@ -46,6 +54,7 @@ class SSHD:
         self.host = "127.0.0.1"
         self.proc: subprocess.Popen[bytes] | None = None
         self.authorized_key = authorized_key.strip()
+        self.audit = audit
         self.env = {
             # The instance's own home: sessions must not run this machine's root dotfiles
             # (a pod has its own; a stale pyenv rehash lock in ~/.bashrc once hung every login).
@@ -79,6 +88,7 @@ class SSHD:
             "KbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin yes\n"
             "StrictModes no\nUsePAM no\nSubsystem sftp internal-sftp\n"
             f"SetEnv {setenv}\nLogLevel ERROR\nMaxStartups 50\nClientAliveInterval 0\n"
+            + (f"ForceCommand {self._audit_script()}\n" if self.audit else "")
         )
         log = open(self.folder / "sshd.log", "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(
@@ -102,6 +112,25 @@ class SSHD:
                 return self.port
             time.sleep(0.02)
         raise RuntimeError(f"sshd on port {self.port} did not start")
+
+    @property
+    def commands_log(self) -> Path:
+        return self.folder / "commands.log"
+
+    def _audit_script(self) -> Path:
+        # sshd runs the forced command instead of the client's, which it passes in
+        # SSH_ORIGINAL_COMMAND ("internal-sftp" for the SFTP subsystem).
+        script = self.folder / "audit.sh"
+        script.write_text(
+            "#!/bin/sh\n"
+            f'printf "%s\\n" "$SSH_ORIGINAL_COMMAND" >> {self.commands_log}\n'
+            'if [ "$SSH_ORIGINAL_COMMAND" = internal-sftp ]; then\n'
+            "  exec /usr/lib/openssh/sftp-server\n"
+            "fi\n"
+            'exec /bin/bash -c "$SSH_ORIGINAL_COMMAND"\n'
+        )
+        script.chmod(0o755)
+        return script
 
     def regenerate_host_key(self) -> None:
         """A new host key (used to emulate a changed host behind the same address)."""

@@ -7,7 +7,9 @@ and the adapter exists and verifies (or the case's stated outcome).
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -19,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loraburst import Job, LoraburstError, TeardownError
+from loraburst import (
+    HostKeyMismatchError,
+    Job,
+    LocalStorageError,
+    LoraburstError,
+    TeardownError,
+)
 from loraburst._cleanup import cleanup
 from loraburst._home import runs_dir
 from loraburst._ledger import Ledger
@@ -28,6 +36,7 @@ from loraburst.providers.runpod import RunPodProvider
 from loraburst.remote.protocol import State, verify_manifest
 
 from tests.conftest import ROOT, SAMPLE_DATA
+from tests.fakes.disk import fill
 
 pytestmark = pytest.mark.slow
 
@@ -461,4 +470,161 @@ def test_teardown_failure_is_loud_and_cleanup_finishes_it(
     )
     assert report.ok and report.terminated
     assert runpod_fake.running() == []
+    assert Ledger().instances(open_only=True) == []
+
+
+def test_disk_fills_mid_job_instance_kept_then_attach_finishes(
+    tiny_model: Path,
+    tmp_path: Path,
+    runpod_fake: Any,
+    runpod_provider: Any,
+    lambda_fake: Any,
+    lambda_provider: Any,
+    small_disk: Any,
+    record: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The run folder and output_dir share a small disk that another program fills while the
+    job trains: checkpoint copies fail quietly, the adapter pull stops at once, and the
+    instance with the only copy of the adapter is kept (no next offer rented) until attach."""
+    caplog.set_level(logging.INFO, logger="loraburst.providers.ssh")
+    disk = small_disk(32 << 20)
+    (disk / "runs").mkdir()
+    home_dir = Path(os.environ["LORABURST_HOME"])
+    home_dir.mkdir(parents=True, exist_ok=True)
+    (home_dir / "runs").symlink_to(disk / "runs")
+    out = disk / "out"
+    fillers: list[Path] = []
+
+    def filler() -> None:
+        _wait(_training_at(runpod_fake, 2), 120, "training")
+        fillers.append(fill(disk))
+
+    t = threading.Thread(target=filler, daemon=True)
+    t.start()
+    with pytest.raises(LocalStorageError) as e:
+        _job(tiny_model, out, steps=20).run(
+            provider=[runpod_provider, lambda_provider], progress=False
+        )
+    t.join(5)
+    job_id = e.value.context["job_id"]
+    assert e.value.errno == errno.ENOSPC
+    assert "KEPT" in str(e.value) and f"loraburst attach {job_id}" in str(e.value)
+    # Kept, and the chain did not move on to Lambda: the disk would be just as full there.
+    assert len(runpod_fake.running()) == 1 and lambda_fake.instances == {}
+    (row,) = Ledger().instances(job_id=job_id)
+    assert row.state == "held" and row.held_until and row.held_until > time.time()
+    assert Ledger().job(job_id).status == "held"  # type: ignore[union-attr]
+    assert "reconnecting" not in caplog.text  # a full disk is not a dropped connection
+    assert list((runs_dir() / job_id).rglob(".partial-*")) == []
+    assert not (out / job_id).exists() and list(out.glob(".partial-*")) == []
+
+    fillers[0].unlink()  # the user frees space
+    result = Job.attach(job_id, providers={"runpod": runpod_provider}, progress=False)
+    record(
+        "11 disk fills mid-job",
+        "local disk full from step 2 to after the pull",
+        completed=result.status == "succeeded",
+        leaked=len(runpod_fake.running()) + len(lambda_fake.running()),
+        lost=0 if _verified(result.adapter_path) else 1,
+    )
+    assert result.status == "succeeded" and _verified(result.adapter_path)
+    assert result.metrics["steps"] == 20 and result.cost_usd > 0
+    assert runpod_fake.running() == [] and Ledger().instances(open_only=True) == []
+    assert Ledger().job(job_id).status == "succeeded"  # type: ignore[union-attr]
+
+
+def test_cleanup_leaves_a_job_attach_follows_and_a_lost_instance_resumes(
+    tiny_model: Path, tmp_path: Path, runpod_fake: Any, runpod_provider: Any, record: Any
+) -> None:
+    out = tmp_path / "out"
+    client = _start_client(runpod_fake, tiny_model, out, steps=60)
+    _wait(_training_at(runpod_fake, 2), 120, "training to start on the pod")
+    client.kill()
+    client.wait()
+    job_id = _job_id()
+    assert job_id is not None
+    attach = subprocess.Popen(
+        [sys.executable, "-m", "loraburst._cli", "attach", job_id],
+        cwd=ROOT,
+        env=_client_env(runpod_fake),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    pid_file = runs_dir() / job_id / "client.pid"
+    _wait(lambda: pid_file.is_file() and pid_file.read_text() == str(attach.pid), 60, "attach")
+    # A second terminal runs cleanup while attach follows: the job is not an orphan.
+    report = cleanup(providers={"runpod": runpod_provider})
+    assert len(runpod_fake.running()) == 1 and report.kept, report.lines()
+    # Then the pod dies under attach, after attach has pulled a checkpoint.
+    (first,) = list(runpod_fake.pods)
+
+    def pulled() -> bool:
+        return bool(
+            list((runs_dir() / job_id / "checkpoints").glob("checkpoint-*/trainer_state.json"))
+        )
+
+    _wait(pulled, 120, "a checkpoint pulled by attach")
+    runpod_fake.preempt(first)
+    text, _ = attach.communicate(timeout=400)
+    adapter = out / job_id / "adapter"
+    record(
+        "12 cleanup + preemption under attach",
+        "cleanup while attach follows, then preemption",
+        completed=attach.returncode == 0 and _verified(adapter),
+        leaked=len(runpod_fake.running()),
+        lost=0 if _verified(adapter) else 1,
+    )
+    assert attach.returncode == 0, text[-3000:]
+    assert "Traceback" not in text and "Lost" not in text
+    assert _verified(adapter)
+    assert json.loads((out / job_id / "metrics.json").read_text())["steps"] == 60
+    assert len(runpod_fake.pods) == 2 and runpod_fake.running() == []
+    row = Ledger().job(job_id)
+    assert row is not None and row.status == "succeeded" and row.cost_usd > 0
+    second = next(p for pid, p in runpod_fake.pods.items() if pid != first)
+    events = (second.sshd.root / "runs" / job_id / "events.jsonl").read_text()
+    assert '"kind": "resuming"' in events
+
+
+def test_host_key_changed_mid_job_stops_at_once_and_tears_down(
+    tiny_model: Path,
+    tmp_path: Path,
+    runpod_fake: Any,
+    runpod_provider: Any,
+    lambda_fake: Any,
+    lambda_provider: Any,
+    record: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(Attempt, "reconnect_timeout_s", 300.0)  # what a retry loop would use
+    swapped: list[float] = []
+
+    def impostor() -> None:
+        _wait(_training_at(runpod_fake, 2), 120, "training")
+        (pod,) = runpod_fake.pods.values()
+        _drop_sshd(pod.sshd)
+        pod.sshd.regenerate_host_key()  # another machine now answers at the pod's address
+        pod.sshd.start()
+        swapped.append(time.monotonic())
+
+    t = threading.Thread(target=impostor, daemon=True)
+    t.start()
+    with pytest.raises(HostKeyMismatchError) as e:
+        _job(tiny_model, tmp_path / "out", steps=200).run(
+            provider=[runpod_provider, lambda_provider], progress=False
+        )
+    t.join(5)
+    stopped_after = time.monotonic() - swapped[0]
+    record(
+        "13 host key changed mid-job",
+        "sshd restarted with a new host key",
+        completed=False,
+        leaked=len(runpod_fake.running()) + len(lambda_fake.running()),
+        lost=0,
+    )
+    assert "host key" in str(e.value)
+    assert stopped_after < 60  # not the 300 s reconnect timeout
+    assert runpod_fake.running() == [] and lambda_fake.instances == {}  # torn down, no failover
     assert Ledger().instances(open_only=True) == []

@@ -88,3 +88,49 @@ def test_api_client_repr_and_key_type(monkeypatch: pytest.MonkeyPatch) -> None:
     api.max_attempts = 1
     text = _errors_text(lambda: api.request("GET", "/"))
     assert "cannot connect" in text and "env-secret-1" not in text
+
+
+def test_secrets_reach_the_agent_through_stdin_never_a_command_line(tmp_path: Path) -> None:
+    """A command line is world-readable on the instance (/proc/<pid>/cmdline); the AWS secret
+    used to be one (``bash -c '... env AWS_SECRET_ACCESS_KEY=...'``)."""
+    import json
+    import secrets
+    import subprocess
+    import time
+
+    from loraburst.providers.ssh import SSHProvider
+
+    from tests.fakes.sshd import SSHD
+    from tests.providers.test_transport import _bundle
+
+    key = tmp_path / "client_key"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
+    sshd = SSHD(tmp_path / "host", key.with_suffix(".pub").read_text(), audit=True)
+    sshd.start()
+    token, aws = "tok-" + secrets.token_hex(12), "aws/" + secrets.token_hex(16) + "'$x"
+    try:
+        provider = SSHProvider(f"root@{sshd.host}:{sshd.port}", key_path=key, connect_timeout_s=10)
+        machine = provider.launch(LaunchRequest("lb-s-1", provider.offers()[0], ""))
+        host = provider.connect(machine, None, f"{machine.workdir_root}/runs/s")
+        bundle, sha = _bundle(tmp_path)
+        host.upload_bundle(bundle, sha)
+        host.start_agent({"SECRET_TOKEN": token, "AWS_SECRET_ACCESS_KEY": aws, "AGENT_SLEEP": "3"})
+        deadline = time.time() + 10
+        while host.read_text("state.json") is None and time.time() < deadline:
+            time.sleep(0.1)
+        state = json.loads(host.read_text("state.json") or "{}")
+        pid = int(host.read_text("agent.pid") or "0")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        host.close()
+    finally:
+        sshd.stop()
+    assert state["token_len"] == len(token)  # the agent did get it
+    commands = sshd.commands_log.read_text()
+    assert "loraburst.remote.agent" in commands  # the audit saw the start command itself
+    assert token not in commands and aws not in commands
+    assert "loraburst.remote.agent" in cmdline and token not in cmdline and aws not in cmdline
+    assert not (sshd.root / "runs" / "s" / "agent.env").exists()  # read once, then deleted

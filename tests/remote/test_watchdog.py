@@ -170,3 +170,21 @@ def test_terminator_repr_hides_the_key(cloud: Cloud) -> None:
     assert json.loads(odd.body)["query"] == (
         'mutation { podTerminate(input: {podId: "x\\"}) { evil"}) }'
     )
+
+
+def test_a_held_instance_is_not_terminated_until_the_hold_ends(
+    tmp_path: Path, cloud: Cloud
+) -> None:
+    """The client could not store the adapter (a full disk) and keeps the instance for
+    `loraburst attach`: the watchdog must not destroy the only copy meanwhile."""
+    env = _runpod_env(cloud, LORABURST_HEARTBEAT_GRACE_S="60", LORABURST_DEADLINE="0")
+    dog = Watchdog(tmp_path, env, pull_window_s=45)
+    t0 = dog.started_at
+    _touch_heartbeat(tmp_path, t0)
+    dog.training_ended = True
+    (tmp_path / CONTROL_FILE).write_text(json.dumps({"hold_until": t0 + 3600}))
+    # Client gone and the deadline long past: both would terminate, but the hold wins.
+    decision = dog.tick(t0 + 3000)
+    assert decision.client_gone and not decision.terminate and cloud.calls == []
+    # The hold is bounded: after it, an abandoned instance is terminated as before.
+    assert dog.tick(t0 + 3601).terminate and len(cloud.calls) == 1

@@ -633,3 +633,115 @@ def test_prepare_and_bundle_keep_memory_flat(tmp_path: Path) -> None:
     probe = json.loads(out.stdout)
     assert probe["rows"] == 20_000 and probe["size"] > size
     assert probe["grew_kb"] * 1024 < size / 4, probe
+
+
+# --- bounded reads ---------------------------------------------------------------------------
+
+
+def test_a_line_over_the_row_limit_is_named_and_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORABURST_MAX_ROW_MB", "1")
+    path = tmp_path / "d.jsonl"
+    long_row = json.dumps({"text": "x" * (2 << 20)})
+    path.write_text(json.dumps({"text": "ok"}) + "\n" + long_row + "\n{not json\n")
+    problems = problems_of(path)
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{path}:2: line is longer than 1 MiB")
+    assert "LORABURST_MAX_ROW_MB" in problems[0] and "split it" in problems[0]
+    assert problems[1].startswith(f"{path}:3: malformed JSON")  # numbering carries on
+    # The limit is the user's to raise when the rows really are that long.
+    monkeypatch.setenv("LORABURST_MAX_ROW_MB", "4")
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(long_row + "\n")
+    assert prepare_dataset(ok).stats.rows == 1
+
+
+def test_a_csv_cell_over_csvs_limit_says_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text(f'text\n"{"y" * 200_000}"\n')
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:2: malformed CSV") and "write long rows as JSONL" in problem
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "/dev/null"])
+def test_a_dataset_that_is_a_device_is_refused(tmp_path: Path, target: str) -> None:
+    link = tmp_path / "data.jsonl"
+    link.symlink_to(target)
+    with pytest.raises(ConfigError) as e:
+        prepare_dataset(link)
+    assert "is a device" in str(e.value) and target in str(e.value)
+
+
+def test_a_dataset_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "data.csv"
+    os.mkfifo(fifo)  # opening it for reading would block until someone writes
+    with pytest.raises(ConfigError, match="is a FIFO"):
+        prepare_dataset(fifo)
+
+
+def test_a_json_document_over_the_limit_is_refused_before_parsing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loraburst import _dataset_read
+
+    monkeypatch.setattr(_dataset_read, "MAX_JSON_BYTES", 1 << 20)
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"text": "x" * 1000}] * 2000))
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:1:") and "jq -c" in problem and "JSONL" in problem
+
+
+def test_rows_too_long_for_one_tokenizer_call_are_counted_in_pieces(
+    tokenizer_dir: Path,
+) -> None:
+    from loraburst import _dataset_tokens
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    text = " ".join(SENTENCES * (3 * _dataset_tokens._CHUNK_CHARS // 100))
+    assert len(text) > 2 * _dataset_tokens._CHUNK_CHARS
+    ds = prepare_dataset([{"text": text}, {"text": "the cat"}], tokenizer=str(tokenizer_dir))
+    whole = len(tok(text + tok.eos_token)["input_ids"])  # BOS + words + EOS, as the trainer
+    assert ds.stats.tokens_exact
+    assert ds.stats.max_tokens == whole
+    assert ds.stats.tokens == whole + len(tok("the cat" + tok.eos_token)["input_ids"])
+
+
+_BIG_LINE_PROBE = """
+import json, sys
+def peak_kb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+from loraburst._dataset import prepare_dataset
+from loraburst._exceptions import DatasetError
+from transformers import AutoTokenizer
+AutoTokenizer.from_pretrained(sys.argv[2])  # the libraries' own memory is not the row's
+before = peak_kb()
+try:
+    prepare_dataset(sys.argv[1], tokenizer=sys.argv[2])
+    problems = []
+except DatasetError as e:
+    problems = e.problems
+print(json.dumps({"grew_kb": peak_kb() - before, "problems": problems}))
+"""
+
+
+def test_a_50_mb_single_line_is_refused_in_flat_memory(tmp_path: Path, tokenizer_dir: Path) -> None:
+    """Before: read whole and tokenised whole with the model's tokenizer, 10 GB of RAM."""
+    path = tmp_path / "one.jsonl"
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 10**7}]
+    path.write_text(json.dumps({"messages": chat}) + "\n")
+    assert path.stat().st_size > 50e6
+    out = subprocess.run(
+        [sys.executable, "-c", _BIG_LINE_PROBE, str(path), str(tokenizer_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    probe = json.loads(out.stdout.splitlines()[-1])
+    assert [p.split(": ", 1)[0] for p in probe["problems"]] == [f"{path}:1"]
+    assert "row limit" in probe["problems"][0]
+    assert probe["grew_kb"] * 1024 < 32e6, probe

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from loraburst._ledger import Ledger
@@ -73,3 +74,114 @@ def test_billed_cost_rounds_up_to_the_increment(
     price: float, seconds: float, inc: int, expected: float
 ) -> None:
     assert billed_cost(price, seconds, inc) == pytest.approx(expected)
+
+
+def test_first_open_waits_for_a_writer_instead_of_failing(tmp_path: Path) -> None:
+    """Switching a new file to WAL while another connection writes failed at once with
+    "database is locked" (SQLite does not wait there); now it waits."""
+    import threading
+
+    path = tmp_path / "l.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process in the middle of its own first open
+    release = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    release.start()
+    try:
+        led = Ledger(path)
+    finally:
+        release.join()
+        other.close()
+    led.create_job("j", name=None, spec_json="{}", cache_key=None, bundle_sha256=None)
+    assert [j.id for j in led.jobs()] == ["j"]
+
+
+def _open_and_write(path: str, barrier: Any, errors: Any) -> None:
+    import os
+
+    barrier.wait()
+    try:
+        led = Ledger(Path(path))
+        led.create_job(
+            f"j-{os.getpid()}", name=None, spec_json="{}", cache_key=None, bundle_sha256=None
+        )
+    except Exception as exc:  # the test reports whatever went wrong in any process
+        errors.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_many_processes_create_a_new_ledger_at_once(tmp_path: Path) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(4):
+        path = tmp_path / f"l{trial}.sqlite3"
+        n = 8
+        barrier, errors = ctx.Barrier(n), ctx.Queue()
+        procs = [
+            ctx.Process(target=_open_and_write, args=(str(path), barrier, errors)) for _ in range(n)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        found = []
+        while not errors.empty():
+            found.append(errors.get())
+        assert found == [] and all(p.exitcode == 0 for p in procs)
+        assert len(Ledger(path).jobs()) == n
+
+
+def test_home_and_ledger_are_owner_only_even_when_the_home_existed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stat
+
+    root = tmp_path / "shared-home"
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)
+    (root / "ledger.sqlite3").touch(mode=0o644)
+    (root / "ledger.sqlite3").chmod(0o644)
+    monkeypatch.setenv("LORABURST_HOME", str(root))
+    led = Ledger()
+    # SQLite keeps -wal and -shm only while a connection is open: hold one.
+    reader = sqlite3.connect(led.path)
+    try:
+        reader.execute("SELECT * FROM jobs").fetchall()
+        led.create_job("j", name=None, spec_json="{}", cache_key=None, bundle_sha256=None)
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700
+        for name in ("ledger.sqlite3", "ledger.sqlite3-wal", "ledger.sqlite3-shm"):
+            assert stat.S_IMODE((root / name).stat().st_mode) == 0o600, name
+    finally:
+        reader.close()
+
+
+def test_a_brand_new_ledger_is_never_readable_by_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        led = Ledger(tmp_path / "new.sqlite3")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(led.path.stat().st_mode) == 0o600
+
+
+def test_someone_elses_writable_home_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from loraburst import ConfigError
+    from loraburst._home import home
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a folder to another user")
+    root = tmp_path / "theirs"
+    root.mkdir()
+    os.chown(root, 12345, 12345)
+    root.chmod(0o777)
+    monkeypatch.setenv("LORABURST_HOME", str(root))
+    with pytest.raises(ConfigError, match="belongs to another user"):
+        home()

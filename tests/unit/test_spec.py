@@ -109,3 +109,94 @@ def test_the_agent_reads_the_same_spec_the_client_writes() -> None:
     assert doc.spec.quantized is spec.quantized
     with pytest.raises(ValueError, match="unknown key"):
         protocol.BundleSpec.from_dict({"spec": {"model": "m", "dataset": "d", "trian": {}}})
+
+
+def test_non_utf8_job_file_is_a_config_error_naming_file_and_line(tmp_path: Path) -> None:
+    f = tmp_path / "job.yaml"
+    f.write_bytes(b"model: m\ndataset: d.jsonl\nname: caf\xe9\n")
+    with pytest.raises(ConfigError) as e:
+        Job.from_yaml(f)
+    assert f"{f}:3:" in str(e.value) and "UTF-8" in str(e.value)
+
+
+def test_job_file_that_is_not_a_regular_file_is_refused(tmp_path: Path) -> None:
+    link = tmp_path / "job.yaml"
+    link.symlink_to("/dev/zero")  # would be read forever
+    with pytest.raises(ConfigError, match="not a regular file"):
+        Job.from_yaml(link)
+    big = tmp_path / "big.yaml"
+    big.write_text("model: m\ndataset: d.jsonl\n# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(ConfigError, match="over 1 MiB"):
+        Job.from_yaml(big)
+
+
+def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
+    f = tmp_path / "job.yaml"
+    f.write_text("model: " + "[" * 3_000)
+    with pytest.raises(ConfigError, match=str(f)):
+        Job.from_yaml(f)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "field"),
+    [
+        ("train:\n  epochs: .inf\n", "train.epochs"),
+        ("train:\n  epochs: .nan\n", "train.epochs"),
+        ("train:\n  learning_rate: .nan\n", "train.learning_rate"),
+        ("lora:\n  alpha: .inf\n", "lora.alpha"),
+        ("max_cost: .inf\n", "max_cost"),
+        ("max_runtime: .inf\n", "max_runtime"),
+        ("train:\n  seed: 100000000000000000000000\n", "train.seed"),
+        ("train:\n  seed: -1\n", "train.seed"),
+        ("train:\n  seed: 4294967296\n", "train.seed"),
+        ("train:\n  epochs: 1.0e+300\n", "train.epochs"),
+        ("train:\n  max_steps: 100000000000000000000000\n", "train.max_steps"),
+        ("train:\n  micro_batch_size: 0\n", "train.micro_batch_size"),
+        ("train:\n  micro_batch_size: -4\n", "train.micro_batch_size"),
+        ("train:\n  grad_accum: 100000000000000000000000\n", "train.grad_accum"),
+        ("lora:\n  target_modules: []\n", "lora.target_modules"),
+        ("model: ''\n", "model"),
+    ],
+)
+def test_values_the_trainer_cannot_take_are_refused_here(
+    tmp_path: Path, yaml_text: str, field: str
+) -> None:
+    f = tmp_path / "job.yaml"
+    base = "" if yaml_text.startswith("model:") else "model: m\n"
+    f.write_text(base + "dataset: d.jsonl\n" + yaml_text)
+    with pytest.raises(ConfigError) as e:
+        Job.from_yaml(f)
+    assert field in str(e.value), str(e.value)
+
+
+def test_seed_bounds_are_inclusive() -> None:
+    assert Job("m", "d.jsonl", train={"seed": 0}).spec.train.seed == 0
+    assert Job("m", "d.jsonl", train={"seed": 2**32 - 1}).spec.train.seed == 2**32 - 1
+
+
+def test_infinite_epochs_no_longer_crash_the_estimate_cli(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    f = tmp_path / "job.yaml"
+    f.write_text("model: meta-llama/Llama-3.1-8B\ndataset: org/data\ntrain:\n  epochs: .inf\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "loraburst._cli", "estimate", str(f)], capture_output=True, text=True
+    )
+    assert res.returncode == 2, res.stderr
+    assert "train.epochs" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_batch_file_with_bad_bytes_or_infinite_budget_is_a_config_error(tmp_path: Path) -> None:
+    from loraburst import Batch
+
+    f = tmp_path / "batch.yaml"
+    f.write_bytes(b"budget: 5\njobs: [caf\xe9.yaml]\n")
+    with pytest.raises(ConfigError, match=f"{f}:2: batch file is not valid UTF-8"):
+        Batch.from_yaml(f)
+    f.write_text("budget: .inf\njobs: []\n")
+    with pytest.raises(ConfigError, match="budget must be a positive number"):
+        Batch.from_yaml(f)
+    f.write_text("budget: 5\nmax_concurrent: two\njobs: []\n")
+    with pytest.raises(ConfigError, match="max_concurrent"):
+        Batch.from_yaml(f)
