@@ -17,6 +17,7 @@ from typing import Any
 from loraburst._exceptions import ConfigError
 
 from ._base import (
+    Capabilities,
     Feature,
     Host,
     LaunchRequest,
@@ -24,10 +25,12 @@ from ._base import (
     MachineStatus,
     Offer,
     Provider,
+    SelfTermination,
     SSHEndpoint,
 )
 
 __all__ = [
+    "Capabilities",
     "Feature",
     "Host",
     "LaunchRequest",
@@ -36,6 +39,7 @@ __all__ = [
     "Offer",
     "Provider",
     "SSHEndpoint",
+    "SelfTermination",
     "available_providers",
     "get_provider",
 ]

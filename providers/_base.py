@@ -1,9 +1,11 @@
 """The provider Protocol and the frozen dataclasses its verbs take and return.
 
-A provider has few verbs: ``offers``, ``launch``, ``get``, ``find`` (by tag), ``terminate``, and
-``connect`` (what the runner needs to reach the machine). Features a provider cannot do are
-declared in ``unsupported`` with a reason, so callers check before launching instead of failing
-halfway through a paid run.
+A provider has few verbs: ``offers``, ``launch``, ``get``, ``find`` (by tag), ``terminate``,
+``connect`` (what the runner needs to reach the machine) and ``self_termination`` (how the
+agent on an instance can end that instance by itself). What its instances are and can do is
+declared once in ``capabilities``, and features it cannot do in ``unsupported`` with a reason:
+the core reads these declarations, never a provider's name, so a third-party plugin gets the
+same behaviour as a built-in one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 __all__ = [
+    "Capabilities",
     "Feature",
+    "SelfTermination",
     "upload_tree",
     "Host",
     "LaunchRequest",
@@ -27,6 +31,61 @@ __all__ = [
 
 Feature = Literal["spot", "multi_gpu", "self_terminate", "stop", "ssh", "gpu"]
 MachineStatus = Literal["pending", "running", "stopping", "terminated", "preempted", "unknown"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a provider's instances are and what the runner may do with them.
+
+    Attributes:
+        ssh: instances are reached over SSH with a key made for each job (``LaunchRequest``
+            carries its public half); else ``connect`` needs no key.
+        same_machine: instances run on this very machine: the run's work folder is the
+            client's own run folder (nothing to pull as training goes), the agent needs no
+            heartbeat from the client, and there is no provider status to poll.
+        installs_packages: the bootstrap may ``pip install`` the trainer's missing packages on
+            the instance (never on the user's own machine).
+        self_terminates: :meth:`Provider.self_termination` can give the agent a way to end its
+            own instance when the client is gone for good.
+        gpu_counts: GPUs an instance can have (offers with other counts are refused).
+    """
+
+    ssh: bool = True
+    same_machine: bool = False
+    installs_packages: bool = True
+    self_terminates: bool = False
+    gpu_counts: tuple[int, ...] = (1,)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfTermination:
+    """One HTTP request with which the agent's watchdog terminates its own instance.
+
+    The agent sends it with the standard library only, so this is all it may need: a URL, a
+    JSON body and a bearer token, given either as a value (``token``, handed to the agent in
+    its environment, never on a command line) or as the name of an environment variable the
+    instance already has (``token_env``; RunPod pods carry a pod-scoped key). ``graphql``: a
+    200 answer with ``errors`` is a failure.
+    """
+
+    url: str
+    body: str
+    token: str = dataclasses.field(default="", repr=False)
+    token_env: str = ""
+    graphql: bool = False
+
+    def to_env(self) -> dict[str, str]:
+        """The agent's environment for this request (:mod:`loraburst.remote.watchdog`)."""
+        env = {
+            "LORABURST_TERMINATE_URL": self.url,
+            "LORABURST_TERMINATE_BODY": self.body,
+            "LORABURST_TERMINATE_GRAPHQL": "1" if self.graphql else "0",
+        }
+        if self.token:
+            env["LORABURST_TERMINATE_TOKEN"] = self.token
+        if self.token_env:
+            env["LORABURST_TERMINATE_TOKEN_ENV"] = self.token_env
+        return env
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +146,9 @@ class Machine:
     workdir_root: str = "/root/loraburst"
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-    @property
-    def ready(self) -> bool:
-        return self.status == "running" and (self.ssh is not None or self.provider == "local")
+    def ready(self, capabilities: Capabilities) -> bool:
+        """Running, and reachable the way its provider reaches instances."""
+        return self.status == "running" and (self.ssh is not None or not capabilities.ssh)
 
 
 @runtime_checkable
@@ -98,6 +157,9 @@ class Host(Protocol):
     work directory on that machine."""
 
     workdir: str
+    # The agent runs with this machine's and this client's own interpreter: its packages can
+    # be checked in-process (package metadata), no process started.
+    same_environment: bool
 
     def upload_bundle(self, local_path: Path, sha256: str) -> bool:
         """Put the bundle in place and extract it; return False when it was already there."""
@@ -144,6 +206,7 @@ class Provider(Protocol):
     """What every provider plugin implements (see ``loraburst.testing.ProviderContract``)."""
 
     name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
     unsupported: ClassVar[Mapping[str, str]]
 
     def offers(self) -> list[Offer]:
@@ -172,6 +235,11 @@ class Provider(Protocol):
 
     def connect(self, machine: Machine, key_path: Path | None, workdir: str) -> Host:
         """Open the runner's connection to a ready machine."""
+        ...
+
+    def self_termination(self, machine: Machine) -> SelfTermination | None:
+        """How the agent on ``machine`` can terminate it itself; None when it cannot (or the
+        user did not opt in). Only asked when ``capabilities.self_terminates``."""
         ...
 
 

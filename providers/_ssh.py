@@ -116,6 +116,7 @@ class SSHHost:
         self._client: paramiko.SSHClient | None = None
         self._sftp: paramiko.SFTPClient | None = None
         self.root = ""
+        self.same_environment = False  # another machine, its own interpreter
         self._python = self._default_python
         self.workdir = workdir
         self.label = f"{machine.provider} instance {machine.id}"
@@ -582,7 +583,7 @@ def launch_and_wait(
                     f"({current.status if current else 'unknown to the provider'})",
                     provider=provider.name,
                 )
-            if current.ready:
+            if current.ready(provider.capabilities):
                 break
             if time.monotonic() > deadline:
                 raise TransportError(

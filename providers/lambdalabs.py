@@ -9,6 +9,7 @@ and a 429 is waited out by ``_http``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -22,7 +23,16 @@ import httpx
 from loraburst._exceptions import AuthError, CapacityError, ProviderAPIError, ProviderError
 from pydantic import SecretStr
 
-from ._base import Host, LaunchRequest, Machine, MachineStatus, Offer, SSHEndpoint
+from ._base import (
+    Capabilities,
+    Host,
+    LaunchRequest,
+    Machine,
+    MachineStatus,
+    Offer,
+    SelfTermination,
+    SSHEndpoint,
+)
 from ._http import ApiClient, resolve_key
 from ._ssh import SSHHost
 
@@ -87,6 +97,7 @@ class LambdaProvider:
     """
 
     name: ClassVar[str] = "lambda"
+    capabilities: ClassVar[Capabilities] = Capabilities(self_terminates=True)
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "Lambda Cloud has no spot or interruptible instances",
         "stop": "Lambda Cloud instances cannot be stopped, only terminated",
@@ -139,15 +150,16 @@ class LambdaProvider:
             key_hint=f"Check {ENV_KEYS[0]} (or {ENV_KEYS[1]}).",
         )
 
-    def agent_env(self, machine: Machine) -> dict[str, str]:
-        """What the agent's watchdog needs to terminate ``machine`` itself (opt-in only)."""
+    def self_termination(self, machine: Machine) -> SelfTermination | None:
+        """Lambda's terminate call with this account's key (opt-in only: Lambda keys are
+        account-wide, so a user must choose to hand one to the instance)."""
         if not self.self_terminate or self._key is None:
-            return {}
-        return {
-            "LORABURST_LAMBDA_API_KEY": self._key.get_secret_value(),
-            "LORABURST_LAMBDA_INSTANCE_ID": machine.id,
-            "LORABURST_LAMBDA_API_URL": self.base_url,
-        }
+            return None
+        return SelfTermination(
+            url=f"{self.base_url}/instance-operations/terminate",
+            body=json.dumps({"instance_ids": [machine.id]}),
+            token=self._key.get_secret_value(),
+        )
 
     def __repr__(self) -> str:
         return f"LambdaProvider(base_url={self.base_url!r})"

@@ -20,7 +20,7 @@ from loraburst._disk import local_io, remove_quietly
 from loraburst._home import runs_dir
 from loraburst.remote.protocol import BUNDLE_DIR, LOG_FILE, safe_extract
 
-from ._base import Host, LaunchRequest, Machine, Offer
+from ._base import Capabilities, Host, LaunchRequest, Machine, Offer, SelfTermination
 
 __all__ = ["LocalHost", "LocalProvider", "detect_gpus", "pid_alive"]
 
@@ -180,6 +180,11 @@ class LocalProvider:
     """Runs jobs on this machine: its CUDA GPUs when present, else the CPU (tiny models)."""
 
     name: ClassVar[str] = "local"
+    # This machine: no SSH key, the run folder is the client's own, nothing installed on the
+    # user's environment behind their back, nothing to terminate itself.
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        ssh=False, same_machine=True, installs_packages=False, self_terminates=False
+    )
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "a local machine cannot be preempted or bid on",
         "self_terminate": "there is no instance to terminate; the agent just exits",
@@ -265,6 +270,10 @@ class LocalProvider:
         host = self._host_for(machine_id)
         if host is not None:
             host.stop_agent()
+
+    def self_termination(self, machine: Machine) -> SelfTermination | None:
+        """None: a local run is stopped through its process, never by terminating a machine."""
+        return None
 
     def connect(self, machine: Machine, key_path: Path | None, workdir: str) -> Host:
         return LocalHost(Path(workdir), python=machine.python)

@@ -9,6 +9,7 @@ removed with ``podTerminate``. RunPod answers application errors with HTTP 200 a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -19,7 +20,16 @@ import httpx
 from loraburst._exceptions import AuthError, ProviderAPIError
 from pydantic import SecretStr
 
-from ._base import Host, LaunchRequest, Machine, MachineStatus, Offer, SSHEndpoint
+from ._base import (
+    Capabilities,
+    Host,
+    LaunchRequest,
+    Machine,
+    MachineStatus,
+    Offer,
+    SelfTermination,
+    SSHEndpoint,
+)
 from ._http import ApiClient, resolve_key
 from ._ssh import SSHHost
 
@@ -106,6 +116,7 @@ class RunPodProvider:
     """
 
     name: ClassVar[str] = "runpod"
+    capabilities: ClassVar[Capabilities] = Capabilities(self_terminates=True)
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "spot pods (podRentInterruptable) are not implemented yet",
         "multi_gpu": "one GPU per pod for now (QLoRA fits one GPU)",
@@ -275,6 +286,18 @@ class RunPodProvider:
     def terminate(self, machine_id: str) -> None:
         """Terminate the pod; one that is already gone counts as terminated."""
         self._gql(_TERMINATE, {"input": {"podId": machine_id}}, ok_errors=("not found",))
+
+    def self_termination(self, machine: Machine) -> SelfTermination | None:
+        """``podTerminate`` with the pod's own pod-scoped key (every pod has it as
+        ``RUNPOD_API_KEY``): the client's account key never reaches the pod."""
+        pod = json.dumps(machine.id)  # a JSON string is a valid GraphQL string
+        query = f"mutation {{ podTerminate(input: {{podId: {pod}}}) }}"
+        return SelfTermination(
+            url=f"{self.base_url}/graphql",
+            body=json.dumps({"query": query}),
+            token_env="RUNPOD_API_KEY",
+            graphql=True,
+        )
 
     def connect(self, machine: Machine, key_path: Path | None, workdir: str) -> Host:
         host = SSHHost(

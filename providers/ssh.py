@@ -12,7 +12,16 @@ from typing import ClassVar
 
 from loraburst._exceptions import ConfigError
 
-from ._base import Host, LaunchRequest, Machine, MachineStatus, Offer, SSHEndpoint
+from ._base import (
+    Capabilities,
+    Host,
+    LaunchRequest,
+    Machine,
+    MachineStatus,
+    Offer,
+    SelfTermination,
+    SSHEndpoint,
+)
 from ._ssh import SSHHost
 
 __all__ = ["SSHProvider", "parse_target"]
@@ -52,6 +61,8 @@ class SSHProvider:
     """
 
     name: ClassVar[str] = "ssh"
+    # Your own box over SSH: a per-job key, missing packages installed, never terminated.
+    capabilities: ClassVar[Capabilities] = Capabilities(self_terminates=False)
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "a host you bring is not rented, so it cannot be preempted or bid on",
         "self_terminate": "loraburst never shuts down a host it does not rent",
@@ -129,6 +140,10 @@ class SSHProvider:
     def terminate(self, machine_id: str) -> None:
         """Forget the job's tags; the host itself is left running (it is not rented)."""
         self._tags.clear()
+
+    def self_termination(self, machine: Machine) -> SelfTermination | None:
+        """None: your own machine is never terminated."""
+        return None
 
     def connect(self, machine: Machine, key_path: Path | None, workdir: str) -> Host:
         # The per-job key is never installed on a host we do not rent: log in with ours.

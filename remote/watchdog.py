@@ -23,10 +23,12 @@ held (before ``hold_until``)          nothing is terminated, whatever the heartb
                                       deadline say; after it, the rows above apply
 ====================================  ==================================================
 
-Termination goes through the provider's API with a key that only ever lives in the
-environment: RunPod's pod-scoped ``RUNPOD_API_KEY`` + ``RUNPOD_POD_ID`` (every pod has them),
-or Lambda's ``LORABURST_LAMBDA_API_KEY`` + ``LORABURST_LAMBDA_INSTANCE_ID`` when the user opted
-in. ``urllib`` only: this runs before the trainer's dependencies are known to exist.
+Termination is one HTTP request the client's provider described (``SelfTermination`` in
+:mod:`loraburst.providers`), handed over in the environment: ``LORABURST_TERMINATE_URL``,
+``LORABURST_TERMINATE_BODY``, the bearer token itself (``LORABURST_TERMINATE_TOKEN``) or the
+name of a variable the instance already holds it in (``LORABURST_TERMINATE_TOKEN_ENV``), and
+whether a 200 answer may still carry GraphQL ``errors``. The watchdog knows no provider.
+``urllib`` only: this runs before the trainer's dependencies are known to exist.
 """
 
 from __future__ import annotations
@@ -44,20 +46,22 @@ from pathlib import Path
 from .protocol import CONTROL_FILE, ENV_DEADLINE, ENV_HEARTBEAT_GRACE, HEARTBEAT_FILE, append_event
 
 __all__ = [
-    "ENV_LAMBDA_API_KEY",
-    "ENV_LAMBDA_API_URL",
-    "ENV_LAMBDA_INSTANCE_ID",
+    "ENV_TERMINATE_BODY",
+    "ENV_TERMINATE_GRAPHQL",
+    "ENV_TERMINATE_TOKEN",
+    "ENV_TERMINATE_TOKEN_ENV",
+    "ENV_TERMINATE_URL",
     "Decision",
     "SelfTerminator",
     "TerminateError",
     "Watchdog",
 ]
 
-ENV_LAMBDA_API_KEY = "LORABURST_LAMBDA_API_KEY"
-ENV_LAMBDA_API_URL = "LORABURST_LAMBDA_API_URL"
-ENV_LAMBDA_INSTANCE_ID = "LORABURST_LAMBDA_INSTANCE_ID"
-_RUNPOD_DEFAULT = "https://api.runpod.io"
-_LAMBDA_DEFAULT = "https://cloud.lambda.ai/api/v1"
+ENV_TERMINATE_URL = "LORABURST_TERMINATE_URL"
+ENV_TERMINATE_BODY = "LORABURST_TERMINATE_BODY"
+ENV_TERMINATE_TOKEN = "LORABURST_TERMINATE_TOKEN"
+ENV_TERMINATE_TOKEN_ENV = "LORABURST_TERMINATE_TOKEN_ENV"
+ENV_TERMINATE_GRAPHQL = "LORABURST_TERMINATE_GRAPHQL"
 
 
 class TerminateError(RuntimeError):
@@ -66,28 +70,24 @@ class TerminateError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class SelfTerminator:
-    """One POST that terminates this instance; built from the environment."""
+    """One POST that terminates this instance, as the client's provider described it."""
 
-    provider: str
     url: str
     body: bytes
     key: str = dataclasses.field(repr=False)
+    graphql: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> SelfTerminator | None:
-        """RunPod when the pod's id and key are present, else Lambda when opted in, else None."""
-        if env.get("RUNPOD_POD_ID") and env.get("RUNPOD_API_KEY"):
-            base = env.get("RUNPOD_API_BASE_URL") or _RUNPOD_DEFAULT
-            pod = json.dumps(env["RUNPOD_POD_ID"])  # a JSON string is a valid GraphQL string
-            query = f"mutation {{ podTerminate(input: {{podId: {pod}}}) }}"
-            body = json.dumps({"query": query}).encode()
-            return cls("runpod", base.rstrip("/") + "/graphql", body, env["RUNPOD_API_KEY"])
-        if env.get(ENV_LAMBDA_INSTANCE_ID) and env.get(ENV_LAMBDA_API_KEY):
-            base = env.get(ENV_LAMBDA_API_URL) or _LAMBDA_DEFAULT
-            body = json.dumps({"instance_ids": [env[ENV_LAMBDA_INSTANCE_ID]]}).encode()
-            url = base.rstrip("/") + "/instance-operations/terminate"
-            return cls("lambda", url, body, env[ENV_LAMBDA_API_KEY])
-        return None
+        """The request from ``LORABURST_TERMINATE_*``; None when the client gave none (or the
+        variable that should hold the token is empty)."""
+        url, body = env.get(ENV_TERMINATE_URL), env.get(ENV_TERMINATE_BODY)
+        if not url or body is None:
+            return None
+        key = env.get(ENV_TERMINATE_TOKEN) or env.get(env.get(ENV_TERMINATE_TOKEN_ENV) or "", "")
+        if not key:
+            return None
+        return cls(url, body.encode(), key, env.get(ENV_TERMINATE_GRAPHQL) == "1")
 
     def __call__(self, timeout: float = 30.0) -> None:
         """Send the terminate call.
@@ -110,18 +110,16 @@ class SelfTerminator:
                 text = response.read().decode("utf-8", "replace")
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode("utf-8", "replace")[:300]
-            raise TerminateError(
-                self._redact(f"{self.provider}: HTTP {exc.code}: {detail}")
-            ) from None
+            raise TerminateError(self._redact(f"terminate: HTTP {exc.code}: {detail}")) from None
         except (urllib.error.URLError, OSError) as exc:
-            raise TerminateError(self._redact(f"{self.provider}: {exc}")) from None
-        if self.provider == "runpod":
+            raise TerminateError(self._redact(f"terminate: {exc}")) from None
+        if self.graphql:
             try:
                 errors = json.loads(text).get("errors")
             except (json.JSONDecodeError, AttributeError):
                 errors = f"unreadable answer {text[:200]!r}"
             if errors:
-                raise TerminateError(self._redact(f"runpod: podTerminate failed: {errors}"))
+                raise TerminateError(self._redact(f"terminate failed: {errors}"))
 
     def _redact(self, message: str) -> str:
         return message.replace(self.key, "***") if self.key else message
@@ -257,7 +255,7 @@ class Watchdog:
                 append_event(self.workdir, "self_terminate_failed", error=str(exc))
             else:
                 self.terminated = True
-                append_event(self.workdir, "self_terminated", provider=self.terminator.provider)
+                append_event(self.workdir, "self_terminated")
         return decision
 
     def start(self) -> None:

@@ -129,7 +129,8 @@ def execute(
     )
     # Every place this job will write, checked before anything is rented.
     output_dir = check_outputs(
-        job.spec, pulls_checkpoints=any(c.provider.name != "local" for c in candidates)
+        job.spec,
+        pulls_checkpoints=any(not c.provider.capabilities.same_machine for c in candidates),
     )
 
     t0 = time.time()

@@ -175,7 +175,7 @@ class Attempt:
             billing_increment_s=self.offer.billing_increment_s,
         )
         public_key = ""
-        if self.provider.name != "local":
+        if self.provider.capabilities.ssh:
             from loraburst.providers import _keys  # lazy: paramiko is only needed for SSH
 
             self.key_path, public_key = _keys.generate_key(self.tag)
@@ -222,7 +222,7 @@ class Attempt:
                     f"{self.provider.name} instance {machine.id} vanished while booting",
                     job_id=self.job_id,
                 )
-            if current.ready:
+            if current.ready(self.provider.capabilities):
                 return current
             if time.time() > deadline:
                 raise TransportError(
@@ -236,8 +236,8 @@ class Attempt:
     def connect(self) -> Host:
         assert self.machine is not None
         workdir = f"{self.machine.workdir_root}/runs/{self.job_id}"
-        if self.provider.name == "local":
-            workdir = str(self.local_dir)
+        if self.provider.capabilities.same_machine:
+            workdir = str(self.local_dir)  # the run folder is already here
         t0 = time.time()
         self.host = self.provider.connect(self.machine, self.key_path, workdir)
         self.durations.setdefault("connect", time.time() - t0)
@@ -264,13 +264,14 @@ class Attempt:
         deadline = self._budget_deadline()
         if deadline is not None:
             env[ENV_DEADLINE] = f"{deadline:.0f}"
-        if self.provider.name != "local":
+        caps = self.provider.capabilities
+        if not caps.same_machine:
             env[ENV_HEARTBEAT_GRACE] = f"{self.heartbeat_grace_s:.0f}"
-        # Optional provider hook: credentials the watchdog needs to terminate its own instance
-        # (RunPod pods already carry a pod-scoped key; Lambda's is opt-in).
-        agent_env = getattr(self.provider, "agent_env", None)
-        if agent_env is not None and self.machine is not None:
-            env.update(agent_env(self.machine))
+        if caps.self_terminates and self.machine is not None:
+            # How the watchdog can end its own instance once the client is gone for good.
+            request = self.provider.self_termination(self.machine)
+            if request is not None:
+                env.update(request.to_env())
         host.write_text(HEARTBEAT_FILE, f"{time.time():.0f}\n")
         if host.read_text(STATE_FILE) is None or uploaded or not host.agent_alive():
             host.start_agent(env)
@@ -297,7 +298,7 @@ class Attempt:
         )
         info = self._run_check(host, check)
         missing = info.get("missing") or []
-        if missing and self.provider.name != "local":
+        if missing and self.provider.capabilities.installs_packages:
             from loraburst.remote.protocol import TRAINER_REQUIREMENTS
 
             pins = [r for r in TRAINER_REQUIREMENTS if _req_name(r) in set(missing)]
@@ -409,8 +410,8 @@ class Attempt:
 
     def _check_alive(self) -> None:
         assert self.machine is not None
-        if self.provider.name == "local":
-            return
+        if self.provider.capabilities.same_machine:
+            return  # no provider to ask: the agent is a process here
         known, current = self._get_tolerant(self.machine.id, self._outage_deadline())
         if not known:
             return  # the API is having a moment; the instance and the agent carry on
@@ -494,7 +495,7 @@ class Attempt:
 
     def _maybe_pull_checkpoint(self, host: Host) -> None:
         """Pull each new checkpoint once training has moved past it (so it is complete)."""
-        if self.provider.name == "local":
+        if self.provider.capabilities.same_machine:
             return  # the run folder is already on this machine
         rc, out, _ = host.run(f"ls -1 {CHECKPOINT_DIR} 2>/dev/null", timeout=30)
         steps = sorted(

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loraburst.providers import LaunchRequest, Machine, Offer, Provider
+from loraburst.providers import Capabilities, LaunchRequest, Machine, Offer, Provider
 
 from ._exceptions import AuthError, CapacityError
 
@@ -78,7 +78,7 @@ class ProviderContract:
             current = provider.get(machine.id)
             assert current is not None, f"{provider.name} lost {machine.id} while it booted"
             assert current.status not in ("terminated", "preempted"), current
-            if current.ready:
+            if current.ready(provider.capabilities):
                 return current
             assert time.monotonic() < deadline, f"not ready after {self.ready_timeout_s}s"
             time.sleep(self.poll_s)
@@ -96,6 +96,17 @@ class ProviderContract:
             assert o.provider == provider.name
             assert o.gpu and o.instance_type
             assert o.price_per_hour >= 0 and o.billing_increment_s >= 1 and o.gpu_count >= 0
+
+    def test_capabilities_are_declared(self, provider: Provider, offer: Offer) -> None:
+        """What the runner reads instead of the provider's name: declared, and consistent."""
+        caps = provider.capabilities
+        assert isinstance(caps, Capabilities) and caps.gpu_counts
+        assert offer.gpu_count in caps.gpu_counts
+        if caps.same_machine:
+            assert not caps.installs_packages, "never pip-install into the user's own machine"
+        if not caps.self_terminates:
+            machine = Machine(provider=provider.name, id="x", tag="lb-x", status="running")
+            assert provider.self_termination(machine) is None
 
     def test_unsupported_features_have_reasons(self, provider: Provider) -> None:
         for feature, reason in provider.unsupported.items():

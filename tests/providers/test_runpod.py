@@ -220,7 +220,7 @@ def test_slow_readiness_is_waited_for(
     machine = launch_and_wait(
         runpod_provider, request, key_path=key_path, timeout_s=20, poll_s=0.05
     )
-    assert machine.ready and runpod_fake.running() == [machine.id]
+    assert machine.ready(RunPodProvider.capabilities) and runpod_fake.running() == [machine.id]
     runpod_provider.terminate(machine.id)
 
 

@@ -19,10 +19,16 @@ def test_client_gone_pod_finishes_training_then_terminates_itself(
     workdir = make_workdir(
         tmp_path, tiny_model, train={**FAST, "max_steps": 3, "save_every_steps": None}
     )
+    from loraburst.providers import Machine
+    from loraburst.providers.runpod import RunPodProvider
+
+    pod = Machine(provider="runpod", id="pod-7", tag="lb-t", status="running")
+    request = RunPodProvider(api_key="account", base_url=cloud.url).self_termination(pod)
+    assert request is not None
     env = {
         "RUNPOD_POD_ID": "pod-7",
-        "RUNPOD_API_KEY": KEY,
-        "RUNPOD_API_BASE_URL": cloud.url,
+        "RUNPOD_API_KEY": KEY,  # the pod's own key, which the request names
+        **request.to_env(),
         "LORABURST_HEARTBEAT_GRACE_S": "1",  # nobody touches the heartbeat: gone within seconds
     }
     assert run_agent(workdir, env, timeout=120) == 0, log(workdir)
@@ -43,7 +49,7 @@ def test_client_gone_without_a_terminate_key_stops_and_says_so(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     workdir = make_workdir(tmp_path, tiny_model, train={**FAST, "max_steps": 200})
-    env = {"LORABURST_LAMBDA_INSTANCE_ID": "i-1", "LORABURST_HEARTBEAT_GRACE_S": "1"}
+    env = {"LORABURST_HEARTBEAT_GRACE_S": "1"}  # no terminate request: the client gave none
     assert run_agent(workdir, env, timeout=120) == 0, log(workdir)
     st = state(workdir)
     assert (st.phase, st.stop_reason) == ("stopped", "client_gone")

@@ -16,13 +16,16 @@ from tests.remote._cloud import Cloud
 KEY = "rpa_SECRET_pod_scoped_key_123"
 
 
-def _runpod_env(cloud: Cloud, **extra: str) -> dict[str, str]:
-    return {
-        "RUNPOD_POD_ID": "pod-abc",
-        "RUNPOD_API_KEY": KEY,
-        "RUNPOD_API_BASE_URL": cloud.url,
-        **extra,
-    }
+def _runpod_env(cloud: Cloud, pod: str = "pod-abc", **extra: str) -> dict[str, str]:
+    """A pod's environment: its own pod-scoped key, plus the terminate request the RunPod
+    provider hands the agent (built by the provider itself, as the runner does)."""
+    from loraburst.providers import Machine
+    from loraburst.providers.runpod import RunPodProvider
+
+    machine = Machine(provider="runpod", id=pod, tag="lb-t", status="running")
+    request = RunPodProvider(api_key="account-key", base_url=cloud.url).self_termination(machine)
+    assert request is not None and "account-key" not in str(request.to_env())
+    return {"RUNPOD_POD_ID": pod, "RUNPOD_API_KEY": KEY, **request.to_env(), **extra}
 
 
 def _touch_heartbeat(workdir: Path, at: float) -> None:
@@ -66,11 +69,16 @@ def test_client_gone_while_training_keeps_training_then_terminates_the_pod(
 
 
 def test_lambda_terminates_only_with_the_opted_in_key(tmp_path: Path, cloud: Cloud) -> None:
-    env = {
-        "LORABURST_LAMBDA_INSTANCE_ID": "inst-1",
-        "LORABURST_LAMBDA_API_URL": cloud.url + "/api/v1",
-        "LORABURST_HEARTBEAT_GRACE_S": "10",
-    }
+    from loraburst.providers import Machine
+    from loraburst.providers.lambdalabs import LambdaProvider
+
+    machine = Machine(provider="lambda", id="inst-1", tag="lb-t", status="running")
+    url = cloud.url + "/api/v1"
+    assert LambdaProvider(api_key=KEY, base_url=url).self_termination(machine) is None
+    opted = LambdaProvider(api_key=KEY, base_url=url, self_terminate=True)
+    request = opted.self_termination(machine)
+    assert request is not None
+    env = {"LORABURST_HEARTBEAT_GRACE_S": "10"}
     without_key = Watchdog(tmp_path / "a", env)
     (tmp_path / "a").mkdir()
     assert without_key.terminator is None
@@ -82,7 +90,7 @@ def test_lambda_terminates_only_with_the_opted_in_key(tmp_path: Path, cloud: Clo
     assert cloud.calls == []
 
     (tmp_path / "b").mkdir()
-    dog = Watchdog(tmp_path / "b", {**env, "LORABURST_LAMBDA_API_KEY": KEY})
+    dog = Watchdog(tmp_path / "b", {**env, **request.to_env()})
     dog.training_ended = True
     assert dog.tick(dog.started_at + 11).terminate and dog.terminated
     assert cloud.calls == [
@@ -142,14 +150,14 @@ def test_failed_terminate_is_recorded_and_retried_with_backoff(
     elif failure == "graphql_errors":
         cloud.graphql_errors = True
     else:
-        env["RUNPOD_API_BASE_URL"] = "http://127.0.0.1:9"  # nothing listens there
+        env["LORABURST_TERMINATE_URL"] = "http://127.0.0.1:9/graphql"  # nothing listens there
     dog = Watchdog(tmp_path, env)
     dog.training_ended = True
     t = dog.started_at + 10
     dog.tick(t)
     assert not dog.terminated
     failed = [e for e in _events(tmp_path) if e["kind"] == "self_terminate_failed"]
-    assert len(failed) == 1 and "runpod" in failed[0]["error"]
+    assert len(failed) == 1 and "terminate" in failed[0]["error"]
     assert KEY not in (tmp_path / EVENTS_FILE).read_text()
     calls = len(cloud.calls)
     dog.tick(t + 1)  # inside the backoff: no new call
@@ -163,10 +171,13 @@ def test_failed_terminate_is_recorded_and_retried_with_backoff(
 def test_terminator_repr_hides_the_key(cloud: Cloud) -> None:
     terminator = SelfTerminator.from_env(_runpod_env(cloud))
     assert terminator is not None and KEY not in repr(terminator)
-    assert SelfTerminator.from_env({"RUNPOD_POD_ID": "p"}) is None
+    assert SelfTerminator.from_env({"RUNPOD_POD_ID": "p"}) is None  # no request given
+    no_key = _runpod_env(cloud)
+    del no_key["RUNPOD_API_KEY"]
+    assert SelfTerminator.from_env(no_key) is None  # the variable named for the token is empty
     # A pod id is quoted as a GraphQL string, so it cannot inject into the mutation.
-    odd = SelfTerminator.from_env({"RUNPOD_POD_ID": 'x"}) { evil', "RUNPOD_API_KEY": "k"})
-    assert odd is not None
+    odd = SelfTerminator.from_env(_runpod_env(cloud, pod='x"}) { evil'))
+    assert odd is not None and odd.graphql
     assert json.loads(odd.body)["query"] == (
         'mutation { podTerminate(input: {podId: "x\\"}) { evil"}) }'
     )

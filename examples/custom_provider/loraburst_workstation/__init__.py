@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import ClassVar
 
 from loraburst import ConfigError
-from loraburst.providers import Host, LaunchRequest, Machine, Offer
+from loraburst.providers import (
+    Capabilities,
+    Host,
+    LaunchRequest,
+    Machine,
+    Offer,
+    SelfTermination,
+)
 from loraburst.providers.ssh import SSHProvider
 
 __all__ = ["WorkstationProvider"]
@@ -40,6 +47,8 @@ class WorkstationProvider:
     """
 
     name: ClassVar[str] = "workstation"
+    # The same as any SSH box: a per-job key, missing packages installed, never terminated.
+    capabilities: ClassVar[Capabilities] = SSHProvider.capabilities
     unsupported: ClassVar[Mapping[str, str]] = {
         **SSHProvider.unsupported,
         "multi_gpu": "the workstation advertises its one GPU",
@@ -113,3 +122,7 @@ class WorkstationProvider:
 
     def connect(self, machine: Machine, key_path: Path | None, workdir: str) -> Host:
         return self._ssh.connect(machine, key_path, workdir)
+
+    def self_termination(self, machine: Machine) -> SelfTermination | None:
+        """None: your own box is never terminated."""
+        return None
