@@ -183,7 +183,11 @@ class LocalProvider:
     # This machine: no SSH key, the run folder is the client's own, nothing installed on the
     # user's environment behind their back, nothing to terminate itself.
     capabilities: ClassVar[Capabilities] = Capabilities(
-        ssh=False, same_machine=True, installs_packages=False, self_terminates=False
+        ssh=False,
+        same_machine=True,
+        installs_packages=False,
+        self_terminates=False,
+        gpu_counts=(0, 1),  # the CPU, or one of this machine's GPUs
     )
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "a local machine cannot be preempted or bid on",
@@ -208,20 +212,18 @@ class LocalProvider:
                     price_source="local",
                 )
             ]
-        by_name: dict[tuple[str, float], int] = {}
-        for g in gpus:
-            by_name[g] = by_name.get(g, 0) + 1
+        # One offer per card model, of one card: a job trains on one GPU of this machine.
         return [
             Offer(
                 provider="local",
                 gpu=name,
-                gpu_count=n,
+                gpu_count=1,
                 vram_gb=vram,
                 price_per_hour=0.0,
                 instance_type=name,
                 price_source="local",
             )
-            for (name, vram), n in sorted(by_name.items())
+            for name, vram in sorted(set(gpus))
         ]
 
     def launch(self, request: LaunchRequest) -> Machine:

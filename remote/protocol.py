@@ -45,6 +45,7 @@ LOG_FILE = "agent.log"
 
 # Environment the client passes to the agent (never secrets in files: keys travel as env only).
 ENV_DEADLINE = "LORABURST_DEADLINE"  # unix time: checkpoint, save and stop at this instant
+ENV_DEADLINE_REASON = "LORABURST_DEADLINE_REASON"  # which cap set it: "budget", "max_runtime"
 ENV_HEARTBEAT_GRACE = "LORABURST_HEARTBEAT_GRACE_S"  # client silent this long => client gone
 ENV_ARTIFACTS = "LORABURST_ARTIFACTS"  # s3://bucket/prefix for checkpoints (boto3, AWS_* env)
 # A local model folder uploaded once per instance (content-addressed), used when the bundle

@@ -1,6 +1,7 @@
 """The agent's watchdog: a deadline, the client's heartbeat, and the instance's own termination.
 
 Inputs, all from the client: ``LORABURST_DEADLINE`` (unix time) and
+``LORABURST_DEADLINE_REASON`` (the cap behind it: ``budget`` or ``max_runtime``) and
 ``LORABURST_HEARTBEAT_GRACE_S`` in the environment; ``WORKDIR/heartbeat`` (its mtime is the
 client's last sign of life); ``WORKDIR/control.json`` with ``{"stop": reason}``,
 ``{"deadline": t}`` (replaces the env deadline) or ``{"hold_until": t}`` (the client could not
@@ -43,7 +44,14 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from .protocol import CONTROL_FILE, ENV_DEADLINE, ENV_HEARTBEAT_GRACE, HEARTBEAT_FILE, append_event
+from .protocol import (
+    CONTROL_FILE,
+    ENV_DEADLINE,
+    ENV_DEADLINE_REASON,
+    ENV_HEARTBEAT_GRACE,
+    HEARTBEAT_FILE,
+    append_event,
+)
 
 __all__ = [
     "ENV_TERMINATE_BODY",
@@ -158,6 +166,8 @@ class Watchdog:
         env = os.environ if env is None else env
         self.workdir = Path(workdir)
         self.deadline = float(env[ENV_DEADLINE]) if env.get(ENV_DEADLINE) else None
+        # Which cap set the deadline ("budget", "max_runtime"): the stop says so.
+        self.deadline_reason = env.get(ENV_DEADLINE_REASON) or "deadline"
         self.grace = float(env[ENV_HEARTBEAT_GRACE]) if env.get(ENV_HEARTBEAT_GRACE) else None
         self.terminator = SelfTerminator.from_env(env)
         self.poll_s = poll_s
@@ -206,6 +216,8 @@ class Watchdog:
             return None
         if isinstance(control.get("deadline"), (int, float)):
             self.deadline = float(control["deadline"])
+            reason = control.get("deadline_reason")
+            self.deadline_reason = str(reason) if isinstance(reason, str) else "deadline"
         hold = control.get("hold_until")
         self.hold_until = float(hold) if isinstance(hold, (int, float)) else None
         # A stop left over from an earlier agent (the client restarted us) is not for us.
@@ -219,7 +231,7 @@ class Watchdog:
         past_deadline = self.deadline is not None and now >= self.deadline
         gone = self.grace is not None and self.heartbeat_age(now) > self.grace
         if stop is None and past_deadline:
-            stop = "deadline"
+            stop = self.deadline_reason
         if stop is None and gone and self.terminator is None:
             stop = "client_gone"
         held = self.hold_until is not None and now < self.hold_until

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraburst.remote.memory import Coefficients, choose_settings, peak_vram, step_time
 
+from . import _billing as billing
 from ._exceptions import EstimateError
 from ._gpus import CATALOG, SNAPSHOT, GPUSpec, billing_increment_s, resolve_gpu, setup_model
 from ._shapes import ModelShape, model_shape
@@ -417,8 +418,7 @@ def _row(
     high_s = train_s * (1 + err_speed) * (1 + err_tok) + setup_s * SETUP_RANGE[1]
 
     def cost(seconds: float) -> float:
-        billed = math.ceil(seconds / s.increment) * s.increment
-        return round(s.price * billed / 3600, 4)
+        return round(billing.billed_cost(s.price, seconds, s.increment), 4)
 
     return EstimateRow(
         provider=s.provider,

@@ -305,7 +305,7 @@ def _run_chain(
                 ledger.update_job(job_id, cost_usd=spent)
                 if outcome not in ("ok",) and outcome != "cancelled":
                     ledger.update_job(job_id, error=outcome[:500])
-        status = _status(state.phase, _stop_reason(run), run.stop_requested)
+        status = _status(state.phase, run.state.stop_reason, run.stop_requested)
         durations.update(run.durations)
         durations["total"] = time.time() - t_start
         ledger.update_job(
@@ -365,23 +365,6 @@ def _stop_gracefully(run: Attempt) -> Any:
         raise
     run.view.message("stopped by user; pulling the partial adapter")
     return state
-
-
-def _stop_reason(run: Attempt) -> str | None:
-    """The agent's stop reason, with a deadline set by the budget reported as ``"budget"``.
-
-    The agent stops at the deadline the runner derived from ``max_cost`` at about the moment
-    the runner itself asks for a budget stop; whichever comes first, the cap was the cause.
-    """
-    reason: str | None = run.state.stop_reason
-    if reason != "deadline" or run.max_cost is None or run.offer.price_per_hour <= 0:
-        return reason
-    if run.max_runtime is None:
-        return "budget"
-    budget_s = (run.max_cost - run.spent_before) / run.offer.price_per_hour * 3600.0
-    return (
-        "budget" if budget_s <= run.max_runtime + 45.0 + run.offer.billing_increment_s else reason
-    )
 
 
 def _status(phase: str, stop_reason: str | None, requested: str | None) -> Any:

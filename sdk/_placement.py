@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraburst.providers import Offer, Provider, get_provider
 
+from . import _billing as billing
 from ._exceptions import AuthError, BudgetExceededError, ConfigError, EstimateError, ProviderError
 
 if TYPE_CHECKING:
@@ -210,11 +211,15 @@ def plan(
         )
         rows = {(r.provider, r.gpu, r.gpu_count, r.price_per_hour): r for r in est.rows}
     ranked: list[Candidate] = []
-    late_local: list[Candidate] = []  # the local GPU past the deadline: last resort
+    late_local: list[Candidate] = []  # this machine's GPU past the deadline: last resort
     unestimated: list[Candidate] = []
     skipped: list[str] = []
     excluded: list[tuple[Candidate, str]] = []
     for prov, o in pairs:
+        if o.gpu_count not in prov.capabilities.gpu_counts:  # read, never assumed
+            why = prov.unsupported.get("multi_gpu", f"{o.gpu_count} GPUs per instance")
+            skipped.append(f"{o.provider} {o.gpu} x{o.gpu_count}: {why}")
+            continue
         row = None if o.gpu == "cpu" else rows.get(_row_key(o))
         if row is None:
             if gpu is None:  # e.g. the local CPU, a bring-your-own host of unknown GPU
@@ -225,7 +230,7 @@ def plan(
             skipped.append(f"{o.provider} {o.gpu}: {row.note}")
             continue
         reason = _excluded_by(o, gpu, max_price_per_hour, deadline, row)
-        if reason == "deadline" and o.provider == "local":
+        if reason == "deadline" and prov.capabilities.same_machine:
             late_local.append(cand)
         elif reason is not None:
             excluded.append((cand, reason))
@@ -298,15 +303,17 @@ def _over_budget(
 
 def _steps_within(row: EstimateRow, max_cost: float) -> int:
     """About how many optimizer steps ``max_cost`` buys on ``row``'s offer, at the estimate's
-    upper bound (setup paid first, one billing increment kept in hand)."""
+    upper bound."""
     from ._estimate import SETUP_RANGE
 
     if row.price_per_hour <= 0 or row.steps <= 0:
         return 0
     high_s = row.cost_high_usd / row.price_per_hour * 3600.0
     setup_high_s = row.setup_s * SETUP_RANGE[1]
-    per_step_s = (high_s - setup_high_s) / row.steps
-    affordable_s = max_cost / row.price_per_hour * 3600.0 - row.billing_increment_s
-    if per_step_s <= 0:
-        return 0
-    return max(0, int((affordable_s - setup_high_s) / per_step_s))
+    return billing.affordable_steps(
+        max_cost=max_cost,
+        price_per_hour=row.price_per_hour,
+        increment_s=row.billing_increment_s,
+        setup_s=setup_high_s,
+        seconds_per_step=(high_s - setup_high_s) / row.steps,
+    )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import math
 import os
 import random
 import shutil
@@ -31,6 +30,7 @@ from loraburst.remote.protocol import (
     CHECKPOINT_DIR,
     CONTROL_FILE,
     ENV_DEADLINE,
+    ENV_DEADLINE_REASON,
     ENV_HEARTBEAT_GRACE,
     ENV_MODEL_DIR,
     HEARTBEAT_FILE,
@@ -45,6 +45,7 @@ from loraburst.remote.protocol import (
     verify_manifest,
 )
 
+from . import _billing as billing
 from ._bundle import Bundle
 from ._disk import local_io, remove_quietly
 from ._exceptions import (
@@ -67,18 +68,10 @@ from ._model_folder import content_digest
 from ._owner import claim, release
 from ._progress import ProgressView
 
-__all__ = ["Attempt", "billed_cost"]
+__all__ = ["Attempt"]
 
 # metrics.json is a few KB of numbers; anything near this is not ours.
 _MAX_METRICS_BYTES = 16 << 20
-
-
-def billed_cost(price_per_hour: float, seconds: float, increment_s: int) -> float:
-    """Dollars billed for ``seconds`` of use at the provider's billing granularity."""
-    if price_per_hour <= 0 or seconds <= 0:
-        return 0.0
-    inc = max(1, increment_s)
-    return price_per_hour * math.ceil(seconds / inc) * inc / 3600.0
 
 
 class Attempt:
@@ -139,25 +132,22 @@ class Attempt:
         return time.time() - self.launched_at if self.launched_at else 0.0
 
     def cost_so_far(self) -> float:
-        return billed_cost(
+        return billing.billed_cost(
             self.offer.price_per_hour, self.elapsed_billable(), self.offer.billing_increment_s
         )
 
-    def _budget_deadline(self) -> float | None:
-        """Unix time by which the agent must stop so that spend stays under ``max_cost``.
-
-        The margin covers saving, pulling the adapter, terminating, and one billing increment.
-        """
-        deadlines = []
-        if self.max_runtime is not None:
-            deadlines.append(time.time() + self.max_runtime)
-        if self.max_cost is not None and self.offer.price_per_hour > 0:
-            remaining = self.max_cost - self.spent_before
-            seconds = remaining / self.offer.price_per_hour * 3600.0
-            margin = 45.0 + self.offer.billing_increment_s
-            start = self.launched_at or time.time()
-            deadlines.append(start + max(0.0, seconds - margin))
-        return min(deadlines) if deadlines else None
+    def _deadline(self) -> billing.Deadline | None:
+        """When the agent must stop by itself for the bill to stay under ``max_cost`` (or the
+        run under ``max_runtime``); see :mod:`._billing`."""
+        return billing.deadline(
+            started_at=self.launched_at or time.time(),
+            now=time.time(),
+            price_per_hour=self.offer.price_per_hour,
+            increment_s=self.offer.billing_increment_s,
+            max_cost=self.max_cost,
+            spent_before=self.spent_before,
+            max_runtime=self.max_runtime,
+        )
 
     # -- provision ------------------------------------------------------------------------
     def provision(self) -> Machine:
@@ -261,9 +251,10 @@ class Attempt:
             t_model = time.time()
             env[ENV_MODEL_DIR] = host.provide_model(model_dir, lambda: content_digest(model_dir))
             self.durations["model_upload"] = time.time() - t_model
-        deadline = self._budget_deadline()
+        deadline = self._deadline()
         if deadline is not None:
-            env[ENV_DEADLINE] = f"{deadline:.0f}"
+            env[ENV_DEADLINE] = f"{deadline.at:.0f}"
+            env[ENV_DEADLINE_REASON] = deadline.reason
         caps = self.provider.capabilities
         if not caps.same_machine:
             env[ENV_HEARTBEAT_GRACE] = f"{self.heartbeat_grace_s:.0f}"
@@ -480,8 +471,12 @@ class Attempt:
         if self.max_cost is None or self.stop_requested:
             return
         # Stop early enough that saving, pulling and teardown stay within the cap.
-        margin = billed_cost(self.offer.price_per_hour, 45.0 + self.offer.billing_increment_s, 1)
-        if self.spent_before + self.cost_so_far() + margin >= self.max_cost:
+        if billing.must_stop(
+            spent=self.spent_before + self.cost_so_far(),
+            max_cost=self.max_cost,
+            price_per_hour=self.offer.price_per_hour,
+            increment_s=self.offer.billing_increment_s,
+        ):
             self.request_stop("budget")
 
     def request_stop(self, reason: str) -> None:

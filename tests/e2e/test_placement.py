@@ -12,7 +12,8 @@ import pytest
 from loraburst import BudgetExceededError, Job, PlacementError
 from loraburst._ledger import Ledger
 from loraburst._placement import plan
-from loraburst.providers import Host, LaunchRequest, Machine, Offer
+from loraburst.providers import Capabilities, Host, LaunchRequest, Machine, Offer
+from loraburst.providers.local import LocalProvider
 
 from tests.conftest import SAMPLE_DATA
 
@@ -69,6 +70,7 @@ class GpuBox:
     estimator prices like any GPU. Only ``offers`` is exercised; nothing is launched."""
 
     name: ClassVar[str] = "local"
+    capabilities: ClassVar[Capabilities] = LocalProvider.capabilities
     unsupported: ClassVar[Mapping[str, str]] = {"spot": "a local machine cannot be preempted"}
 
     def __init__(self, gpu: str = "RTX 4090", vram_gb: float = 24.0) -> None:
@@ -94,6 +96,9 @@ class GpuBox:
 
     def connect(self, machine: Machine, key_path: Path | None, workdir: str) -> Host:
         raise NotImplementedError("plan-level only")
+
+    def self_termination(self, machine: Machine) -> None:
+        return None
 
 
 def _where(cands: list[Any]) -> list[tuple[str, str]]:

@@ -199,3 +199,13 @@ def test_a_held_instance_is_not_terminated_until_the_hold_ends(
     assert decision.client_gone and not decision.terminate and cloud.calls == []
     # The hold is bounded: after it, an abandoned instance is terminated as before.
     assert dog.tick(t0 + 3601).terminate and len(cloud.calls) == 1
+
+
+def test_a_deadline_stop_carries_the_cap_that_set_it(tmp_path: Path) -> None:
+    """The client says which cap the deadline enforces; the stop reason is that cap, so the
+    result can say "budget_exhausted" without re-deriving it."""
+    dog = Watchdog(tmp_path, {"LORABURST_DEADLINE": "100", "LORABURST_DEADLINE_REASON": "budget"})
+    assert dog.tick(101).stop == "budget" and dog.stop_reason == "budget"
+    plain = Watchdog(tmp_path / "x", {"LORABURST_DEADLINE": "100"})
+    (tmp_path / "x").mkdir()
+    assert plain.tick(101).stop == "deadline"

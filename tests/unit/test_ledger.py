@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from loraburst._billing import billed_cost
 from loraburst._ledger import Ledger
-from loraburst._runner import billed_cost
 
 
 def test_instance_row_is_written_before_create_and_tracks_states(tmp_path: Path) -> None:
