@@ -29,9 +29,9 @@ from loraburst._home import home, owner_only
 from loraburst.remote import protocol
 from loraburst.remote.protocol import BUNDLE_DIR, LOG_FILE
 
-from ._base import LaunchRequest, Machine, Provider
+from ._base import Machine
 
-__all__ = ["SSHHost", "known_hosts_path", "launch_and_wait"]
+__all__ = ["SSHHost", "known_hosts_path"]
 
 log = logging.getLogger("loraburst.providers.ssh")
 T = TypeVar("T")
@@ -555,72 +555,3 @@ def _clear(dest: Path) -> None:
 
 def _valid_name(name: str) -> bool:
     return name.replace("_", "a").isalnum() and not name[0].isdigit()
-
-
-def launch_and_wait(
-    provider: Provider,
-    request: LaunchRequest,
-    *,
-    key_path: Path | None,
-    timeout_s: float = 900.0,
-    poll_s: float = 1.0,
-) -> Machine:
-    """Launch, wait until the provider reports the machine ready *and* SSH answers ``echo ok``;
-    on any failure terminate the instance before re-raising.
-
-    Raises:
-        TransportError: not ready within ``timeout_s`` (the instance was terminated).
-        ProviderError: the launch itself failed.
-    """
-    machine = provider.launch(request)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            current = provider.get(machine.id)
-            if current is None or current.status in ("terminated", "preempted"):
-                raise TransportError(
-                    f"{provider.name} instance {machine.id} vanished while booting "
-                    f"({current.status if current else 'unknown to the provider'})",
-                    provider=provider.name,
-                )
-            if current.ready(provider.capabilities):
-                break
-            if time.monotonic() > deadline:
-                raise TransportError(
-                    f"{provider.name} instance {machine.id} was not ready after {timeout_s:.0f}s "
-                    f"(status {current.status!r}, ssh {'mapped' if current.ssh else 'not mapped'})",
-                    provider=provider.name,
-                )
-            time.sleep(poll_s)
-        host = SSHHost(
-            current,
-            key_path,
-            current.workdir_root,
-            connect_timeout_s=max(1.0, deadline - time.monotonic()),
-        )
-        try:
-            host.connect()
-            rc, out, _ = host.run("echo ok", timeout=30)
-        finally:
-            host.close()
-        if rc != 0 or out.strip() != "ok":
-            raise TransportError(f"{provider.name} instance {machine.id}: `echo ok` failed")
-        return current
-    except HostKeyMismatchError:
-        _terminate_quietly(provider, machine.id)
-        raise  # its own type and message: the caller must not retry or fail over
-    except TransportError as exc:
-        _terminate_quietly(provider, machine.id)
-        if "terminated" in str(exc):
-            raise
-        raise TransportError(f"{exc}; the instance was terminated", provider=provider.name) from exc
-    except BaseException:
-        _terminate_quietly(provider, machine.id)
-        raise
-
-
-def _terminate_quietly(provider: Provider, machine_id: str) -> None:
-    try:
-        provider.terminate(machine_id)
-    except Exception as exc:  # the original error matters more; say what was left behind
-        log.error("could not terminate %s instance %s: %s", provider.name, machine_id, exc)

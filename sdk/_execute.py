@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -20,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from loraburst.remote.protocol import CHECKPOINT_DIR, ENV_ARTIFACTS, MANIFEST_FILE
+from loraburst.remote.protocol import CHECKPOINT_DIR, ENV_ARTIFACTS
 
 from ._bundle import Bundle, build_bundle
 from ._disk import check_outputs, storage_error
@@ -39,12 +38,13 @@ from ._exceptions import (
     TransportError,
 )
 from ._home import home, runs_dir
-from ._ledger import InstanceRow, JobRow, Ledger
+from ._ledger import JobRow, Ledger
+from ._lifecycle.attempt import Attempt
+from ._model_folder import local_model_dir
 from ._owner import claim, release
 from ._progress import ProgressView
 from ._result import Attempt as AttemptRow
 from ._result import JobResult, JobStatus
-from ._runner import Attempt
 
 if TYPE_CHECKING:
     from loraburst.providers import Provider
@@ -421,33 +421,14 @@ def attach(
     view = ProgressView(row.name or job_id, enabled=progress)
     # The job's cost so far, without what this instance billed before a hold (recounted below).
     spent_before = max(0.0, row.cost_usd - inst.billed_usd)
-    run = Attempt(
-        job_id=job_id,
-        attempt=inst.attempt,
-        provider=prov,
-        offer=_offer_of(inst),
-        ledger=ledger,
-        view=view,
-        spent_before=spent_before,
-    )
-    run.tag = inst.tag
-    from loraburst.providers import _keys
-
-    run.key_path = _keys.key_path(inst.tag)
-    run.launched_at = inst.launched_at
+    run = Attempt.resume(job_id=job_id, instance=inst, provider=prov, ledger=ledger, view=view,
+                         spent_before=spent_before)  # fmt: skip
     output_dir = Path(spec.get("output_dir", "outputs")).expanduser()
     t0 = time.time()
     lost: InstanceLostError | None = None
     with view, _sigterm_as_interrupt():
         try:
-            machine = _machine_of(prov, inst, job_id)
-            if machine is None or machine.status in ("terminated", "preempted"):
-                raise InstanceLostError(
-                    f"job {job_id}'s {inst.provider} instance {inst.provider_id} is gone",
-                    job_id=job_id,
-                    provider=inst.provider,
-                )
-            run.machine = machine
+            run.locate()
             run.connect()
             state = run.follow()
             adapter, metrics = _collect_or_hold(run, output_dir)
@@ -496,39 +477,6 @@ def attach(
         cost_usd=cost,
         durations={"total": time.time() - t0},
     )
-
-
-def _offer_of(inst: InstanceRow) -> Any:
-    from loraburst.providers import Offer
-
-    return Offer(
-        provider=inst.provider,
-        gpu=inst.gpu or "?",
-        gpu_count=1,
-        vram_gb=0,
-        price_per_hour=inst.price_per_hour,
-        instance_type=inst.gpu or "?",
-        billing_increment_s=inst.billing_increment_s,
-    )
-
-
-def _machine_of(prov: Provider, inst: InstanceRow, job_id: str) -> Any:
-    """The instance as the provider sees it now. A local "instance" is the run folder: once its
-    agent has exited the provider forgets it, but a finished run's manifest is still there."""
-    machine = prov.get(inst.provider_id) if inst.provider_id else prov.find(inst.tag)
-    if machine is None and inst.provider == "local":
-        from loraburst.providers import Machine
-
-        if (runs_dir() / job_id / MANIFEST_FILE).is_file():
-            return Machine(
-                provider="local",
-                id=inst.provider_id or inst.tag,
-                tag=inst.tag,
-                status="running",
-                python=sys.executable,
-                workdir_root=str(runs_dir()),
-            )
-    return machine
 
 
 def _resume(
@@ -595,7 +543,11 @@ def _resume(
     latest = max(complete, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
     view = ProgressView(row.name or job_id, enabled=progress)
     bundle = Bundle(
-        path=bundle_path, sha256=row.bundle_sha256, size=bundle_path.stat().st_size, files=0
+        path=bundle_path,
+        sha256=row.bundle_sha256,
+        size=bundle_path.stat().st_size,
+        files=0,
+        model_dir=local_model_dir(str(spec.get("model", ""))),  # weights travel beside it
     )
     with view, _sigterm_as_interrupt():
         view.message(

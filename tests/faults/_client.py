@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from loraburst import Job, JobCancelledError
-from loraburst._runner import Attempt
+from loraburst._lifecycle.attempt import Attempt
 
 from tests.conftest import SAMPLE_DATA
 

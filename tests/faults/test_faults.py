@@ -31,7 +31,7 @@ from loraburst import (
 from loraburst._cleanup import cleanup
 from loraburst._home import runs_dir
 from loraburst._ledger import Ledger
-from loraburst._runner import Attempt
+from loraburst._lifecycle.attempt import Attempt
 from loraburst.providers.runpod import RunPodProvider
 from loraburst.remote.protocol import State, verify_manifest
 

@@ -8,10 +8,10 @@ import httpx
 import pytest
 from loraburst._exceptions import AuthError, CapacityError, ProviderAPIError
 from loraburst.providers import LaunchRequest, Offer, _keys
-from loraburst.providers._ssh import launch_and_wait
 from loraburst.providers.lambdalabs import LambdaProvider
 
 from tests.fakes.lambdalabs import LambdaFake
+from tests.providers._launch import launched
 
 
 def _offer(itype: str = "gpu_1x_a10", region: str | None = "us-east-1") -> Offer:
@@ -49,15 +49,15 @@ def test_offers_from_instance_types(lambda_provider: LambdaProvider) -> None:
 def test_job_key_registered_for_the_launch_and_deleted_after_terminate(
     lambda_fake: LambdaFake, lambda_provider: LambdaProvider
 ) -> None:
-    request, key_path = _request("lb-keys-1")
-    machine = launch_and_wait(
-        lambda_provider, request, key_path=key_path, timeout_s=20, poll_s=0.05
-    )
+    run = launched(lambda_provider, _offer(), "keys")
+    machine, key_path = run.machine, run.key_path
+    assert machine is not None and key_path is not None
     inst = lambda_fake.instances[machine.id]
     assert inst.name == "lb-keys-1" and inst.data["ssh_key_names"] == ["lb-keys-1"]
-    assert [k["public_key"] for k in lambda_fake.ssh_keys.values()] == [request.public_key]
+    public = key_path.with_suffix(".pub").read_text().strip()
+    assert [k["public_key"].strip() for k in lambda_fake.ssh_keys.values()] == [public]
     assert machine.ssh is not None and machine.ssh.port == lambda_fake.ssh_port
-    lambda_provider.terminate(machine.id)
+    run.teardown()
     assert lambda_fake.ssh_keys == {}
     assert lambda_fake.running() == []
 
@@ -65,11 +65,10 @@ def test_job_key_registered_for_the_launch_and_deleted_after_terminate(
 def test_billing_is_per_minute_from_active(
     lambda_fake: LambdaFake, lambda_provider: LambdaProvider
 ) -> None:
-    request, key_path = _request()
-    machine = launch_and_wait(
-        lambda_provider, request, key_path=key_path, timeout_s=20, poll_s=0.05
-    )
-    lambda_provider.terminate(machine.id)
+    run = launched(lambda_provider, _offer(), "bill")
+    assert run.machine is not None
+    machine = run.machine
+    run.teardown()
     assert lambda_fake.billed_seconds(machine.id) == 60
     assert lambda_fake.cost(machine.id) == pytest.approx(0.75 / 60)
 

@@ -17,10 +17,10 @@ from loraburst._exceptions import (
     TransportError,
 )
 from loraburst.providers import LaunchRequest, Offer, _keys
-from loraburst.providers._ssh import launch_and_wait
 from loraburst.providers.runpod import GPU_NAMES, RunPodProvider
 
 from tests.fakes.runpod import CAPACITY_MESSAGE, RunPodFake
+from tests.providers._launch import launched
 
 
 def _offer(gpu_id: str = "NVIDIA GeForce RTX 4090") -> Offer:
@@ -202,9 +202,9 @@ def test_ssh_never_ready_terminates_the_pod(
     runpod_fake: RunPodFake, runpod_provider: RunPodProvider
 ) -> None:
     runpod_fake.faults.no_sshd = True
-    request, key_path = _request("lb-nossh-1")
-    with pytest.raises(TransportError, match="not ready after .*terminated") as info:
-        launch_and_wait(runpod_provider, request, key_path=key_path, timeout_s=3, poll_s=0.05)
+    provider = RunPodProvider(runpod_fake.api_key, base_url=runpod_fake.url, connect_timeout_s=2)
+    with pytest.raises(TransportError) as info:
+        launched(provider, _offer(), "nossh")
     assert "Connection refused" in str(info.value) or "Errno" in str(info.value)
     assert runpod_fake.running() == []
     pod = runpod_fake.pod_by_name("lb-nossh-1")
@@ -216,25 +216,22 @@ def test_slow_readiness_is_waited_for(
 ) -> None:
     runpod_fake.faults.ready_polls = 5
     runpod_fake.faults.sshd_delay_s = 1.0
-    request, key_path = _request("lb-slow-1")
-    machine = launch_and_wait(
-        runpod_provider, request, key_path=key_path, timeout_s=20, poll_s=0.05
-    )
-    assert machine.ready(RunPodProvider.capabilities) and runpod_fake.running() == [machine.id]
-    runpod_provider.terminate(machine.id)
+    run = launched(runpod_provider, _offer(), "slow")
+    assert run.machine is not None and run.machine.ready(RunPodProvider.capabilities)
+    assert runpod_fake.running() == [run.machine.id]
+    run.teardown()
+    assert runpod_fake.running() == []
 
 
 def test_pod_scoped_key_terminates_its_own_pod_from_inside(
     runpod_fake: RunPodFake, runpod_provider: RunPodProvider
 ) -> None:
     """The on-instance watchdog's path: RUNPOD_API_KEY + RUNPOD_POD_ID -> podTerminate."""
-    request, key_path = _request("lb-self-1")
-    machine = launch_and_wait(
-        runpod_provider, request, key_path=key_path, timeout_s=20, poll_s=0.05
-    )
+    run = launched(runpod_provider, _offer(), "self")
+    machine, host = run.machine, run.host
+    assert machine is not None and host is not None
     other, _ = _request("lb-other-1")
     other_pod = runpod_provider.launch(other)
-    host = runpod_provider.connect(machine, key_path, f"{machine.workdir_root}/runs/j")
     code = (
         "import json,os,sys,urllib.request as u\n"
         "pod=sys.argv[1] if len(sys.argv)>1 else os.environ['RUNPOD_POD_ID']\n"

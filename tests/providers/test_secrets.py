@@ -10,12 +10,12 @@ import pytest
 from loraburst._exceptions import LoraburstError
 from loraburst.providers import LaunchRequest, Offer, _keys
 from loraburst.providers._http import ApiClient, resolve_key
-from loraburst.providers._ssh import launch_and_wait
 from loraburst.providers.lambdalabs import LambdaProvider
 from loraburst.providers.runpod import RunPodProvider
 
 from tests.fakes.lambdalabs import LambdaFake
 from tests.fakes.runpod import RunPodFake
+from tests.providers._launch import launched
 
 
 def _private_key_body(path: Path) -> list[str]:
@@ -40,12 +40,12 @@ def test_runpod_flow_leaks_no_secret(
     runpod_fake: RunPodFake, runpod_provider: RunPodProvider, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    key_path, public = _keys.generate_key("lb-sec-1")
     offer = Offer("runpod", "RTX 4090", 1, 24, 0.69, "NVIDIA GeForce RTX 4090")
-    request = LaunchRequest("lb-sec-1", offer, public, env={"HF_TOKEN": "hf_supersecret123"})
-    machine = launch_and_wait(runpod_provider, request, key_path=key_path, timeout_s=20)
-    host = runpod_provider.connect(machine, key_path, f"{machine.workdir_root}/runs/s")
+    run = launched(runpod_provider, offer, "sec")
+    machine, host, key_path = run.machine, run.host, run.key_path
+    assert machine is not None and host is not None and key_path is not None
     host.start_agent({"HF_TOKEN": "hf_supersecret123"})  # no bundle: the agent fails, fine
+    key_body = _private_key_body(key_path)  # read now: teardown deletes the job's key
     host.close()
     texts = [caplog.text, repr(runpod_provider), repr(machine)]
     runpod_fake.faults.unauthorized = True
@@ -54,9 +54,9 @@ def test_runpod_flow_leaks_no_secret(
     runpod_fake.faults.server_error = 100
     texts.append(_errors_text(runpod_provider.offers))
     runpod_fake.faults.server_error = 0
-    runpod_provider.terminate(machine.id)
+    run.teardown()
     texts.append(caplog.text)
-    secrets = [runpod_fake.api_key, "hf_supersecret123", *_private_key_body(key_path)]
+    secrets = [runpod_fake.api_key, "hf_supersecret123", *key_body]
     for text in texts:
         for secret in secrets:
             assert secret not in text

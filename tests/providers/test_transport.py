@@ -196,17 +196,12 @@ def test_offer_type_is_the_target() -> None:
 
 
 def test_a_host_key_mismatch_while_booting_keeps_its_own_error(sshd_host: SSHDHost) -> None:
-    from loraburst.providers._ssh import launch_and_wait
+    from tests.providers._launch import launched
 
     provider = SSHProvider(sshd_host.target, key_path=sshd_host.key_path, connect_timeout_s=5)
     pin = known_hosts_path("ssh", provider.machine_id)
     pin.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPinnedForAnotherMachineEntirely00\n")
     t0 = time.monotonic()
     with pytest.raises(HostKeyMismatchError, match="host key"):
-        launch_and_wait(
-            provider,
-            LaunchRequest("lb-hk-1", provider.offers()[0], ""),
-            key_path=sshd_host.key_path,
-            timeout_s=60,
-        )
+        launched(provider, provider.offers()[0], "hk", ready_timeout_s=60)
     assert time.monotonic() - t0 < 10  # refused at once, not retried until the timeout
