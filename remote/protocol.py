@@ -10,7 +10,8 @@ A run's work directory (``WORKDIR``) on the instance holds::
     checkpoints/        trainer checkpoints (checkpoint-<step>/)
     adapter/            the final (or partial) adapter
     metrics.json        final metrics
-    manifest.json       Manifest of adapter/ and metrics.json (sha256 per file)
+    exports/            merged weights, GGUF files and report.json (remote/export.py)
+    manifest.json       Manifest of adapter/, metrics.json and exports (sha256 per file)
     agent.log           the agent's stdout/stderr
 
 Standard library only: the agent runs before the trainer's dependencies are known to exist.
@@ -86,7 +87,7 @@ def missing_requirements() -> list[str]:
 
 
 # Phases in the order a healthy run walks through them.
-PHASES = ("preparing", "loading", "training", "saving", "done", "failed", "stopped")
+PHASES = ("preparing", "loading", "training", "saving", "exporting", "done", "failed", "stopped")
 TERMINAL_PHASES = frozenset({"done", "failed", "stopped"})
 
 

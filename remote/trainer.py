@@ -10,7 +10,9 @@
     settings    micro-batch, recompute and dequant cache planned on the loaded model (CUDA)
     train       Trainer, checkpoint every save_every_steps, resume from the latest one;
                 progress reported from a thread, never blocking the GPU
-    save        adapter/, metrics.json, then manifest.json (its presence means complete)
+    save        adapter/, metrics.json
+    export      merged weights, GGUF, hub push, each checked (remote/export.py)
+    manifest    manifest.json last (its presence means complete)
 
 Torch and friends are imported inside the functions: ``loraburst.remote`` itself is stdlib-only.
 :func:`load_model` and :func:`run` are the API the benchmarks reuse.
@@ -763,14 +765,35 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
     if eval_loader is not None and stopped is None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
     write_atomic(workdir / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True))
-    manifest = build_manifest(workdir, [ADAPTER_DIR, METRICS_FILE])
+    steps = trainer.state.global_step
+    # -- exports hook (remote/export.py): merged weights, GGUF, hub, each checked, made before
+    # the manifest so that they are pulled and verified with the adapter while the instance
+    # is still up. Training's model and optimizer are let go first: exports load their own.
+    exported: list[str] = []
+    if stopped is None:
+        from . import export
+
+        del trainer, model, progress
+        _free_memory()
+        exported = export.run(workdir, doc, model_path, reporter)
+    manifest = build_manifest(workdir, [ADAPTER_DIR, METRICS_FILE, *exported])
     write_atomic(workdir / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=True))
     if upload:
-        for name in (ADAPTER_DIR, METRICS_FILE, MANIFEST_FILE):
+        for name in (ADAPTER_DIR, METRICS_FILE, *exported, MANIFEST_FILE):
             artifacts.upload_tree(upload, workdir / name, f"final/{name}")
     phase = "stopped" if stopped else "done"
-    reporter.update(phase=phase, stop_reason=stopped, step=trainer.state.global_step, eta_s=0.0)
-    reporter.event(phase, steps=trainer.state.global_step, final_loss=metrics["final_loss"])
+    reporter.update(phase=phase, stop_reason=stopped, step=steps, eta_s=0.0)
+    reporter.event(phase, steps=steps, final_loss=metrics["final_loss"])
+
+
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _metrics(

@@ -27,6 +27,7 @@ from ._exceptions import (
     ProviderError,
     TransportError,
 )
+from ._export import export_cost, read_results
 from ._home import runs_dir
 from ._ledger import Ledger
 from ._progress import ProgressView
@@ -92,6 +93,7 @@ def execute(
         hit = ledger.find_cached(cache_key)
         if hit is not None and hit.adapter_path and Path(hit.adapter_path).is_dir():
             view.message(f"cache hit: job {hit.id} trained this exact job; reusing its adapter")
+            exports, hub = read_results(Path(hit.adapter_path).parent)
             return JobResult(
                 job_id=hit.id,
                 status="cached",
@@ -101,6 +103,8 @@ def execute(
                 gpu=hit.gpu,
                 cost_usd=0.0,
                 durations={"total": time.time() - t_start},
+                exports=exports,
+                hub=hub,
             )
 
     candidates = plan(
@@ -169,14 +173,28 @@ _AWS_ENV = (
 
 def _agent_env(job: Job, job_id: str, env: Mapping[str, str] | None) -> dict[str, str]:
     """The agent's environment: the caller's, plus S3 checkpointing under ``<artifacts>/<job>``
-    with the client's AWS credentials when ``artifacts=`` is set."""
+    with the client's AWS credentials when ``artifacts=`` is set, and ``HF_TOKEN`` for a hub
+    push (over SSH only, like every value here)."""
     out = dict(env or {})
+    if job.spec.hub is not None and "HF_TOKEN" in os.environ:
+        out.setdefault("HF_TOKEN", os.environ["HF_TOKEN"])
     if job.spec.artifacts:
         out.setdefault(ENV_ARTIFACTS, f"{job.spec.artifacts.rstrip('/')}/{job_id}")
         for key in _AWS_ENV:
             if key in os.environ:
                 out.setdefault(key, os.environ[key])
     return out
+
+
+def _disk_gb(job: Job) -> int:
+    """The instance disk the job's exports need (the providers' default without any)."""
+    from ._estimate import EstimateError, model_shape
+
+    try:
+        ms = model_shape(job.spec.model)
+    except EstimateError:
+        return 50 if job.spec.exports == [{"kind": "adapter"}] else 200
+    return export_cost(job.spec.exports, ms.params, ms.download_bytes).disk_gb
 
 
 def _run_chain(
@@ -210,6 +228,7 @@ def _run_chain(
             max_cost=max_cost,
             max_runtime=job.spec.max_runtime,
             env=env,
+            disk_gb=_disk_gb(job),
         )
         label = f"{cand.provider.name} {cand.offer.gpu}"
         ledger.update_job(job_id, status="running", provider=cand.provider.name, gpu=cand.offer.gpu)
@@ -276,6 +295,9 @@ def _run_chain(
             error=None,
         )
         view.message(f"adapter: {adapter} ({status}, ${spent:.4f})")
+        exports, hub = read_results(adapter.parent)  # exports hook: made and checked remotely
+        for e in exports:
+            view.message(e.describe())
         if run.stop_requested == "user":
             raise JobCancelledError(
                 f"job {job_id} was cancelled; its partial adapter is at "
@@ -292,6 +314,8 @@ def _run_chain(
             cost_usd=spent,
             durations=durations,
             attempts=tuple(attempts),
+            exports=exports,
+            hub=hub,
         )
     ledger.update_job(job_id, status="failed")
     raise PlacementError(
@@ -430,6 +454,7 @@ def attach(
         metrics_json=json.dumps(metrics),
         cost_usd=cost,
     )
+    exports, hub = read_results(adapter.parent)
     return JobResult(
         job_id=job_id,
         status=status,
@@ -439,4 +464,6 @@ def attach(
         gpu=inst.gpu,
         cost_usd=cost,
         durations={"total": time.time() - t0},
+        exports=exports,
+        hub=hub,
     )

@@ -93,6 +93,7 @@ class Attempt:
         max_cost: float | None = None,
         max_runtime: float | None = None,
         env: Mapping[str, str] | None = None,
+        disk_gb: int = 50,
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
@@ -105,6 +106,7 @@ class Attempt:
         self.max_cost = max_cost
         self.max_runtime = max_runtime
         self.extra_env = dict(env or {})
+        self.disk_gb = disk_gb  # the instance's disk: base, adapter and every export
         self.machine: Machine | None = None
         self.host: Host | None = None
         self.key_path: Path | None = None
@@ -162,7 +164,9 @@ class Attempt:
             from loraburst.providers import _keys  # lazy: paramiko is only needed for SSH
 
             self.key_path, public_key = _keys.generate_key(self.tag)
-        request = LaunchRequest(tag=self.tag, offer=self.offer, public_key=public_key)
+        request = LaunchRequest(
+            tag=self.tag, offer=self.offer, public_key=public_key, disk_gb=self.disk_gb
+        )
         # User env (credentials for artifacts=, a Lambda key for the watchdog) is not sent to
         # the provider's API, where it would be stored with the instance: it travels only
         # over SSH when the agent starts.
@@ -495,6 +499,9 @@ class Attempt:
             pulled.mkdir(parents=True)
             host.fetch_tree(ADAPTER_DIR, pulled / ADAPTER_DIR)
             host.fetch_tree(METRICS_FILE, pulled / METRICS_FILE)
+            # Exports hook: every other folder the manifest lists (exports/) comes back too.
+            for rel in _extra_roots(manifest):
+                host.fetch_tree(rel, pulled / rel)
             bad = verify_manifest(pulled, manifest)
             if not bad:
                 break
@@ -596,6 +603,12 @@ class Attempt:
         if self.host is None:
             raise TransportError("not connected")
         return self.host
+
+
+def _extra_roots(manifest: dict[str, Any]) -> list[str]:
+    """Top-level folders or files of the manifest beyond the adapter and metrics."""
+    roots = {rel.split("/", 1)[0] for rel in manifest["files"]}
+    return sorted(roots - {ADAPTER_DIR, METRICS_FILE})
 
 
 def _same_interpreter(host: Host) -> bool:

@@ -11,11 +11,11 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._exceptions import ConfigError
 
-__all__ = ["JobSpec", "LoraConfig", "QuantConfig", "TrainConfig", "spec_error"]
+__all__ = ["HubConfig", "JobSpec", "LoraConfig", "QuantConfig", "TrainConfig", "spec_error"]
 
 
 class _Strict(BaseModel):
@@ -101,6 +101,16 @@ class QuantConfig(_Strict):
     )
 
 
+class HubConfig(_Strict):
+    """Where the verified exports are pushed (token from ``HF_TOKEN``, never in the spec)."""
+
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description='"user/name" of a model repo.')
+    private: bool = Field(True, description="Create the repo private (an existing one is kept).")
+    revision: str | None = Field(None, description="Branch to commit to (default: main).")
+    commit_message: str | None = None
+    endpoint: str | None = Field(None, description="Another hub's URL (default: HF_ENDPOINT).")
+
+
 class JobSpec(_Strict):
     """Everything that defines a fine-tuning job; serialised into the bundle as spec.json."""
 
@@ -117,6 +127,23 @@ class JobSpec(_Strict):
     name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
     model_revision: str | None = None
     artifacts: str | None = Field(None, description="s3://bucket/prefix for checkpoints.")
+    # -- exports (sdk/_export.py, remote/export.py) ----------------------------------------
+    exports: list[Any] = Field(
+        default_factory=lambda: ["adapter"],
+        description='What to ship, made and verified before teardown: "adapter", "merged" '
+        '(or "merged:bf16", {merged: {dtype, base: original|dequantized}}), "gguf:<quant>" '
+        "(f16, bf16, q8_0, q4_k_m, q5_k_m, ...).",
+    )
+    hub: HubConfig | None = Field(None, description="Push the verified exports to this repo.")
+
+    @field_validator("exports", mode="before")
+    @classmethod
+    def _exports(cls, value: Any) -> Any:
+        from loraburst.remote.export import parse_exports
+
+        if not isinstance(value, list):
+            raise ValueError('must be a list such as ["adapter", "merged", "gguf:q4_k_m"]')
+        return parse_exports(value)
 
     @property
     def quantized(self) -> bool:
@@ -124,7 +151,13 @@ class JobSpec(_Strict):
         return self.method != "lora" and self.quant.bits in (4, 8)
 
 
-_SECTION = {"LoraConfig": "lora.", "TrainConfig": "train.", "QuantConfig": "quant.", "JobSpec": ""}
+_SECTION = {
+    "LoraConfig": "lora.",
+    "TrainConfig": "train.",
+    "QuantConfig": "quant.",
+    "HubConfig": "hub.",
+    "JobSpec": "",
+}
 
 
 def spec_error(exc: ValidationError, source: str | Path | None = None) -> ConfigError:
