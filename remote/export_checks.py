@@ -185,7 +185,9 @@ def check_merged(
     merged_dtype = getattr(torch, dtype)
     ref = reference(four_bit=into == "dequantized")
     err = _rel(ref, merged_logits)
-    tol = _LOGIT_TOL.get(dtype, 6e-2) * (3 if into == "dequantized" else 1)
+    tol = _LOGIT_TOL.get(dtype, 6e-2)
+    if into == "dequantized":
+        tol = max(tol, 6e-2)  # the reference runs bitsandbytes' 4-bit kernels (bf16 inside)
     agree = float((ref.argmax(-1) == merged_logits.argmax(-1)).float().mean())
     checks.insert(0, _check(
         "logits_match", err <= tol,
