@@ -174,6 +174,7 @@ class _Exporter:
         self.adapter = workdir / ADAPTER_DIR
         self.results: list[dict[str, Any]] = []
         self.tools: Any = None
+        self._made_by = ""
         self.prompt: tuple[str, int, str] | None = None
 
     def _event(self, kind: str, **fields: Any) -> None:
@@ -277,11 +278,13 @@ class _Exporter:
                 self.tools = self.tools or llama_cpp.install()
                 if quant in PURE_GGUF:
                     self.tools.convert(merged, path, quant)
+                    details = {**details, "tool": f"llama.cpp {self.tools.version}",
+                               "converter": "convert_hf_to_gguf.py"}  # fmt: skip
                 else:
-                    base16 = self._intermediate(merged)
+                    base16, made_by = self._intermediate(merged)
                     self.tools.quantize(base16, path, quant)
-                details = {**details, "tool": f"llama.cpp {self.tools.version}",
-                           "converter": "convert_hf_to_gguf.py", "quantizer": "llama-quantize"}  # fmt: skip
+                    details = {**details, "tool": f"llama.cpp {self.tools.version}",
+                               "quantizer": "llama-quantize", "16-bit source": made_by}  # fmt: skip
             step = "check"
             prompt, limit, _ = self._prompt(merged)
             tools = self.tools or llama_cpp.find()
@@ -293,17 +296,27 @@ class _Exporter:
             return
         self._record(name, "gguf", t0, path=path, checks=checks, details=details)
 
-    def _intermediate(self, merged: Path) -> Path:
-        """llama.cpp's own 16-bit conversion, made once for every K-quant of this run."""
+    def _intermediate(self, merged: Path) -> tuple[Path, str]:
+        """The 16-bit GGUF that llama-quantize starts from, made once per run: by the
+        pure-Python writer where it knows the model (its tokenizer metadata is what the checks
+        verify, and it needs no entry in the converter's table of known tokenizers, the usual
+        way conversions break), else by llama.cpp's converter."""
+        from . import gguf_export
+
         config = json.loads((merged / "config.json").read_text())
-        outtype = (
-            "bf16" if str(config.get("torch_dtype", config.get("dtype"))) == "bfloat16" else "f16"
-        )
+        bf16 = str(config.get("torch_dtype", config.get("dtype"))) == "bfloat16"
+        outtype = "bf16" if bf16 else "f16"  # f16 would overflow some bf16 weights
         path = self.workdir / _WORK / f"model.{outtype}.gguf"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            return path, self._made_by
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            gguf_export.write(merged, path, outtype, name=_gguf_file(self.spec, outtype)[:-5])
+            self._made_by = f"gguf-py ({gguf_export.GGUF_REQUIREMENT})"
+        except gguf_export.Unsupported:
             self.tools.convert(merged, path, outtype)
-        return path
+            self._made_by = "convert_hf_to_gguf.py"
+        return path, self._made_by
 
     def hub(self, hub: dict[str, Any]) -> dict[str, Any]:
         from . import hub as hub_push

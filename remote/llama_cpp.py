@@ -19,6 +19,7 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -77,6 +78,7 @@ class Tools:
 
     def convert(self, merged: Path, out: Path, outtype: str, timeout: float = 7200) -> None:
         """``convert_hf_to_gguf.py`` with the tree's own gguf-py (matching its converter)."""
+        _converter_requirements()
         env = {**os.environ, "PYTHONPATH": str(self.root / "gguf-py")}
         env.pop("NO_LOCAL_GGUF", None)
         _run(
@@ -122,10 +124,33 @@ def _run(step: str, argv: list[str], timeout: float, env: dict[str, str] | None 
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise LlamaCppError(step, f"{Path(argv[0]).name}: {exc}") from exc
     if done.returncode != 0:
-        tail = (done.stderr or done.stdout)[-1500:]
-        raise LlamaCppError(step, f"{' '.join(Path(a).name for a in argv[:2])} exited "
-                                  f"{done.returncode}: {tail}")  # fmt: skip
+        how = (f"was killed by {signal.Signals(-done.returncode).name}" if done.returncode < 0
+               else f"exited {done.returncode}")  # fmt: skip
+        raise LlamaCppError(
+            step, f"{Path(argv[0]).name} {how}: {_gist(done.stderr or done.stdout)}"
+        )
     return done
+
+
+def _gist(output: str) -> str:
+    """The lines of a tool's log that say what went wrong (its logs run to hundreds)."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.search(r"error|failed|assert|exception|not", ln, re.I)]
+    return " | ".join((errors or lines)[-6:])[-800:]
+
+
+# What convert_hf_to_gguf.py imports beyond the trainer's stack (it reaches for
+# sentencepiece before it looks at the tokenizer's kind).
+_CONVERTER_REQUIREMENTS = {"sentencepiece": "sentencepiece>=0.2", "google.protobuf": "protobuf"}
+
+
+def _converter_requirements() -> None:
+    import importlib.util
+
+    missing = [req for mod, req in _CONVERTER_REQUIREMENTS.items()
+               if importlib.util.find_spec(mod.split(".")[0]) is None]  # fmt: skip
+    if missing:
+        _run("convert", [sys.executable, "-m", "pip", "install", "-q", *missing], 900)
 
 
 def _cache_root() -> Path:

@@ -72,8 +72,8 @@ class ExportResult:
         if not self.ok:
             return f"{self.name}: FAILED: {self.error}"
         judged = [c for c in self.checks if c["ok"] is not None]
-        return (f"{self.name}: ok ({len(judged)} checks passed, {self.bytes / 1e6:.1f} MB) "
-                f"at {self.path}")  # fmt: skip
+        where = f"{self.bytes / 1e6:.1f} MB at {self.path}" if self.path else "not kept"
+        return f"{self.name}: ok ({len(judged)} checks passed, {where})"
 
 
 def read_results(job_dir: Path) -> tuple[tuple[ExportResult, ...], dict[str, Any] | None]:
