@@ -335,8 +335,10 @@ class _Exporter:
                 files[p.name] = p
         if "adapter" in ok:
             prefix = "adapter/" if files else ""
+            # peft's own README is a placeholder card naming a local path: ours replaces it.
             files.update({f"{prefix}{p.relative_to(self.adapter).as_posix()}": p
-                          for p in self.adapter.rglob("*") if p.is_file()})  # fmt: skip
+                          for p in self.adapter.rglob("*")
+                          if p.is_file() and p.name != "README.md"})  # fmt: skip
         metrics_path = self.workdir / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         card = hub_push.model_card(self.spec, self.doc, metrics, self.results)

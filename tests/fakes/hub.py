@@ -4,7 +4,7 @@ a model repo, commit files (inline and through Git LFS "basic" transfers) and li
 Endpoints (as ``huggingface_hub``'s ``HfApi.create_repo``, ``create_commit`` and
 ``model_info(files_metadata=True)`` call them):
 
-* ``POST /api/repos/create`` ``{"name", "organization", "private", "type"}`` -> ``{"url"}``; 409
+* ``POST /api/repos/create`` ``{"name", "organization", "visibility" (or "private"), "type"}`` -> ``{"url"}``; 409
   when the repo exists (``exist_ok`` turns that into success on the client).
 * ``POST /api/models/{repo}/preupload/{revision}`` -> each file's ``uploadMode`` (``lfs`` for
   weights and anything over 1 MB, else ``regular``).
@@ -139,7 +139,9 @@ class HubFake:
                 409,
                 {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"},
             )
-        self.repos[repo_id] = Repo(repo_id, bool(payload.get("private")))
+        # Current clients send "visibility"; older ones a "private" flag.
+        private = payload.get("visibility", "private" if payload.get("private") else "public")
+        self.repos[repo_id] = Repo(repo_id, private == "private")
         return json_reply(
             200, {"url": f"{self.url}/{repo_id}", "name": repo_id, "id": secrets.token_hex(12)}
         )
