@@ -312,7 +312,7 @@ def _generation_check(
 ) -> Check:
     if tools is not None:
         gen = tools.generate(path, prompt, limit)
-        runtime = f"llama.cpp {tools.version[:12]}"
+        runtime = f"llama.cpp {tools.version}"
         detail = (
             f"{runtime}: stopped at end-of-generation after {gen.tokens} tokens: {gen.text[:200]!r}"
             if gen.stopped

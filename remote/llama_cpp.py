@@ -68,7 +68,7 @@ class Tools:
     @property
     def version(self) -> str:
         stamp = self.root / ".loraburst-commit"
-        return stamp.read_text().strip() if stamp.is_file() else f"local ({self.root})"
+        return stamp.read_text().strip()[:12] if stamp.is_file() else f"at {self.root}"
 
     def _binary(self, name: str) -> str:
         path = self.bin / name

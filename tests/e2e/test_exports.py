@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from loraburst import Job
 from loraburst._cli import main as cli
 from loraburst._home import home

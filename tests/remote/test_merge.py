@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from loraburst.remote.merge import MergeError, merge
 from loraburst.remote.protocol import DEFAULT_CHAT_TEMPLATE
 
