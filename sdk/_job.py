@@ -85,7 +85,7 @@ class Job:
             "model_revision": model_revision,
         }
         if exports is not None:
-            raw["exports"] = list(exports)
+            raw["exports"] = exports if isinstance(exports, str) else list(exports)
         for key, section in (("lora", lora), ("train", train), ("quant", quant), ("hub", hub)):
             if section is not None:
                 raw[key] = section.model_dump() if hasattr(section, "model_dump") else dict(section)

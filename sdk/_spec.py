@@ -129,7 +129,7 @@ class JobSpec(_Strict):
     artifacts: str | None = Field(None, description="s3://bucket/prefix for checkpoints.")
     # -- exports (sdk/_export.py, remote/export.py) ----------------------------------------
     exports: list[Any] = Field(
-        default_factory=lambda: ["adapter"],
+        default_factory=lambda: [{"kind": "adapter"}],
         description='What to ship, made and verified before teardown: "adapter", "merged" '
         '(or "merged:bf16", {merged: {dtype, base: original|dequantized}}), "gguf:<quant>" '
         "(f16, bf16, q8_0, q4_k_m, q5_k_m, ...).",
