@@ -157,7 +157,7 @@ def check_merged(
     tokenizer = AutoTokenizer.from_pretrained(merged)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(merged, device_map={"": device})
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]
     dtype = str(model.dtype).removeprefix("torch.")
     merged_logits = _logits(model, ids)
     eos = _eos_ids(merged, tokenizer)
@@ -176,7 +176,8 @@ def check_merged(
             )
         kwargs: dict[str, Any] = {"quantization_config": bnb} if bnb else {"dtype": merged_dtype}
         base_model = AutoModelForCausalLM.from_pretrained(base, device_map={"": device}, **kwargs)
-        if base_model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        embeddings: Any = base_model.get_input_embeddings()
+        if embeddings.weight.shape[0] < len(tokenizer):
             base_model.resize_token_embeddings(len(tokenizer))
         peft = PeftModel.from_pretrained(base_model, adapter)
         peft.eval()

@@ -15,6 +15,7 @@ raises :class:`Unsupported` with the reason; the export then uses llama.cpp's ow
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -322,30 +323,25 @@ def write(merged_dir: Path, out: Path, quant: str, *, name: str = "model") -> di
         writer.write_tensor_data(data)
     heads = int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
-    open_shard: tuple[Path, Any] | None = None
     try:
-        for gname, shard, hf_name, _, qtype in plan:
-            if open_shard is None or open_shard[0] != shard:
-                if open_shard is not None:
-                    open_shard[1].__exit__(None, None, None)
-                handle = safe_open(str(shard), framework="pt")
-                open_shard = (shard, handle.__enter__())
-            data = open_shard[1].get_tensor(hf_name).to(torch.float32).numpy()
-            if arch == "llama" and gname.endswith("attn_q.weight"):
-                data = _permute(data, heads)
-            elif arch == "llama" and gname.endswith("attn_k.weight"):
-                data = _permute(data, kv_heads)
-            if qtype == q.F32:
-                data = data.astype(np.float32)
-            elif qtype == q.F16:
-                data = data.astype(np.float16)
-            else:
-                data = gguf.quants.quantize(data, qtype)
-            writer.write_tensor_data(np.ascontiguousarray(data))
-            del data
+        # One shard open at a time; the plan lists tensors shard by shard.
+        for shard, group in itertools.groupby(plan, key=lambda item: item[1]):
+            with safe_open(str(shard), framework="pt") as f:
+                for gname, _, hf_name, _, qtype in group:
+                    data = f.get_tensor(hf_name).to(torch.float32).numpy()
+                    if arch == "llama" and gname.endswith("attn_q.weight"):
+                        data = _permute(data, heads)
+                    elif arch == "llama" and gname.endswith("attn_k.weight"):
+                        data = _permute(data, kv_heads)
+                    if qtype == q.F32:
+                        data = data.astype(np.float32)
+                    elif qtype == q.F16:
+                        data = data.astype(np.float16)
+                    else:
+                        data = gguf.quants.quantize(data, qtype)
+                    writer.write_tensor_data(np.ascontiguousarray(data))
+                    del data
     finally:
-        if open_shard is not None:
-            open_shard[1].__exit__(None, None, None)
         writer.close()
     tmp.replace(out)
     return {

@@ -188,7 +188,8 @@ def _agent_env(job: Job, job_id: str, env: Mapping[str, str] | None) -> dict[str
 
 def _disk_gb(job: Job) -> int:
     """The instance disk the job's exports need (the providers' default without any)."""
-    from ._estimate import EstimateError, model_shape
+    from ._exceptions import EstimateError
+    from ._shapes import model_shape
 
     try:
         ms = model_shape(job.spec.model)
