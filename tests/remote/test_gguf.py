@@ -111,17 +111,25 @@ def test_a_model_that_never_stops_fails_its_export_with_the_reason(
     assert not (work / "exports" / "merged").exists() and not list(work.rglob("*.gguf"))
 
 
+# Found at import: the autouse fixture clears LORABURST_* variables before each test.
+_TOOLS = llama_cpp.find()
+
+
 @pytest.mark.skipif(
-    llama_cpp.find() is None,
+    _TOOLS is None,
     reason=f"llama.cpp tools not found: set {llama_cpp.ENV_LLAMA_CPP} to a llama.cpp checkout "
     "built with `cmake -B build && cmake --build build --target llama-quantize llama-simple`, "
     "or let loraburst.remote.llama_cpp.install() fetch and build the pinned one",
 )
-def test_llama_cpp_generates_from_each_gguf_and_stops(tiny_model: Path, tmp_path: Path) -> None:
+def test_llama_cpp_generates_from_each_gguf_and_stops(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A model trained to answer (and end its turn) exported as q8_0 and q4_k_m: llama.cpp loads
     both files, answers, and stops at the end-of-generation token."""
     from loraburst import Job
 
+    assert _TOOLS is not None
+    monkeypatch.setenv(llama_cpp.ENV_LLAMA_CPP, str(_TOOLS.root))
     rows = [json.loads(line) for line in Path("examples/data/chat.jsonl").read_text().splitlines()][
         :12
     ]
