@@ -181,7 +181,10 @@ def _fetch_sdist(dest: Path) -> None:
                        "--no-binary", ":all:", LLAMA_CPP["sdist"], "-d", tmp], 1800)  # fmt: skip
         (archive,) = Path(tmp).glob("*.tar.gz")
         with tarfile.open(archive) as tar:
-            prefix = next(m.name for m in tar.getmembers() if m.name.endswith("/vendor/llama.cpp"))
+            # <project>/vendor/llama.cpp/... (files only; .git/modules/... holds a copy of
+            # the submodule's git data under a similar name, which is not the source).
+            found = (re.match(r"[^/]+/vendor/llama\.cpp/", m.name) for m in tar.getmembers())
+            prefix = next(m.group(0) for m in found if m)[:-1]
             members = [m for m in tar.getmembers() if m.name.startswith(prefix + "/")]
             for m in members:
                 if m.issym() or m.islnk() or ".." in Path(m.name).parts:
