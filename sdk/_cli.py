@@ -140,7 +140,8 @@ def _cmd_attach(args: argparse.Namespace) -> int:
 
     result = Job.attach(args.job)
     _out.print(f"{result.status}: adapter at {result.adapter_path} (${result.cost_usd:.4f})")
-    return 0
+    _print_exports(result.exports, result.hub)
+    return 0 if result.exports_ok else 1
 
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
