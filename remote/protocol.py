@@ -10,7 +10,8 @@ A run's work directory (``WORKDIR``) on the instance holds::
     checkpoints/        trainer checkpoints (checkpoint-<step>/)
     adapter/            the final (or partial) adapter
     metrics.json        final metrics
-    manifest.json       Manifest of adapter/ and metrics.json (sha256 per file)
+    exports/            merged weights, GGUF files and report.json (remote/export.py)
+    manifest.json       Manifest of adapter/, metrics.json and exports (sha256 per file)
     agent.log           the agent's stdout/stderr
 
 Standard library only: the agent runs before the trainer's dependencies are known to exist.
@@ -40,6 +41,7 @@ MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.json"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
+EXPORTS_DIR = "exports"  # merged weights, GGUF files and their checks (remote/export.py)
 BUNDLE_DIR = "bundle"
 LOG_FILE = "agent.log"
 
@@ -87,7 +89,7 @@ def missing_requirements() -> list[str]:
 
 
 # Phases in the order a healthy run walks through them.
-PHASES = ("preparing", "loading", "training", "saving", "done", "failed", "stopped")
+PHASES = ("preparing", "loading", "training", "saving", "exporting", "done", "failed", "stopped")
 TERMINAL_PHASES = frozenset({"done", "failed", "stopped"})
 
 
@@ -245,14 +247,16 @@ def safe_relpath(rel: str) -> bool:
 
 
 def parse_manifest(
-    text: str, covers: tuple[str, ...] = (ADAPTER_DIR, METRICS_FILE)
+    text: str,
+    covers: tuple[str, ...] = (ADAPTER_DIR, METRICS_FILE),
+    optional: tuple[str, ...] = (EXPORTS_DIR,),
 ) -> dict[str, Any]:
     """Check a manifest the instance wrote before anything is pulled against it.
 
     It must be a JSON object whose ``files`` maps at least one path to
     ``{"sha256": <64 hex>, "size": <bytes>}``; every path must be safe (``safe_relpath``) and lie
-    in ``covers`` (a listed file, or inside a listed folder), and every folder of ``covers``
-    must hold at least one file.
+    in ``covers`` or ``optional`` (a listed file, or inside a listed folder), and every folder
+    of ``covers`` must hold at least one file.
 
     Raises:
         ManifestError: saying which entry is wrong and why.
@@ -269,8 +273,9 @@ def parse_manifest(
     for rel, meta in files.items():
         if not safe_relpath(rel):
             raise ManifestError(f"manifest entry {rel!r} is not a plain relative path")
-        if not any(rel == c or rel.startswith(c + "/") for c in covers):
-            raise ManifestError(f"manifest entry {rel!r} is outside {', '.join(covers)}")
+        if not any(rel == c or rel.startswith(c + "/") for c in (*covers, *optional)):
+            allowed = ", ".join((*covers, *optional))
+            raise ManifestError(f"manifest entry {rel!r} is outside {allowed}")
         digest = meta.get("sha256") if isinstance(meta, dict) else None
         size = meta.get("size") if isinstance(meta, dict) else None
         if not (isinstance(digest, str) and len(digest) == 64 and _is_hex(digest)):
@@ -462,6 +467,12 @@ class JobSpecData:
     name: str | None = None
     model_revision: str | None = None
     artifacts: str | None = None
+    # What to ship (remote/export.py reads these as given).
+    exports: list[Any] = dataclasses.field(default_factory=lambda: [{"kind": "adapter"}])
+    hub: dict[str, Any] | None = None
+    # Written by the bundler, not the user: names for exports and the model card.
+    base_model: str | None = None
+    dataset_name: str | None = None
 
     @property
     def quantized(self) -> bool:

@@ -65,9 +65,15 @@ from ._exceptions import (
 from ._exceptions import (
     TransportError as TransportError,
 )
+from ._export import ExportResult as ExportResult
+from ._export import ExportRun as ExportRun
+from ._export import export as export
 from ._job import Job as Job
 from ._result import Attempt as Attempt
 from ._result import JobResult as JobResult
+from ._spec import (
+    HubConfig as HubConfig,
+)
 from ._spec import (
     JobSpec as JobSpec,
 )
@@ -97,7 +103,10 @@ __all__ = [
     "Estimate",
     "EstimateError",
     "EstimateRow",
+    "ExportResult",
+    "ExportRun",
     "HostKeyMismatchError",
+    "HubConfig",
     "InstanceLostError",
     "Job",
     "JobCancelledError",
@@ -114,4 +123,5 @@ __all__ = [
     "TrainConfig",
     "TransportError",
     "__version__",
+    "export",
 ]

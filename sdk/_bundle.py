@@ -56,6 +56,9 @@ def _bundle_spec(spec: JobSpec, train: PreparedDataset, eval_ds: PreparedDataset
         data["eval_dataset"] = eval_ds.hub_id if eval_ds.kind == "hub" else "data/eval.jsonl"
     if local_model_dir(spec.model) is not None:
         data["model"] = "model"
+        data["base_model"] = Path(spec.model).name  # names exports and the model card
+    if isinstance(spec.dataset, str) and train.kind != "hub":
+        data["dataset_name"] = Path(spec.dataset).name  # for the model card
     # output_dir is a client-side path; it has no meaning on the instance.
     data["output_dir"] = "adapter"
     doc = {

@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -19,6 +20,9 @@ from rich.table import Table
 from rich.text import Text
 
 from ._exceptions import ConfigError, LoraburstError, TeardownError
+
+if TYPE_CHECKING:
+    from ._export import ExportResult
 
 __all__ = ["main"]
 
@@ -53,7 +57,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"(job {result.job_id}, {result.provider} {result.gpu}, ${result.cost_usd:.4f})",
         markup=False,
     )
-    return 0
+    _print_exports(result.exports, result.hub)
+    return 0 if result.exports_ok else 1
+
+
+def _print_exports(exports: Sequence[ExportResult], hub: dict[str, Any] | None) -> None:
+    for e in exports:
+        _out.print(("[green]" if e.ok else "[red]") + e.describe() + "[/]", highlight=False)
+        for c in e.checks:
+            verdict = "measured" if c["ok"] is None else ("ok" if c["ok"] else "FAILED")
+            _out.print(f"    {c['name']}: {verdict}: {c['detail']}", highlight=False, markup=False)
+    if hub is not None:
+        where = hub.get("url") or hub.get("repo")
+        state = (
+            f"pushed to {where} ({hub.get('commit')})"
+            if hub.get("ok")
+            else f"FAILED: {hub.get('error')}"
+        )
+        _out.print(f"hub: {state}", highlight=False, markup=False)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ._export import export
+
+    hub = {"repo": args.hub_repo, "private": not args.public} if args.hub_repo else None
+    run = export(
+        args.source,
+        args.to,
+        model=args.model,
+        prompt=args.prompt,
+        hub=hub,
+        output_dir=args.output_dir,
+    )
+    _out.print(f"exports in {run.folder / 'exports'}", highlight=False)
+    _print_exports(run.results, run.hub)
+    return 0 if run.ok else 1
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
@@ -127,7 +165,8 @@ def _cmd_attach(args: argparse.Namespace) -> int:
         f"{result.status}: adapter at {result.adapter_path} (${result.cost_usd:.4f})",
         markup=False,
     )
-    return 0
+    _print_exports(result.exports, result.hub)
+    return 0 if result.exports_ok else 1
 
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
@@ -176,6 +215,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prefer", choices=["cheapest", "fastest"], default="cheapest")
     s.add_argument("--no-cache", action="store_true")
     s.set_defaults(fn=_cmd_run)
+    s = sub.add_parser(
+        "export", help="merge / GGUF / push a finished job's adapter (or an adapter folder)"
+    )
+    s.add_argument("source", help="a job id (`loraburst ls`) or an adapter folder")
+    s.add_argument(
+        "--to",
+        action="append",
+        required=True,
+        help="merged[:dtype] or gguf:<f16|bf16|q8_0|q4_k_m|q5_k_m|...>; repeat for several",
+    )
+    s.add_argument("--model", default=None, help="the base model (default: the job's)")
+    s.add_argument("--prompt", default=None, help="the user turn the checks generate from")
+    s.add_argument("--hub-repo", default=None, help="push the verified exports to user/name")
+    s.add_argument("--public", action="store_true", help="create the hub repo public")
+    s.add_argument("--output-dir", type=Path, default=None, help="default: beside the adapter")
+    s.set_defaults(fn=_cmd_export)
     s = sub.add_parser("estimate", help="time, peak VRAM and dollars on every GPU")
     s.add_argument("job", type=Path)
     s.add_argument("--gpu", action="append", default=[])

@@ -26,6 +26,7 @@ from loraburst.remote.memory import Coefficients, choose_settings, peak_vram, st
 
 from . import _billing as billing
 from ._exceptions import EstimateError
+from ._export import export_cost
 from ._gpus import CATALOG, SNAPSHOT, GPUSpec, billing_increment_s, resolve_gpu, setup_model
 from ._shapes import ModelShape, model_shape
 from ._spec import JobSpec
@@ -67,6 +68,8 @@ class EstimateRow:
     note: str
     steps: int = 0
     available: bool = True
+    export_s: float = 0.0  # merged/GGUF exports and their checks (in total_s and the cost)
+    disk_gb: int = 50  # instance disk the job needs (base, adapter, exports)
 
     @property
     def feasible(self) -> bool:
@@ -335,6 +338,9 @@ def estimate(
         )
     if tokens <= 0:
         notes.append("token count unknown: rows taken as half of max_seq_len")
+    export_note = export_cost(spec.exports, ms.params, ms.download_bytes).note
+    if export_note:
+        notes.append(export_note + "; included in time and cost")
     if skipped:
         notes.append("skipped: " + "; ".join(skipped))
     steps = best.steps if best else 0
@@ -391,7 +397,8 @@ def _row(
     setup = setup_model(s.provider)
     download = 0.0 if ms.source.endswith("config.json") and s.provider == "local" else 1.0
     setup_s = setup.seconds(ms.download_bytes * download)
-    total_s = train_s + setup_s
+    exports = export_cost(spec.exports, ms.params, ms.download_bytes)  # exports hook
+    total_s = train_s + setup_s + exports.seconds
     notes = []
     if not pick["fits"]:
         notes.append(
@@ -414,8 +421,10 @@ def _row(
     err_tok = 0.0 if exact or spec.train.max_steps else TOKEN_GUESS_ERROR
     if wl.tokens_unknown:
         err_tok = 0.5
-    low_s = train_s * (1 - err_speed) * (1 - err_tok) + setup_s * SETUP_RANGE[0]
-    high_s = train_s * (1 + err_speed) * (1 + err_tok) + setup_s * SETUP_RANGE[1]
+    low_s = train_s * (1 - err_speed) * (1 - err_tok) + (setup_s + exports.seconds) * SETUP_RANGE[0]
+    high_s = (
+        train_s * (1 + err_speed) * (1 + err_tok) + (setup_s + exports.seconds) * SETUP_RANGE[1]
+    )
 
     def cost(seconds: float) -> float:
         return round(billing.billed_cost(s.price, seconds, s.increment), 4)
@@ -442,6 +451,8 @@ def _row(
         note="; ".join(notes),
         steps=steps,
         available=s.available,
+        export_s=exports.seconds,
+        disk_gb=exports.disk_gb,
     )
 
 

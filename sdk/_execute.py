@@ -37,6 +37,7 @@ from ._exceptions import (
     ProviderError,
     TransportError,
 )
+from ._export import export_cost, read_results
 from ._home import home, runs_dir
 from ._ledger import JobRow, Ledger
 from ._lifecycle.attempt import Attempt
@@ -107,6 +108,7 @@ def execute(
         hit = ledger.find_cached(cache_key)
         if hit is not None and hit.adapter_path and Path(hit.adapter_path).is_dir():
             view.message(f"cache hit: job {hit.id} trained this exact job; reusing its adapter")
+            exports, hub = read_results(Path(hit.adapter_path).parent)
             return JobResult(
                 job_id=hit.id,
                 status="cached",
@@ -116,6 +118,8 @@ def execute(
                 gpu=hit.gpu,
                 cost_usd=0.0,
                 durations={"total": time.time() - t_start},
+                exports=exports,
+                hub=hub,
             )
 
     candidates = plan(
@@ -153,7 +157,7 @@ def execute(
         f"job {job_id}: bundle {bundle.sha256[:12]} ({bundle.size / 1e6:.1f} MB), "
         f"{train.stats.describe()}"
     )
-    env = _agent_env(job.spec.artifacts, job_id, env)
+    env = _agent_env(job.spec.artifacts, job_id, env, hub=job.spec.hub is not None)
     with view, _sigterm_as_interrupt():
         return _guarded(
             job_id,
@@ -170,6 +174,7 @@ def execute(
                 env=env,
                 durations=durations,
                 t_start=t_start,
+                disk_gb=_disk_gb(job.spec.model, job.spec.exports),
             ),
         )
 
@@ -198,16 +203,33 @@ _AWS_ENV = (
 )
 
 
-def _agent_env(artifacts: str | None, job_id: str, env: Mapping[str, str] | None) -> dict[str, str]:
+def _agent_env(
+    artifacts: str | None, job_id: str, env: Mapping[str, str] | None, *, hub: bool = False
+) -> dict[str, str]:
     """The agent's environment: the caller's, plus S3 checkpointing under ``<artifacts>/<job>``
-    with the client's AWS credentials when ``artifacts=`` is set."""
+    with the client's AWS credentials when ``artifacts=`` is set, and ``HF_TOKEN`` for a hub
+    push (over SSH only, like every value here)."""
     out = dict(env or {})
+    if hub and "HF_TOKEN" in os.environ:
+        out.setdefault("HF_TOKEN", os.environ["HF_TOKEN"])  # for the push, over SSH only
     if artifacts:
         out.setdefault(ENV_ARTIFACTS, f"{artifacts.rstrip('/')}/{job_id}")
         for key in _AWS_ENV:
             if key in os.environ:
                 out.setdefault(key, os.environ[key])
     return out
+
+
+def _disk_gb(model: str, exports: list[Any]) -> int:
+    """The instance disk the job's exports need (the providers' default without any)."""
+    from ._exceptions import EstimateError
+    from ._shapes import model_shape
+
+    try:
+        ms = model_shape(model)
+    except EstimateError:
+        return 50 if exports == [{"kind": "adapter"}] else 200
+    return export_cost(exports, ms.params, ms.download_bytes).disk_gb
 
 
 def _run_chain(
@@ -224,6 +246,7 @@ def _run_chain(
     durations: dict[str, float],
     t_start: float,
     spent: float = 0.0,
+    disk_gb: int = 50,
 ) -> JobResult:
     attempts: list[AttemptRow] = []
     resume_dir = runs_dir() / job_id / CHECKPOINT_DIR
@@ -241,6 +264,7 @@ def _run_chain(
             max_cost=max_cost,
             max_runtime=max_runtime,
             env=env,
+            disk_gb=disk_gb,
         )
         label = f"{cand.provider.name} {cand.offer.gpu}"
         ledger.update_job(job_id, status="running", provider=cand.provider.name, gpu=cand.offer.gpu)
@@ -317,6 +341,9 @@ def _run_chain(
             error=None,
         )
         view.message(f"adapter: {adapter} ({status}, ${spent:.4f})")
+        exports, hub = read_results(adapter.parent)  # exports hook: made and checked remotely
+        for e in exports:
+            view.message(e.describe())
         if run.stop_requested == "user":
             raise JobCancelledError(
                 f"job {job_id} was cancelled; its partial adapter is at "
@@ -333,6 +360,8 @@ def _run_chain(
             cost_usd=spent,
             durations=durations,
             attempts=tuple(attempts),
+            exports=exports,
+            hub=hub,
         )
     ledger.update_job(job_id, status="failed")
     raise PlacementError(
@@ -467,6 +496,7 @@ def attach(
         cost_usd=cost,
         error=None,
     )
+    exports, hub = read_results(adapter.parent)
     return JobResult(
         job_id=job_id,
         status=status,
@@ -476,6 +506,8 @@ def attach(
         gpu=inst.gpu,
         cost_usd=cost,
         durations={"total": time.time() - t0},
+        exports=exports,
+        hub=hub,
     )
 
 
@@ -565,9 +597,10 @@ def _resume(
                 Path(spec.get("output_dir", "outputs")).expanduser(),
                 max_cost=spec.get("max_cost"),
                 max_runtime=spec.get("max_runtime"),
-                env=_agent_env(spec.get("artifacts"), job_id, None),
+                env=_agent_env(spec.get("artifacts"), job_id, None, hub=bool(spec.get("hub"))),
                 durations={},
                 t_start=time.time(),
                 spent=row.cost_usd,
+                disk_gb=_disk_gb(str(spec.get("model", "")), spec.get("exports") or []),
             ),
         )

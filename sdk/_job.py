@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from ._dataset import PreparedDataset, prepare_dataset
 from ._exceptions import ConfigError
-from ._spec import JobSpec, LoraConfig, QuantConfig, TrainConfig, spec_error
+from ._spec import HubConfig, JobSpec, LoraConfig, QuantConfig, TrainConfig, spec_error
 
 if TYPE_CHECKING:
     from loraburst.providers import Provider
@@ -45,6 +45,11 @@ class Job:
         output_dir: where the verified adapter lands (``<output_dir>/<job id>/adapter``).
         max_cost: dollar cap; refused before launch when the estimate could exceed it, and
             enforced at runtime (the partial adapter comes back with ``budget_exhausted``).
+        exports: what to ship besides the adapter, made and checked on the instance before
+            teardown: ``["merged", "gguf:q4_k_m"]`` (see ``JobSpec.exports``); results in
+            ``JobResult.exports``.
+        hub: ``{"repo": "user/name", "private": True}``: push the verified exports there with a
+            model card (token from ``HF_TOKEN``).
 
     Raises:
         ConfigError: any invalid field, naming it and how to fix it.
@@ -66,6 +71,8 @@ class Job:
         name: str | None = None,
         artifacts: str | None = None,
         model_revision: str | None = None,
+        exports: Sequence[Any] | None = None,
+        hub: HubConfig | Mapping[str, Any] | None = None,
     ) -> None:
         raw: dict[str, Any] = {
             "model": str(model),
@@ -79,7 +86,9 @@ class Job:
             "artifacts": artifacts,
             "model_revision": model_revision,
         }
-        for key, section in (("lora", lora), ("train", train), ("quant", quant)):
+        if exports is not None:
+            raw["exports"] = exports if isinstance(exports, str) else list(exports)
+        for key, section in (("lora", lora), ("train", train), ("quant", quant), ("hub", hub)):
             if section is not None:
                 raw[key] = section.model_dump() if hasattr(section, "model_dump") else dict(section)
         self.spec = self._validate(raw)

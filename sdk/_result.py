@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from ._export import ExportResult
 
 __all__ = ["Attempt", "JobResult", "JobStatus"]
 
@@ -31,6 +34,9 @@ class JobResult:
         adapter_path: the verified adapter folder (loadable with ``PeftModel.from_pretrained``).
         cost_usd: what the providers billed (price x billed time, setup included).
         durations: seconds spent per phase (bundle, provision, train, pull, teardown, total).
+        exports: each export of the spec (merged, GGUF), made and checked before teardown;
+            a failed one says why while the adapter and the others still come back.
+        hub: the hub push's outcome (repo, url, commit, ok, error) when the spec asks for one.
     """
 
     job_id: str
@@ -42,7 +48,26 @@ class JobResult:
     cost_usd: float
     durations: dict[str, float]
     attempts: tuple[Attempt, ...] = ()
+    exports: tuple[ExportResult, ...] = ()
+    hub: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
+        """The adapter came back (succeeded or cached); exports are judged by ``exports_ok``."""
         return self.status in ("succeeded", "cached")
+
+    @property
+    def exports_ok(self) -> bool:
+        """Every export (and the hub push, when asked) was made and passed its checks."""
+        return all(e.ok for e in self.exports) and (self.hub is None or bool(self.hub.get("ok")))
+
+    def export(self, name: str) -> ExportResult:
+        """The result of one export by name (``"merged"``, ``"gguf:q4_k_m"``).
+
+        Raises:
+            KeyError: the job had no such export (the message lists the ones it had).
+        """
+        for e in self.exports:
+            if e.name == name:
+                return e
+        raise KeyError(f"no export {name!r}; this job has {[e.name for e in self.exports]}")

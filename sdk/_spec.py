@@ -24,7 +24,7 @@ from pydantic import (
 
 from ._exceptions import ConfigError
 
-__all__ = ["JobSpec", "LoraConfig", "QuantConfig", "TrainConfig", "spec_error"]
+__all__ = ["HubConfig", "JobSpec", "LoraConfig", "QuantConfig", "TrainConfig", "spec_error"]
 
 # Upper bounds far beyond any real job, low enough that the estimator's and the trainer's
 # arithmetic stays exact (a float of 1e300 epochs or steps turns into nonsense or overflows).
@@ -139,6 +139,16 @@ class QuantConfig(_Strict):
     )
 
 
+class HubConfig(_Strict):
+    """Where the verified exports are pushed (token from ``HF_TOKEN``, never in the spec)."""
+
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description='"user/name" of a model repo.')
+    private: bool = Field(True, description="Create the repo private (an existing one is kept).")
+    revision: str | None = Field(None, description="Branch to commit to (default: main).")
+    commit_message: str | None = None
+    endpoint: str | None = Field(None, description="Another hub's URL (default: HF_ENDPOINT).")
+
+
 class JobSpec(_Strict):
     """Everything that defines a fine-tuning job; serialised into the bundle as spec.json."""
 
@@ -161,6 +171,23 @@ class JobSpec(_Strict):
     name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")
     model_revision: str | None = None
     artifacts: str | None = Field(None, description="s3://bucket/prefix for checkpoints.")
+    # -- exports (sdk/_export.py, remote/export.py) ----------------------------------------
+    exports: list[Any] = Field(
+        default_factory=lambda: [{"kind": "adapter"}],
+        description='What to ship, made and verified before teardown: "adapter", "merged" '
+        '(or "merged:bf16", {merged: {dtype, base: original|dequantized}}), "gguf:<quant>" '
+        "(f16, bf16, q8_0, q4_k_m, q5_k_m, ...).",
+    )
+    hub: HubConfig | None = Field(None, description="Push the verified exports to this repo.")
+
+    @field_validator("exports", mode="before")
+    @classmethod
+    def _exports(cls, value: Any) -> Any:
+        from loraburst.remote.export import parse_exports
+
+        if not isinstance(value, list):
+            raise ValueError('must be a list such as ["adapter", "merged", "gguf:q4_k_m"]')
+        return parse_exports(value)
 
     @property
     def quantized(self) -> bool:
@@ -168,7 +195,13 @@ class JobSpec(_Strict):
         return self.method != "lora" and self.quant.bits in (4, 8)
 
 
-_SECTION = {"LoraConfig": "lora.", "TrainConfig": "train.", "QuantConfig": "quant.", "JobSpec": ""}
+_SECTION = {
+    "LoraConfig": "lora.",
+    "TrainConfig": "train.",
+    "QuantConfig": "quant.",
+    "HubConfig": "hub.",
+    "JobSpec": "",
+}
 
 
 def spec_error(exc: ValidationError, source: str | Path | None = None) -> ConfigError:

@@ -8,11 +8,14 @@ model       NF4/FP4/int8 base (bitsandbytes) or bf16/fp32, wrapped in LoRA/DoRA 
 settings    micro-batch, recompute and dequant cache planned on the loaded model (CUDA)
 train       Trainer over our batches; checkpoint every save_every_steps, resume from the
             newest; progress reported from a thread
-save        adapter/, metrics.json, then manifest.json (its presence means complete)
+save        adapter/, metrics.json
+export      merged weights, GGUF, hub push, each checked (remote/export.py)
+seal        manifest.json last (its presence means complete)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,10 +125,23 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     metrics = _metrics(spec, trainer, output, stats, chosen, resume, stopped, tokens_before)
     if eval_loader is not None and stopped is None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    outputs.save_outputs(workdir, model, tokenizer, metrics, upload)
+    outputs.save_adapter(workdir, model, tokenizer, metrics)
+    steps = trainer.state.global_step
+
+    # -- export: merged weights, GGUF, the hub, each checked, before the manifest, so they
+    # are pulled and verified with the adapter while the instance is still up. Training's
+    # model and optimizer are let go first: exports load their own.
+    exported: list[str] = []
+    if stopped is None:
+        from .. import export
+
+        del trainer, model, callback
+        outputs.free_memory()
+        exported = export.run(workdir, dataclasses.asdict(bundle), path, reporter)
+    outputs.seal(workdir, upload, exported)
     phase = "stopped" if stopped else "done"
-    reporter.update(phase=phase, stop_reason=stopped, step=trainer.state.global_step, eta_s=0.0)
-    reporter.event(phase, steps=trainer.state.global_step, final_loss=metrics["final_loss"])
+    reporter.update(phase=phase, stop_reason=stopped, step=steps, eta_s=0.0)
+    reporter.event(phase, steps=steps, final_loss=metrics["final_loss"])
 
 
 def _public(plan: dict[str, Any]) -> dict[str, Any]:

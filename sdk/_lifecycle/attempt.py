@@ -69,6 +69,7 @@ class Attempt(Provisioning, AgentSession, PullBack):
         max_cost: float | None = None,
         max_runtime: float | None = None,
         env: Mapping[str, str] | None = None,
+        disk_gb: int = 50,
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
@@ -81,6 +82,7 @@ class Attempt(Provisioning, AgentSession, PullBack):
         self.max_cost = max_cost
         self.max_runtime = max_runtime
         self.extra_env = dict(env or {})
+        self.disk_gb = disk_gb  # the instance's disk: base, adapter and every export
         self.machine: Machine | None = None
         self.host: Host | None = None
         self.key_path: Path | None = None

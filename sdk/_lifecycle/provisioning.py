@@ -51,6 +51,7 @@ class Provisioning:
     teardown_timeout_s: float
     _api_trouble_since: float | None
     provider_id: str | None
+    disk_gb: int
     local_dir: Path
 
     if TYPE_CHECKING:  # provided by the other parts of Attempt
@@ -77,7 +78,9 @@ class Provisioning:
             from loraburst.providers import _keys  # lazy: paramiko is only needed for SSH
 
             self.key_path, public_key = _keys.generate_key(self.tag)
-        request = LaunchRequest(tag=self.tag, offer=self.offer, public_key=public_key)
+        request = LaunchRequest(
+            tag=self.tag, offer=self.offer, public_key=public_key, disk_gb=self.disk_gb
+        )
         # User env (credentials for artifacts=, a Lambda key for the watchdog) is not sent to
         # the provider's API, where it would be stored with the instance: it travels only
         # over SSH when the agent starts.

@@ -148,6 +148,9 @@ class PullBack:
                     pulled.mkdir(parents=True)
                 host.fetch_tree(ADAPTER_DIR, pulled / ADAPTER_DIR)
                 host.fetch_tree(METRICS_FILE, pulled / METRICS_FILE)
+                # Every other root the manifest lists (exports/) comes back too, verified alike.
+                for rel in _extra_roots(manifest):
+                    host.fetch_tree(rel, pulled / rel)
                 unlisted = unlisted_files(pulled, manifest)
                 if unlisted:
                     raise ArtifactError(
@@ -248,6 +251,12 @@ class PullBack:
             job_id=self.job_id,
             provider=self.provider.name,
         )
+
+
+def _extra_roots(manifest: dict[str, Any]) -> list[str]:
+    """Top-level folders or files of the manifest beyond the adapter and metrics."""
+    roots = {rel.split("/", 1)[0] for rel in manifest["files"]}
+    return sorted(roots - {ADAPTER_DIR, METRICS_FILE})
 
 
 # metrics.json is a few KB of numbers; anything near this is not ours.

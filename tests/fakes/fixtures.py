@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from .hub import HubFake
 from .lambdalabs import LambdaFake
 from .runpod import RunPodFake
 from .sshd import SSHD
@@ -141,3 +142,14 @@ def s3_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     boto3.client("s3").create_bucket(Bucket="ckpts")
     yield "s3://ckpts/jobs/j1"
     server.stop()
+
+
+@pytest.fixture
+def hub_fake() -> Iterator[HubFake]:
+    """The Hugging Face Hub emulator on 127.0.0.1 with a fresh random token."""
+    fake = HubFake(token="hf_" + secrets.token_hex(16))
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
