@@ -455,7 +455,7 @@ class JobSpecData:
     """``spec`` of spec.json: the job as the agent runs it (paths rewritten for the bundle)."""
 
     model: str
-    dataset: str
+    dataset: str = ""  # none for `loraburst export`, which trains nothing
     eval_dataset: str | None = None
     method: str = "qlora"
     lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)
@@ -473,6 +473,7 @@ class JobSpecData:
     # Written by the bundler, not the user: names for exports and the model card.
     base_model: str | None = None
     dataset_name: str | None = None
+    export_prompt: str | None = None  # `loraburst export --prompt`: the checks' prompt
 
     @property
     def quantized(self) -> bool:
