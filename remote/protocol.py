@@ -61,8 +61,10 @@ TRAINER_REQUIREMENTS = (
 )
 
 
-def missing_requirements() -> list[str]:
-    """Names of :data:`TRAINER_REQUIREMENTS` this interpreter lacks or has below the floor.
+def missing_requirements(requirements: tuple[str, ...] | None = None) -> list[str]:
+    """Names of ``requirements`` (default :data:`TRAINER_REQUIREMENTS`, the torch recipe's;
+    ``backends.requirements("mlx")`` for the MLX one) this interpreter lacks or has below the
+    floor.
 
     Looked up in package metadata, never imported: fast, and safe before anything is known.
     """
@@ -74,13 +76,14 @@ def missing_requirements() -> list[str]:
         return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
 
     missing = []
-    for requirement in TRAINER_REQUIREMENTS:
+    for requirement in TRAINER_REQUIREMENTS if requirements is None else requirements:
         name, _, floor = requirement.partition(">=")
         try:
             ok = nums(importlib.metadata.version(name)) >= nums(floor)
         except importlib.metadata.PackageNotFoundError:
             ok = False
-        if not ok or importlib.util.find_spec(name) is None:
+        # A distribution's module is its name with "_" for "-" (mlx-lm -> mlx_lm).
+        if not ok or importlib.util.find_spec(name.replace("-", "_")) is None:
             missing.append(name)
     return missing
 

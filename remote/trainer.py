@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from . import artifacts
 from ._data import encode_rows, ensure_chat_template, read_jsonl
 from .attention import register as register_attention
+from .backends import resolve_backend
 from .batching import BatchPlan, choose_packing, epoch_batches, plan_batches
 from .collate import EXTRA_KEYS, collate
 from .protocol import (
@@ -666,6 +667,12 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
         reporter = Reporter(workdir)
     doc = json.loads((workdir / BUNDLE_DIR / "spec.json").read_text())
     spec = doc["spec"]
+    # -- train.backend: MLX has its own recipe (remote/mlx_trainer.py); "auto" picks it on
+    # Apple Silicon. Everything below is the torch recipe.
+    if resolve_backend(spec["train"].get("backend")) == "mlx":
+        from .mlx_trainer import run as run_mlx
+
+        return run_mlx(workdir, reporter)
     model_path = _model_path(workdir, spec, doc)  # before the heavy imports: fail in a second
     upload = os.environ.get(ENV_ARTIFACTS) or spec.get("artifacts")
     reporter.update(phase="loading")
