@@ -11,6 +11,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
+from loraburst.remote.backends import mlx_refusals
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ._exceptions import ConfigError
@@ -88,6 +89,12 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     optim: str = Field("adamw_torch", description="transformers optimizer name.")
+    backend: Literal["auto", "torch", "mlx"] = Field(
+        "auto",
+        description='The trainer: "torch" (transformers + peft + bitsandbytes), "mlx" (Apple\'s '
+        'MLX + mlx-lm; pip install "loraburst[mlx]"), or "auto": MLX on Apple Silicon, torch '
+        "elsewhere (resolved on the machine that trains).",
+    )
 
 
 class QuantConfig(_Strict):
@@ -118,6 +125,18 @@ class JobSpec(_Strict):
     model_revision: str | None = None
     artifacts: str | None = Field(None, description="s3://bucket/prefix for checkpoints.")
 
+    @model_validator(mode="after")
+    def _mlx_can_train(self) -> JobSpec:
+        # train.backend: mlx is known now, before anything runs: refuse what MLX cannot do
+        # (an "auto" job is checked once its machine is known; see _execute.py).
+        if self.train.backend == "mlx":
+            refusals = mlx_refusals(self.model_dump(mode="json"))
+            if refusals:
+                raise ValueError(
+                    "train.backend: mlx cannot train this job:\n    " + "\n    ".join(refusals)
+                )
+        return self
+
     @property
     def quantized(self) -> bool:
         """Whether base weights are loaded quantised (QLoRA / QDoRA)."""
@@ -134,5 +153,7 @@ def spec_error(exc: ValidationError, source: str | Path | None = None) -> Config
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}{loc}: {msg}" if "unknown key" not in msg else f"{where}{msg}")
+        # Unknown keys and whole-spec checks name their fields in the message itself.
+        named = "unknown key" in msg or not err["loc"]
+        lines.append(f"{where}{msg}" if named else f"{where}{loc}: {msg}")
     return ConfigError("invalid job spec:\n  " + "\n  ".join(lines), source=str(source))
