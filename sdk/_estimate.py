@@ -39,6 +39,10 @@ SAVE_S = 2.0  # seconds per adapter checkpoint save
 TOKEN_GUESS_ERROR = 0.25  # chars-per-token estimates are this far off, either way
 SETUP_RANGE = (0.6, 2.0)  # setup overhead: low and high multipliers
 OTHER_GPU_ERROR = 0.15  # added speed uncertainty on GPUs other than the calibration one
+# Added on Apple Silicon rows (the MLX backend): their speed is derived from public mlx-lm
+# numbers (see _gpus.py), not measured on a Mac: chip peaks +-15%, and how much of its GEMM rate
+# MLX's training step keeps (taken as our H200 trainer's share) +-25%.
+MLX_ERROR = 0.35
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,8 @@ class EstimateRow:
     note: str
     steps: int = 0
     available: bool = True
+    total_low_s: float = 0.0  # the stated range of total_s (what cost_low/high_usd bill)
+    total_high_s: float = 0.0
 
     @property
     def feasible(self) -> bool:
@@ -112,6 +118,7 @@ class Estimate:
             "tok/s",
             "train",
             "setup",
+            "total (range)",
             "$/hr",
             "cost (range)",
             "note",
@@ -130,6 +137,9 @@ class Estimate:
                     f"{r.tokens_per_s:,.0f}" if r.fits else "-",
                     _dur(r.train_s) if r.fits else "-",
                     _dur(r.setup_s),
+                    f"{_dur(r.total_s)} ({_dur(r.total_low_s)}-{_dur(r.total_high_s)})"
+                    if r.fits
+                    else "-",
                     f"{r.price_per_hour:.2f}",
                     cost if r.fits else "-",
                     r.note,
@@ -383,7 +393,8 @@ def _row(
     steps = _steps(spec, wl, mb)
     saves = steps // spec.train.save_every_steps if spec.train.save_every_steps else 0
     train_s = steps * spec.train.grad_accum * timing["total"] + saves * SAVE_S
-    setup = setup_model(s.provider)
+    # A Mac trains on the Mac itself: no instance to boot, whatever the row's provider says.
+    setup = setup_model("local" if s.gpu.apple else s.provider)
     download = 0.0 if ms.source.endswith("config.json") and s.provider == "local" else 1.0
     setup_s = setup.seconds(ms.download_bytes * download)
     total_s = train_s + setup_s
@@ -406,6 +417,9 @@ def _row(
     err_speed = float(load_calibration().get("accuracy", {}).get("max_rel_error_tokens_per_s", 0.2))
     if s.gpu.name != "H200":
         err_speed += OTHER_GPU_ERROR
+    if s.gpu.apple:
+        err_speed += MLX_ERROR
+        notes.append("MLX (Apple Silicon): speed derived from public mlx-lm numbers")
     err_tok = 0.0 if exact or spec.train.max_steps else TOKEN_GUESS_ERROR
     if wl.tokens_unknown:
         err_tok = 0.5
@@ -438,6 +452,8 @@ def _row(
         note="; ".join(notes),
         steps=steps,
         available=s.available,
+        total_low_s=round(low_s, 1),
+        total_high_s=round(high_s, 1),
     )
 
 
