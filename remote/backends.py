@@ -15,9 +15,12 @@ Standard library only: the client, the agent's ``--check`` and both recipes impo
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Mapping
 from typing import Any
+
+from .protocol import ENV_BACKEND
 
 __all__ = [
     "BACKENDS",
@@ -59,6 +62,8 @@ def resolve_backend(requested: str | None, *, apple_silicon: bool | None = None)
         requested: ``"auto"`` (or None, a spec from before the key existed), ``"torch"`` or
             ``"mlx"``.
         apple_silicon: override the platform check (the client resolving for another machine).
+            Without it, ``LORABURST_BACKEND`` (set by the client when it already resolved
+            "auto" for this machine) comes first.
 
     Raises:
         ValueError: an unknown backend name.
@@ -68,6 +73,9 @@ def resolve_backend(requested: str | None, *, apple_silicon: bool | None = None)
         raise ValueError(f"train.backend={name!r}: use one of {', '.join(BACKENDS)}")
     if name != "auto":
         return name
+    chosen = os.environ.get(ENV_BACKEND) if apple_silicon is None else None
+    if chosen in ("torch", "mlx"):
+        return chosen  # the client resolved "auto" for this machine (see protocol.ENV_BACKEND)
     apple = is_apple_silicon() if apple_silicon is None else apple_silicon
     return "mlx" if apple else "torch"
 
@@ -121,6 +129,6 @@ def mlx_refusals(spec: Mapping[str, Any]) -> list[str]:
 
 def requirements(backend: str) -> tuple[str, ...]:
     """The packages a backend's recipe needs on the training machine (``name>=floor``)."""
-    from .protocol import TRAINER_REQUIREMENTS
+    from . import protocol  # read at call time: tests swap the list
 
-    return MLX_REQUIREMENTS if backend == "mlx" else TRAINER_REQUIREMENTS
+    return MLX_REQUIREMENTS if backend == "mlx" else protocol.TRAINER_REQUIREMENTS

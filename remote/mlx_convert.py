@@ -19,7 +19,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -100,7 +100,7 @@ def mlx_to_peft(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = {
+    config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
@@ -141,7 +141,7 @@ def peft_to_mlx(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / ADAPTER_CONFIG
     try:
-        config = json.loads(config_path.read_text())
+        config: dict[str, Any] = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise AdapterFormatError(f"{config_path}: cannot read the adapter config ({exc})") from exc
     unsupported = {
@@ -166,7 +166,7 @@ def peft_to_mlx(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     r = int(config["r"])
     alpha = float(config.get("lora_alpha", r))
     scale = scale_of(r, alpha, rslora=bool(config.get("use_rslora")))
-    raw = mx.load(str(adapter_dir / ADAPTER_WEIGHTS))
+    raw = cast(dict[str, Any], mx.load(str(adapter_dir / ADAPTER_WEIGHTS)))
     weights: dict[str, Any] = {}
     back = {v: k for k, v in _MLX_LEAVES.items()}
     for key, value in raw.items():

@@ -27,7 +27,7 @@ import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import artifacts
 from .backends import mlx_refusals
@@ -232,7 +232,7 @@ def _lr_at(train: Mapping[str, Any], step: int, total: int) -> float:
     (0-based), with ``warmup_ratio`` of ``total`` steps of linear warm-up."""
     peak = float(train["learning_rate"])
     kind = train["lr_scheduler"]
-    warmup = math.ceil(train["warmup_ratio"] * total)
+    warmup = int(math.ceil(float(train["warmup_ratio"]) * total))
     if kind == "constant":
         return peak
     if step < warmup:
@@ -365,9 +365,11 @@ def _load_checkpoint(path: Path, model: Any, optimizer: Any) -> dict[str, Any]:
             f"{path} was written by the torch backend and cannot resume with MLX; set "
             "train.backend: torch to resume it, or remove the checkpoints to start over"
         )
-    model.load_weights(list(mx.load(str(path / "adapters.safetensors")).items()), strict=False)
+    adapters = cast(dict[str, Any], mx.load(str(path / "adapters.safetensors")))
+    model.load_weights(list(adapters.items()), strict=False)
     optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+    moments = cast(dict[str, Any], mx.load(str(path / "optimizer.safetensors")))
+    optimizer.state = tree_unflatten(list(moments.items()))
     return state
 
 
@@ -520,7 +522,7 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
         mx.eval(model.trainable_parameters(), optimizer.state)
         state["global_step"] = step + 1
         state["epoch"] = epoch
-        value = float(step_loss.item())
+        value = float(cast(float, step_loss.item()))
         state["log_history"].append({"step": step + 1, "loss": value})
         _report(reporter, state, total, value, t0, resumed_from or 0, tokens_before)
         save_every = train["save_every_steps"]
@@ -562,7 +564,8 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
 def _clip(grads: Any, max_norm: float) -> tuple[Any, Any]:
     import mlx.optimizers as optim
 
-    return optim.clip_grad_norm(grads, max_norm)
+    clipped: tuple[Any, Any] = optim.clip_grad_norm(grads, max_norm)
+    return clipped
 
 
 def _device() -> str:

@@ -50,6 +50,9 @@ ENV_ARTIFACTS = "LORABURST_ARTIFACTS"  # s3://bucket/prefix for checkpoints (bot
 # A local model folder uploaded once per instance (content-addressed), used when the bundle
 # carries no model of its own.
 ENV_MODEL_DIR = "LORABURST_MODEL_DIR"
+# What train.backend: auto resolved to on the client, when the provider knows its machine (the
+# local provider on a Mac: "mlx"); absent, the instance resolves "auto" itself.
+ENV_BACKEND = "LORABURST_BACKEND"
 
 # What the trainer needs on the instance; installed by the bootstrap only where missing.
 TRAINER_REQUIREMENTS = (

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from loraburst.remote.backends import mlx_refusals
 from loraburst.remote.protocol import CHECKPOINT_DIR, ENV_ARTIFACTS
 
 from ._bundle import build_bundle
@@ -113,6 +114,8 @@ def execute(
         max_cost=None if allow_partial else max_cost,
     )
 
+    for cand in candidates:
+        _backend(job, cand.provider)  # an MLX machine that cannot train the job: say so now
     t0 = time.time()
     bundle = build_bundle(job.spec, train, ev)
     durations = {"bundle": time.time() - t0}
@@ -199,6 +202,7 @@ def _run_chain(
     index, lost_here = 0, 0
     while index < len(candidates):
         cand = candidates[index]
+        backend = _backend(job, cand.provider)
         run = Attempt(
             job_id=job_id,
             attempt=ledger.next_attempt(job_id),
@@ -210,6 +214,7 @@ def _run_chain(
             max_cost=max_cost,
             max_runtime=job.spec.max_runtime,
             env=env,
+            backend=backend,
         )
         label = f"{cand.provider.name} {cand.offer.gpu}"
         ledger.update_job(job_id, status="running", provider=cand.provider.name, gpu=cand.offer.gpu)
@@ -297,6 +302,29 @@ def _run_chain(
     raise PlacementError(
         f"job {job_id}: every offer failed", [(a.provider, a.gpu, a.outcome) for a in attempts]
     )
+
+
+def _backend(job: Job, provider: Any) -> str | None:
+    """``train.backend`` as ``provider``'s machine will resolve it, checked before it runs.
+
+    ``auto`` follows the provider's ``default_backend`` (the local provider says ``"mlx"`` on
+    Apple Silicon); without one, None: the instance resolves it (MLX on a Mac). A job that
+    turns out to train with MLX is refused here when MLX cannot honour its settings (an
+    explicit ``train.backend: mlx`` was already refused by the spec itself).
+
+    Raises:
+        ConfigError: naming each setting MLX cannot honour and the alternative.
+    """
+    requested = job.spec.train.backend
+    backend = requested if requested != "auto" else getattr(provider, "default_backend", None)
+    if backend == "mlx":
+        refusals = mlx_refusals(job.spec.model_dump(mode="json"))
+        if refusals:
+            raise ConfigError(
+                f"{provider.name} trains with MLX here (train.backend: auto on Apple Silicon), "
+                "which cannot train this job:\n  " + "\n  ".join(refusals)
+            )
+    return None if backend is None else str(backend)
 
 
 def _stop_gracefully(run: Attempt) -> Any:

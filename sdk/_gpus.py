@@ -121,6 +121,10 @@ CATALOG: dict[str, GPUSpec] = {
         GPUSpec("B200", 180, 2250.0, 8000, 0.75),
         # Apple Silicon, top GPU bin of each chip: (cores, TFLOP/s, GB/s, smallest memory
         # that bin ships with). No M4 Ultra has shipped; the M3 Ultra is the newest Ultra.
+        _apple("M1", 8, 2.6, 68, 8),
+        _apple("M2", 10, 3.6, 100, 8),
+        _apple("M3", 10, 4.1, 100, 8),
+        _apple("M4", 10, 4.6, 120, 16),
         _apple("M1 Pro", 16, 5.2, 200, 16),
         _apple("M1 Max", 32, 10.4, 400, 32),
         _apple("M1 Ultra", 64, 21.0, 800, 64),

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from loraburst.providers import Host, LaunchRequest, Machine, Offer, Provider
+from loraburst.remote.backends import requirements
 from loraburst.remote.protocol import (
     ADAPTER_DIR,
     CHECKPOINT_DIR,
     CONTROL_FILE,
+    ENV_BACKEND,
     ENV_DEADLINE,
     ENV_HEARTBEAT_GRACE,
     ENV_MODEL_DIR,
@@ -93,8 +95,12 @@ class Attempt:
         max_cost: float | None = None,
         max_runtime: float | None = None,
         env: Mapping[str, str] | None = None,
+        backend: str | None = None,
     ) -> None:
         self.job_id = job_id
+        # The recipe the machine will run ("torch"/"mlx"), when the client knows it (an explicit
+        # train.backend, or a provider that resolves "auto"); None: the instance decides.
+        self.backend = backend
         self.attempt = attempt
         self.tag = f"lb-{job_id}-{attempt}"
         self.provider = provider
@@ -244,6 +250,8 @@ class Attempt:
         deadline = self._budget_deadline()
         if deadline is not None:
             env[ENV_DEADLINE] = f"{deadline:.0f}"
+        if self.backend is not None:
+            env[ENV_BACKEND] = self.backend  # the agent resolves "auto" as the client did
         if self.provider.name != "local":
             env[ENV_HEARTBEAT_GRACE] = f"{self.heartbeat_grace_s:.0f}"
         # Optional provider hook: credentials the watchdog needs to terminate its own instance
@@ -263,12 +271,10 @@ class Attempt:
         without starting a process or importing torch.
         """
         if _same_interpreter(host):
-            missing = missing_requirements()
+            backend = self.backend or "torch"
+            missing = missing_requirements(requirements(backend))
             if missing:
-                raise AgentError(
-                    f"the trainer's dependencies are missing here: {', '.join(missing)}. "
-                    "Install them with `pip install 'loraburst[train]'`."
-                )
+                raise AgentError(_missing_message(backend, missing, "here"))
             return
         # Keep the instance's own PYTHONPATH (site folders some images use) after the bundle's code.
         check = (
@@ -276,11 +282,12 @@ class Attempt:
             "-m loraburst.remote.agent --check"
         )
         info = self._run_check(host, check)
-        missing = info.get("missing") or []
+        # "auto" unresolved by the provider resolves as the instance will: MLX on a Mac.
+        backend = self.backend or ("mlx" if info.get("apple_silicon") else "torch")
+        field = "missing_mlx" if backend == "mlx" else "missing"
+        missing = info.get(field) or []
         if missing and self.provider.name != "local":
-            from loraburst.remote.protocol import TRAINER_REQUIREMENTS
-
-            pins = [r for r in TRAINER_REQUIREMENTS if _req_name(r) in set(missing)]
+            pins = [r for r in requirements(backend) if _req_name(r) in set(missing)]
             self.view.message(f"installing on the instance: {', '.join(pins)}")
             rc, _, err = host.run(
                 f"{host.python} -m pip install -q " + " ".join(f"'{p}'" for p in pins), timeout=1200
@@ -288,12 +295,9 @@ class Attempt:
             if rc != 0:
                 raise AgentError(f"installing {pins} on the instance failed: {err[-800:]}")
             info = self._run_check(host, check)
-            missing = info.get("missing") or []
+            missing = info.get(field) or []
         if missing:
-            raise AgentError(
-                f"the trainer's dependencies are missing on {self.provider.name}: "
-                f"{', '.join(missing)}. Install them with `pip install 'loraburst[train]'`."
-            )
+            raise AgentError(_missing_message(backend, missing, f"on {self.provider.name}"))
         if info.get("cuda") and info.get("bnb_smoke") not in (None, "ok"):
             raise AgentError(f"bitsandbytes 4-bit smoke test failed: {info.get('bnb_smoke')}")
 
@@ -603,6 +607,14 @@ def _same_interpreter(host: Host) -> bool:
     import sys
 
     return bool(getattr(host, "same_environment", False)) and host.python == sys.executable
+
+
+def _missing_message(backend: str, missing: list[str], where: str) -> str:
+    extra = "mlx" if backend == "mlx" else "train"
+    return (
+        f"the {backend} trainer's dependencies are missing {where}: {', '.join(missing)}. "
+        f"Install them with `pip install 'loraburst[{extra}]'`."
+    )
 
 
 def _is_refusal(exc: ProviderError) -> bool:
