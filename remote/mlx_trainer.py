@@ -47,7 +47,7 @@ from .protocol import (
 if TYPE_CHECKING:
     from .agent import Reporter
 
-__all__ = ["GROUP_SIZE", "UnsupportedSetting", "add_lora", "load_model", "run"]
+__all__ = ["GROUP_SIZE", "UnsupportedSetting", "add_lora", "load_model", "plan_for_memory", "run"]
 
 GROUP_SIZE = 64  # MLX's default quantisation group, the same block size as bitsandbytes NF4
 IGNORE_INDEX = -100
@@ -264,10 +264,8 @@ def _settings(
 ) -> dict[str, Any]:
     """Micro-batch size and recompute: the spec's, or chosen for this Mac's GPU memory.
 
-    On Metal the memory model the client's estimate uses (:mod:`.memory`) picks the fastest
-    setting that fits the GPU's recommended working set (or ``train.max_gpu_memory_gib``); on
-    MLX's CPU build (tests, Linux) "auto" means micro-batch 4 without recompute, as the torch
-    recipe does on CPU.
+    On Metal, :func:`plan_for_memory` within the GPU's working set; on MLX's CPU build (tests,
+    Linux) "auto" means micro-batch 4 without recompute, as the torch recipe does on CPU.
     """
     import mlx.core as mx
 
@@ -276,25 +274,36 @@ def _settings(
     if not mx.metal.is_available():
         mb = min(4, max(len(lengths), 1)) if mbs == "auto" else int(mbs)
         return {"micro_batch_size": mb, "gradient_checkpointing": ckpt is True}
+    return plan_for_memory(spec, config, lengths, _budget_gib(spec))
+
+
+def plan_for_memory(
+    spec: Mapping[str, Any], config: Mapping[str, Any], lengths: Sequence[int], budget_gib: float
+) -> dict[str, Any]:
+    """The fastest micro-batch / recompute pair whose peak fits ``budget_gib``, from the memory
+    model the client's estimate uses (:func:`.memory.choose_settings`); the spec's own values
+    where it sets them. Sized for full ``max_seq_len`` rows, timed at the mean row.
+    """
     from .memory import choose_settings
 
-    budget = _budget_gib(spec)
+    train = spec["train"]
     pick = choose_settings(
         config,
-        vram_gb=budget,
+        vram_gb=budget_gib,
         seq_len=train["max_seq_len"],
         mean_seq_len=max(1, round(sum(lengths) / max(len(lengths), 1))),
         lora_r=spec["lora"]["r"],
         bits=spec["quant"]["bits"] if _quantized(spec) else 16,
-        micro_batch_size=mbs,
-        gradient_checkpointing=ckpt,
+        micro_batch_size=train["micro_batch_size"],
+        gradient_checkpointing=train["gradient_checkpointing"],
         target_modules=spec["lora"]["target_modules"],
     )
     return {
         "micro_batch_size": int(pick["micro_batch_size"]),
         "gradient_checkpointing": bool(pick["gradient_checkpointing"]),
-        "memory_budget_gib": round(budget, 2),
+        "memory_budget_gib": round(budget_gib, 2),
         "planned_peak_gib": round(float(pick["peak_vram_gb"]), 2),
+        "fits": bool(pick["fits"]),
     }
 
 
@@ -302,7 +311,7 @@ def _budget_gib(spec: Mapping[str, Any]) -> float:
     """What the GPU may use: Metal's recommended working set, or the spec's cap when lower."""
     import mlx.core as mx
 
-    info = mx.metal.device_info()
+    info = (getattr(mx, "device_info", None) or mx.metal.device_info)()
     total = float(info.get("max_recommended_working_set_size", info.get("memory_size", 0))) / _GIB
     cap = spec["train"].get("max_gpu_memory_gib")
     return min(total, float(cap)) if cap else total
@@ -476,6 +485,9 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
     reporter.event("settings", **settings, backend="mlx", device=_device(),
                    batches_per_epoch=plan.batches_per_epoch,
                    mean_tokens_per_micro_batch=round(plan.mean_tokens, 1))  # fmt: skip
+    if settings.get("fits") is False:
+        reporter.event("warning", message="the memory plan says even the smallest setting may "
+                       "not fit this Mac's GPU memory")  # fmt: skip
     if settings["gradient_checkpointing"]:
         from mlx_lm.tuner.trainer import grad_checkpoint
 

@@ -316,14 +316,22 @@ def estimate(
     wanted = {resolve_gpu(g).name for g in gpus} if gpus else None
     want_p = {p.lower() for p in providers} if providers else None
     skipped: list[str] = []
+    # train.backend: mlx trains only on Apple Silicon, torch only elsewhere; auto on either.
+    backend = spec.train.backend
     slots = [
         s
         for s in _slots(offers, local_gpus, skipped)
-        if (wanted is None or s.gpu.name in wanted) and (want_p is None or s.provider in want_p)
+        if (wanted is None or s.gpu.name in wanted)
+        and (want_p is None or s.provider in want_p)
+        and (backend == "auto" or s.gpu.apple == (backend == "mlx"))
     ]
+    if backend == "mlx" and wanted is None and not slots:
+        # No Mac here and none asked for: show every Apple chip (nobody rents them out).
+        wanted = {g.name for g in CATALOG.values() if g.apple}
     for name in sorted((wanted or set()) - {s.gpu.name for s in slots}):
         g = CATALOG[name]
-        slots.append(_Slot("-", g, 1, 0.0, "unpriced", 1, True, g.vram_gb))
+        if backend == "auto" or g.apple == (backend == "mlx"):
+            slots.append(_Slot("-", g, 1, 0.0, "unpriced", 1, True, g.vram_gb))
     rows_out = [_row(spec, ms, wl, s, coeffs, tokens_exact) for s in slots]
     rows_out.sort(key=lambda r: (not r.feasible, r.cost_usd, r.total_s))
     best = min(rows_out, key=lambda r: (not r.feasible, r.cost_usd), default=None)
