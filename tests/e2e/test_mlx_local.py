@@ -116,6 +116,29 @@ def test_mlx_job_trains_and_its_peft_adapter_matches_mlx(
     with torch.no_grad():
         got = peft(torch.tensor(IDS)).logits.numpy()
     np.testing.assert_allclose(got, expected, atol=2e-4)
+    if method == "lora":
+        # adapter/mlx is mlx-lm's own layout: mlx_lm.generate --adapter-path loads it as is.
+        from mlx_lm.utils import load_adapters, load_model
+
+        native, _ = load_model(tiny_model)
+        load_adapters(native, str(adapter / "mlx"))
+        got_native = np.array(native(mx.array(IDS)).astype(mx.float32))
+        np.testing.assert_allclose(got_native, expected, atol=1e-5)
+
+
+def test_missing_mlx_packages_are_named_before_the_agent_starts(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loraburst import AgentError
+    from loraburst.remote import backends
+
+    monkeypatch.setattr(backends, "MLX_REQUIREMENTS", ("mlx>=0.1", "no-such-mlx-lm>=1"))
+    with pytest.raises(AgentError, match="no-such-mlx-lm") as err:
+        _job(tiny_model, tmp_path / "out", backend="mlx", max_steps=1).run(
+            provider="local", progress=False
+        )
+    assert "pip install 'loraburst[mlx]'" in str(err.value)
+    assert not list(runs_dir().glob("*/events.jsonl"))  # no agent ever ran
 
 
 def test_explicit_mlx_refuses_what_it_cannot_do_before_anything_runs(tiny_model: Path) -> None:
