@@ -499,7 +499,7 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
                              "log_history": [], "max_steps": total, "epoch": 0.0}  # fmt: skip
     if resume is not None:
         reporter.event("resuming", checkpoint=resume.name)
-        state = _load_checkpoint(resume, model, optimizer)
+        state = {**_load_checkpoint(resume, model, optimizer), "max_steps": total}
     resumed_from, tokens_before = (
         state["global_step"] if resume else None,
         state["num_input_tokens_seen"],
