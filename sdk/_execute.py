@@ -114,8 +114,9 @@ def execute(
         max_cost=None if allow_partial else max_cost,
     )
 
-    for cand in candidates:
-        _backend(job, cand.provider)  # an MLX machine that cannot train the job: say so now
+    for cand in candidates:  # a Mac (MLX) that cannot train the job: say so before anything
+        if _backend(job, cand.provider) == "mlx":
+            _refuse_mlx_gaps(job, cand.provider.name)
     t0 = time.time()
     bundle = build_bundle(job.spec, train, ev)
     durations = {"bundle": time.time() - t0}
@@ -305,26 +306,27 @@ def _run_chain(
 
 
 def _backend(job: Job, provider: Any) -> str | None:
-    """``train.backend`` as ``provider``'s machine will resolve it, checked before it runs.
-
-    ``auto`` follows the provider's ``default_backend`` (the local provider says ``"mlx"`` on
-    Apple Silicon); without one, None: the instance resolves it (MLX on a Mac). A job that
-    turns out to train with MLX is refused here when MLX cannot honour its settings (an
-    explicit ``train.backend: mlx`` was already refused by the spec itself).
-
-    Raises:
-        ConfigError: naming each setting MLX cannot honour and the alternative.
-    """
+    """``train.backend`` as ``provider``'s machine will resolve it: ``auto`` follows the
+    provider's ``default_backend`` (the local provider says ``"mlx"`` on Apple Silicon);
+    without one, None: the instance resolves it (MLX on a Mac)."""
     requested = job.spec.train.backend
     backend = requested if requested != "auto" else getattr(provider, "default_backend", None)
-    if backend == "mlx":
-        refusals = mlx_refusals(job.spec.model_dump(mode="json"))
-        if refusals:
-            raise ConfigError(
-                f"{provider.name} trains with MLX here (train.backend: auto on Apple Silicon), "
-                "which cannot train this job:\n  " + "\n  ".join(refusals)
-            )
     return None if backend is None else str(backend)
+
+
+def _refuse_mlx_gaps(job: Job, provider: str) -> None:
+    """Refuse an ``auto`` job that will train with MLX where MLX cannot honour its settings
+    (an explicit ``train.backend: mlx`` was already refused by the spec itself).
+
+    Raises:
+        ConfigError: naming each such setting and the alternative.
+    """
+    refusals = mlx_refusals(job.spec.model_dump(mode="json"))
+    if refusals:
+        raise ConfigError(
+            f"{provider} trains with MLX here (train.backend: auto on Apple Silicon), which "
+            "cannot train this job:\n  " + "\n  ".join(refusals)
+        )
 
 
 def _stop_gracefully(run: Attempt) -> Any:
