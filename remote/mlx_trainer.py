@@ -431,9 +431,8 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
         FileNotFoundError: the spec or a local model folder is missing.
         loraburst.remote._data.DataError: a row cannot be used (names the file and row).
     """
-    import mlx.core as mx
     import mlx.nn as nn
-    from mlx.utils import tree_flatten, tree_map
+    from mlx.utils import tree_flatten
 
     from .trainer import _encode, _model_path, _quiet, load_tokenizer
 
@@ -517,38 +516,19 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
     while state["global_step"] < total:
         step = state["global_step"]
         drawn = [next(stream) for _ in range(accum)]
-        epoch = drawn[-1][0]
-        batches = [_collate(micro, pad_id) for _, micro in drawn]
-        loss_tokens = sum(b[3] for b in batches)
-        denominator = mx.array(float(max(loss_tokens, 1)))
-        grads, step_loss = None, mx.array(0.0)
-        for ids, labels, real, _ in batches:
-            loss, g = loss_and_grad(model, ids, labels, denominator)
-            grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
-            step_loss = step_loss + loss
-            mx.eval(grads, step_loss)  # bound the graph to one micro-batch
-            state["num_input_tokens_seen"] += real
-        grads, _ = _clip(grads, train["max_grad_norm"])
-        optimizer.learning_rate = _lr_at(train, step, total)
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state)
-        state["global_step"] = step + 1
-        state["epoch"] = epoch
-        value = float(cast(float, step_loss.item()))
+        value, tokens = _step(model, loss_and_grad, optimizer, [m for _, m in drawn], pad_id,
+                              train, step, total)  # fmt: skip
+        state["global_step"], state["epoch"] = step + 1, drawn[-1][0]
+        state["num_input_tokens_seen"] += tokens
         state["log_history"].append({"step": step + 1, "loss": value})
         _report(reporter, state, total, value, t0, resumed_from or 0, tokens_before)
+        stopped = reporter.stop_reason
+        if stopped is not None:
+            reporter.event("stopping", reason=stopped, step=step + 1)
         save_every = train["save_every_steps"]
-        reason = reporter.stop_reason
-        if reason is not None:
-            reporter.event("stopping", reason=reason, step=step + 1)
-        if (save_every and (step + 1) % save_every == 0) or reason is not None:
-            path = _save_checkpoint(workdir / CHECKPOINT_DIR, model, optimizer, state)
-            reporter.event("checkpoint", step=step + 1, path=str(path))
-            if upload:
-                files = artifacts.upload_checkpoint(upload, path)
-                reporter.event("checkpoint_uploaded", step=step + 1, files=files)
-        if reason is not None:
-            stopped = reason
+        if (save_every and (step + 1) % save_every == 0) or stopped is not None:
+            _checkpoint(workdir, model, optimizer, state, reporter, upload)
+        if stopped is not None:
             break
     runtime = time.time() - t0
 
@@ -573,11 +553,54 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
     reporter.event(phase, steps=state["global_step"], final_loss=metrics["final_loss"])
 
 
-def _clip(grads: Any, max_norm: float) -> tuple[Any, Any]:
-    import mlx.optimizers as optim
+def _step(
+    model: Any,
+    loss_and_grad: Any,
+    optimizer: Any,
+    micro_batches: Sequence[Sequence[Mapping[str, list[int]]]],
+    pad_id: int,
+    train: Mapping[str, Any],
+    step: int,
+    total: int,
+) -> tuple[float, int]:
+    """One optimizer step over ``micro_batches`` (``grad_accum`` of them): gradients weighted
+    by loss tokens, clipped to ``max_grad_norm``, applied at the schedule's rate.
 
-    clipped: tuple[Any, Any] = optim.clip_grad_norm(grads, max_norm)
-    return clipped
+    Returns:
+        The step's loss (mean over its loss tokens) and the real tokens it trained on.
+    """
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_map
+
+    batches = [_collate(rows, pad_id) for rows in micro_batches]
+    denominator = mx.array(float(max(sum(b[3] for b in batches), 1)))
+    grads, loss_sum = None, mx.array(0.0)
+    for ids, labels, _, _ in batches:
+        loss, g = loss_and_grad(model, ids, labels, denominator)
+        grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
+        loss_sum = loss_sum + loss
+        mx.eval(grads, loss_sum)  # bound the graph to one micro-batch
+    grads, _ = optim.clip_grad_norm(grads, train["max_grad_norm"])
+    optimizer.learning_rate = _lr_at(train, step, total)
+    optimizer.update(model, grads)
+    mx.eval(model.trainable_parameters(), optimizer.state)
+    return float(cast(float, loss_sum.item())), sum(b[2] for b in batches)
+
+
+def _checkpoint(
+    workdir: Path,
+    model: Any,
+    optimizer: Any,
+    state: Mapping[str, Any],
+    reporter: Reporter,
+    upload: str | None,
+) -> None:
+    path = _save_checkpoint(workdir / CHECKPOINT_DIR, model, optimizer, state)
+    reporter.event("checkpoint", step=state["global_step"], path=str(path))
+    if upload:
+        files = artifacts.upload_checkpoint(upload, path)
+        reporter.event("checkpoint_uploaded", step=state["global_step"], files=files)
 
 
 def _device() -> str:
