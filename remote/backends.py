@@ -40,6 +40,7 @@ MLX_REQUIREMENTS = (
     "mlx-lm>=0.28",
     "transformers>=4.56",
     "safetensors>=0.4",
+    "datasets>=3",  # hub datasets, read as the torch recipe reads them
 )
 
 # transformers optimizer names that mean "AdamW" to the torch recipe; MLX has one AdamW.
