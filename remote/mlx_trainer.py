@@ -44,6 +44,9 @@ from .protocol import (
     write_atomic,
 )
 
+# The torch recipe's helpers that are not torch: paths, data, resume point, quiet logs.
+from .trainer import _encode, _model_path, _quantized, _quiet, _resume_point, load_tokenizer
+
 if TYPE_CHECKING:
     from .agent import Reporter
 
@@ -70,11 +73,7 @@ def _compute_dtype(name: str) -> Any:
     return getattr(mx, name)
 
 
-def _quantized(spec: Mapping[str, Any]) -> bool:
-    return bool(spec["method"] != "lora" and spec["quant"]["bits"] in (4, 8))
-
-
-def _local_folder(spec: Mapping[str, Any], model_path: str) -> Path:
+def _local_folder(spec: dict[str, Any], model_path: str) -> Path:
     """The model's folder: itself, or the hub snapshot (weights, config and tokenizer only)."""
     if Path(model_path).is_dir():
         return Path(model_path)
@@ -135,7 +134,7 @@ def add_lora(model: Any, modules: Sequence[str], *, r: int, scale: float, dropou
     model.update_modules(tree_unflatten(wrapped))
 
 
-def load_model(spec: Mapping[str, Any], model_path: str) -> tuple[Any, dict[str, Any]]:
+def load_model(spec: dict[str, Any], model_path: str) -> tuple[Any, dict[str, Any]]:
     """Load the base model for MLX, quantise it per ``spec``, and add fresh LoRA layers.
 
     ``spec`` is ``JobSpec.model_dump(mode="json")``. The adapters' initial values depend only on
@@ -260,7 +259,7 @@ def _optimizer(train: Mapping[str, Any]) -> Any:
 
 
 def _settings(
-    spec: Mapping[str, Any], config: Mapping[str, Any], lengths: Sequence[int]
+    spec: dict[str, Any], config: Mapping[str, Any], lengths: Sequence[int]
 ) -> dict[str, Any]:
     """Micro-batch size and recompute: the spec's, or chosen for this Mac's GPU memory.
 
@@ -278,7 +277,7 @@ def _settings(
 
 
 def plan_for_memory(
-    spec: Mapping[str, Any], config: Mapping[str, Any], lengths: Sequence[int], budget_gib: float
+    spec: dict[str, Any], config: Mapping[str, Any], lengths: Sequence[int], budget_gib: float
 ) -> dict[str, Any]:
     """The fastest micro-batch / recompute pair whose peak fits ``budget_gib``, from the memory
     model the client's estimate uses (:func:`.memory.choose_settings`); the spec's own values
@@ -307,7 +306,7 @@ def plan_for_memory(
     }
 
 
-def _budget_gib(spec: Mapping[str, Any]) -> float:
+def _budget_gib(spec: dict[str, Any]) -> float:
     """What the GPU may use: Metal's recommended working set, or the spec's cap when lower."""
     import mlx.core as mx
 
@@ -317,7 +316,7 @@ def _budget_gib(spec: Mapping[str, Any]) -> float:
     return min(total, float(cap)) if cap else total
 
 
-def _cap_memory(spec: Mapping[str, Any]) -> None:
+def _cap_memory(spec: dict[str, Any]) -> None:
     """Hold MLX to ``train.max_gpu_memory_gib``; on Metal, keep the model wired in memory."""
     import mlx.core as mx
 
@@ -382,16 +381,6 @@ def _load_checkpoint(path: Path, model: Any, optimizer: Any) -> dict[str, Any]:
     return state
 
 
-def _resume_point(workdir: Path, upload: str | None, reporter: Reporter) -> Path | None:
-    root = workdir / CHECKPOINT_DIR
-    found = _checkpoints(root)[-1] if _checkpoints(root) else None
-    if found is None and upload:
-        found = artifacts.download_latest_checkpoint(upload, root)
-        if found is not None:
-            reporter.event("checkpoint_downloaded", path=str(found))
-    return found
-
-
 # -- the recipe ------------------------------------------------------------------------------
 
 
@@ -433,8 +422,6 @@ def run(workdir: Path, reporter: Reporter | None = None) -> None:
     """
     import mlx.nn as nn
     from mlx.utils import tree_flatten
-
-    from .trainer import _encode, _model_path, _quiet, load_tokenizer
 
     if reporter is None:
         from .agent import Reporter
@@ -631,7 +618,7 @@ def _report(
 
 
 def _save_adapter(
-    out: Path, lora: Mapping[str, Any], spec: Mapping[str, Any], model_path: str, tokenizer: Any
+    out: Path, lora: Mapping[str, Any], spec: dict[str, Any], model_path: str, tokenizer: Any
 ) -> None:
     """PEFT's layout in ``out`` (what ``PeftModel.from_pretrained`` loads), mlx-lm's in
     ``out/mlx`` (what ``mlx_lm.generate --adapter-path`` loads), and the tokenizer."""
@@ -666,7 +653,7 @@ def _save_adapter(
 
 
 def _metrics(
-    spec: Mapping[str, Any],
+    spec: dict[str, Any],
     state: Mapping[str, Any],
     stats: Mapping[str, int],
     settings: Mapping[str, Any],
