@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from loraburst.providers import Host, LaunchRequest, Machine, Offer, Provider
-from loraburst.remote.backends import requirements
+from loraburst.remote.backends import requirements, resolve_backend
 from loraburst.remote.protocol import (
     ADAPTER_DIR,
     CHECKPOINT_DIR,
@@ -271,7 +271,7 @@ class Attempt:
         without starting a process or importing torch.
         """
         if _same_interpreter(host):
-            backend = self.backend or "torch"
+            backend = self.backend or resolve_backend("auto")  # this very machine
             missing = missing_requirements(requirements(backend))
             if missing:
                 raise AgentError(_missing_message(backend, missing, "here"))
