@@ -32,7 +32,32 @@ SEED = [
     ("RTX 4090", "llama-3-8b", 8, 2, 1, 500, 18),
     ("RTX 3090", "gemma-2-9b", 8, 1, 4, 500, 27),
     ("RTX 5080", "mistral-7b", 16, 6, 1, 500, 11),
+    # "M4 Max, Mistral-7B with MLX, 22 minutes": no rank, batch or steps given; those of the
+    # seed's RTX 4090 Mistral-7B row are assumed.
+    ("M4 Max", "mistral-7b", 16, 4, 1, 500, 22),
 ]
+
+
+def _m4_max_range(seq: int) -> dict[str, Any]:
+    """The estimate's stated range for the seed's M4 Max row at ``seq`` tokens per row."""
+    from loraburst import JobSpec
+    from loraburst._estimate import estimate
+
+    spec = JobSpec(
+        model="mistral-7b-v0.3",
+        dataset="d.jsonl",
+        lora={"r": 16, "alpha": 32},
+        train={"max_steps": 500, "micro_batch_size": 4, "max_seq_len": seq, "backend": "mlx"},
+    )
+    (row,) = estimate(spec, tokens=seq * 1000, rows=1000, tokens_exact=True, gpus=["M4 Max"]).rows
+    return {
+        "seq": seq,
+        "tokens_per_s": row.tokens_per_s,
+        "minutes": round(row.total_s / 60, 1),
+        "low_minutes": round(row.total_low_s / 60, 1),
+        "high_minutes": round(row.total_high_s / 60, 1),
+        "quoted_inside": row.total_low_s <= 22 * 60 <= row.total_high_s,
+    }
 
 
 def predict(p: dict[str, Any], coeffs: Coefficients, r: int = 16) -> dict[str, float]:
@@ -188,6 +213,15 @@ def main() -> None:
             f"{'' if s['fits_at_2048'] else ' (does NOT fit)'} | "
             f"quote matches seq ~{s['seq_matching_quote']}"
         )
+    # The M4 Max row gives no row length; the seed's other Mistral-7B row on a consumer card
+    # (RTX 5080) implies one. Is the quoted 22 minutes inside our stated range there?
+    seq_5080 = next(s["seq_matching_quote"] for s in seed if s["gpu"] == "RTX 5080")
+    m4 = _m4_max_range(seq_5080)
+    print(
+        f"  M4 Max at the RTX 5080 row's length ({m4['seq']} tokens): {m4['minutes']} min "
+        f"(range {m4['low_minutes']}-{m4['high_minutes']}), {m4['tokens_per_s']:.0f} tok/s; "
+        f"quoted 22 min {'inside' if m4['quoted_inside'] else 'OUTSIDE'} the range"
+    )
     ms = model_shape("llama-3-8b")
     lean = peak_vram(
         ms.shape,
@@ -218,6 +252,7 @@ def main() -> None:
                 "summary": summary,
                 "points": rows,
                 "seed_table": seed,
+                "seed_m4_max_range": m4,
                 "published_minimum": minimum,
             },
             indent=1,

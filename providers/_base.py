@@ -48,6 +48,8 @@ class Capabilities:
         self_terminates: :meth:`Provider.self_termination` can give the agent a way to end its
             own instance when the client is gone for good.
         gpu_counts: GPUs an instance can have (offers with other counts are refused).
+        backend: the training backend its machines run for ``train.backend: auto``
+            (``"torch"``, ``"mlx"``); None: the instance decides (MLX on a Mac).
     """
 
     ssh: bool = True
@@ -55,6 +57,7 @@ class Capabilities:
     installs_packages: bool = True
     self_terminates: bool = False
     gpu_counts: tuple[int, ...] = (1,)
+    backend: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +209,7 @@ class Provider(Protocol):
     """What every provider plugin implements (see ``loraburst.testing.ProviderContract``)."""
 
     name: ClassVar[str]
-    capabilities: ClassVar[Capabilities]
+    capabilities: Capabilities
     unsupported: ClassVar[Mapping[str, str]]
 
     def offers(self) -> list[Offer]:

@@ -97,7 +97,7 @@ class LambdaProvider:
     """
 
     name: ClassVar[str] = "lambda"
-    capabilities: ClassVar[Capabilities] = Capabilities(self_terminates=True)
+    capabilities: Capabilities = Capabilities(self_terminates=True)
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "Lambda Cloud has no spot or interruptible instances",
         "stop": "Lambda Cloud instances cannot be stopped, only terminated",

@@ -7,6 +7,7 @@ agent runs detached (its own session), so it survives the client like a remote a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -17,18 +18,51 @@ from pathlib import Path
 from typing import ClassVar
 
 from loraburst._disk import local_io, remove_quietly
+from loraburst._gpus import apple_gpu_memory_gib
 from loraburst._home import runs_dir
+from loraburst.remote.backends import is_apple_silicon, resolve_backend
 from loraburst.remote.protocol import BUNDLE_DIR, LOG_FILE, safe_extract
 
 from ._base import Capabilities, Host, LaunchRequest, Machine, Offer, SelfTermination
 
-__all__ = ["LocalHost", "LocalProvider", "detect_gpus", "pid_alive"]
+__all__ = ["LocalHost", "LocalProvider", "detect_apple_gpu", "detect_gpus", "pid_alive"]
 
 _PID_FILE = "agent.pid"
 
 
+def detect_apple_gpu(
+    brand: str | None = None, memory_bytes: int | None = None
+) -> list[tuple[str, float]]:
+    """This Mac's Apple Silicon GPU as ``[(chip, GPU memory GiB)]``, e.g. ``("M4 Max", 96.0)``.
+
+    The chip comes from ``sysctl machdep.cpu.brand_string`` ("Apple M4 Max"), the memory from
+    ``hw.memsize``; the GPU may use Metal's working set of it (:func:`apple_gpu_memory_gib`).
+    ``brand`` and ``memory_bytes`` replace the sysctl reads (another Mac's values). Empty when
+    sysctl is missing or says something else.
+    """
+    if brand is None or memory_bytes is None:
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string", "hw.memsize"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.splitlines()
+            brand, memory_bytes = out[0], int(out[1])
+        except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+            return []
+    if not brand.startswith("Apple M"):
+        return []
+    chip = brand.removeprefix("Apple ").strip()
+    return [(chip, apple_gpu_memory_gib(memory_bytes / 1024**3))]
+
+
 def detect_gpus() -> list[tuple[str, float]]:
-    """Local CUDA GPUs as ``(name, vram_gb)``, read with nvidia-smi (no torch import)."""
+    """Local GPUs as ``(name, vram_gb)``: an Apple Silicon Mac's GPU (:func:`detect_apple_gpu`),
+    else the CUDA GPUs nvidia-smi lists (no torch import)."""
+    if is_apple_silicon():
+        return detect_apple_gpu()
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return []
@@ -177,12 +211,19 @@ class LocalHost:
 
 
 class LocalProvider:
-    """Runs jobs on this machine: its CUDA GPUs when present, else the CPU (tiny models)."""
+    """Runs jobs on this machine: its CUDA GPUs, an Apple Silicon Mac's GPU (with MLX), else
+    the CPU (tiny models).
+
+    Args:
+        python: the interpreter that runs the agent (default: this one).
+        apple_silicon: whether this machine is an Apple Silicon Mac (default: ask the platform);
+            it decides what ``train.backend: auto`` resolves to (``capabilities.backend``).
+    """
 
     name: ClassVar[str] = "local"
     # This machine: no SSH key, the run folder is the client's own, nothing installed on the
     # user's environment behind their back, nothing to terminate itself.
-    capabilities: ClassVar[Capabilities] = Capabilities(
+    capabilities: Capabilities = Capabilities(
         ssh=False,
         same_machine=True,
         installs_packages=False,
@@ -194,12 +235,18 @@ class LocalProvider:
         "self_terminate": "there is no instance to terminate; the agent just exits",
     }
 
-    def __init__(self, *, python: str | None = None) -> None:
+    def __init__(self, *, python: str | None = None, apple_silicon: bool | None = None) -> None:
         self._python = python or sys.executable
         self._machines: dict[str, Machine] = {}
+        self._apple = is_apple_silicon() if apple_silicon is None else apple_silicon
+        # What ``train.backend: auto`` trains with here: "mlx" on Apple Silicon (no CUDA, and
+        # torch's CPU path is far too slow for a 7B model), else "torch".
+        self.capabilities = dataclasses.replace(
+            type(self).capabilities, backend=resolve_backend("auto", apple_silicon=self._apple)
+        )
 
     def offers(self) -> list[Offer]:
-        gpus = detect_gpus()
+        gpus = detect_apple_gpu() if self._apple else detect_gpus()
         if not gpus:
             return [
                 Offer(

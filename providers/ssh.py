@@ -62,7 +62,7 @@ class SSHProvider:
 
     name: ClassVar[str] = "ssh"
     # Your own box over SSH: a per-job key, missing packages installed, never terminated.
-    capabilities: ClassVar[Capabilities] = Capabilities(self_terminates=False)
+    capabilities: Capabilities = Capabilities(self_terminates=False)
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "a host you bring is not rented, so it cannot be preempted or bid on",
         "self_terminate": "loraburst never shuts down a host it does not rent",

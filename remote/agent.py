@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from .backends import MLX_REQUIREMENTS, is_apple_silicon
 from .protocol import (
     MANIFEST_FILE,
     PROTOCOL_VERSION,
@@ -117,6 +118,9 @@ def check() -> dict[str, Any]:
         "errors": {},
     }
     info["missing"] = missing_requirements()
+    # The MLX recipe's needs (train.backend: mlx): the client reads this list for such jobs.
+    info["missing_mlx"] = missing_requirements(MLX_REQUIREMENTS)
+    info["apple_silicon"] = is_apple_silicon()
     try:
         import torch
 

@@ -53,6 +53,9 @@ ENV_ARTIFACTS = "LORABURST_ARTIFACTS"  # s3://bucket/prefix for checkpoints (bot
 # A local model folder uploaded once per instance (content-addressed), used when the bundle
 # carries no model of its own.
 ENV_MODEL_DIR = "LORABURST_MODEL_DIR"
+# What train.backend: auto resolved to on the client, when the provider knows its machine (the
+# local provider on a Mac: "mlx"); absent, the instance resolves "auto" itself.
+ENV_BACKEND = "LORABURST_BACKEND"
 
 # What the trainer needs on the instance; installed by the bootstrap only where missing.
 TRAINER_REQUIREMENTS = (
@@ -64,8 +67,10 @@ TRAINER_REQUIREMENTS = (
 )
 
 
-def missing_requirements() -> list[str]:
-    """Names of :data:`TRAINER_REQUIREMENTS` this interpreter lacks or has below the floor.
+def missing_requirements(requirements: tuple[str, ...] | None = None) -> list[str]:
+    """Names of ``requirements`` (default :data:`TRAINER_REQUIREMENTS`, the torch recipe's;
+    ``backends.requirements("mlx")`` for the MLX one) this interpreter lacks or has below the
+    floor.
 
     Looked up in package metadata, never imported: fast, and safe before anything is known.
     """
@@ -77,13 +82,14 @@ def missing_requirements() -> list[str]:
         return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
 
     missing = []
-    for requirement in TRAINER_REQUIREMENTS:
+    for requirement in TRAINER_REQUIREMENTS if requirements is None else requirements:
         name, _, floor = requirement.partition(">=")
         try:
             ok = nums(importlib.metadata.version(name)) >= nums(floor)
         except importlib.metadata.PackageNotFoundError:
             ok = False
-        if not ok or importlib.util.find_spec(name) is None:
+        # A distribution's module is its name with "_" for "-" (mlx-lm -> mlx_lm).
+        if not ok or importlib.util.find_spec(name.replace("-", "_")) is None:
             missing.append(name)
     return missing
 
@@ -406,6 +412,11 @@ def _typed(cls: Any, raw: Any, where: str) -> Any:
     return cls(**values)
 
 
+def is_quantized(method: str, bits: int) -> bool:
+    """The one rule for QLoRA/QDoRA: base weights in 4/8 bits unless the method is plain LoRA."""
+    return method != "lora" and bits in (4, 8)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
     """``lora:`` — the adapter's shape."""
@@ -444,6 +455,7 @@ class TrainSpec:
     save_every_steps: int | None = 50
     gradient_checkpointing: bool | str = "auto"
     max_gpu_memory_gib: float | None = None
+    backend: str = "auto"
     loss_on: str = "assistant"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -478,7 +490,7 @@ class JobSpecData:
     @property
     def quantized(self) -> bool:
         """Base weights in 4/8 bits (QLoRA, QDoRA); plain LoRA and bits=16 keep them as is."""
-        return self.method != "lora" and self.quant.bits in (4, 8)
+        return is_quantized(self.method, self.quant.bits)
 
 
 @dataclasses.dataclass(frozen=True)

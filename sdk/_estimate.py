@@ -41,6 +41,10 @@ SAVE_S = 2.0  # seconds per adapter checkpoint save
 TOKEN_GUESS_ERROR = 0.25  # chars-per-token estimates are this far off, either way
 SETUP_RANGE = (0.6, 2.0)  # setup overhead: low and high multipliers
 OTHER_GPU_ERROR = 0.15  # added speed uncertainty on GPUs other than the calibration one
+# Added on Apple Silicon rows (the MLX backend): their speed is derived from public mlx-lm
+# numbers (see _gpus.py), not measured on a Mac: chip peaks +-15%, and how much of its GEMM rate
+# MLX's training step keeps (taken as our H200 trainer's share) +-25%.
+MLX_ERROR = 0.35
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +74,8 @@ class EstimateRow:
     available: bool = True
     export_s: float = 0.0  # merged/GGUF exports and their checks (in total_s and the cost)
     disk_gb: int = 50  # instance disk the job needs (base, adapter, exports)
+    total_low_s: float = 0.0  # the stated range of total_s (what cost_low/high_usd bill)
+    total_high_s: float = 0.0
 
     @property
     def feasible(self) -> bool:
@@ -116,6 +122,7 @@ class Estimate:
             "tok/s",
             "train",
             "setup",
+            "total (range)",
             "$/hr",
             "cost (range)",
             "note",
@@ -134,6 +141,9 @@ class Estimate:
                     f"{r.tokens_per_s:,.0f}" if r.fits else "-",
                     _dur(r.train_s) if r.fits else "-",
                     _dur(r.setup_s),
+                    f"{_dur(r.total_s)} ({_dur(r.total_low_s)}-{_dur(r.total_high_s)})"
+                    if r.fits
+                    else "-",
                     f"{r.price_per_hour:.2f}",
                     cost if r.fits else "-",
                     r.note,
@@ -314,14 +324,22 @@ def estimate(
     wanted = {resolve_gpu(g).name for g in gpus} if gpus else None
     want_p = {p.lower() for p in providers} if providers else None
     skipped: list[str] = []
+    # train.backend: mlx trains only on Apple Silicon, torch only elsewhere; auto on either.
+    backend = spec.train.backend
     slots = [
         s
         for s in _slots(offers, local_gpus, skipped)
-        if (wanted is None or s.gpu.name in wanted) and (want_p is None or s.provider in want_p)
+        if (wanted is None or s.gpu.name in wanted)
+        and (want_p is None or s.provider in want_p)
+        and (backend == "auto" or s.gpu.apple == (backend == "mlx"))
     ]
+    if backend == "mlx" and wanted is None and not slots:
+        # No Mac here and none asked for: show every Apple chip (nobody rents them out).
+        wanted = {g.name for g in CATALOG.values() if g.apple}
     for name in sorted((wanted or set()) - {s.gpu.name for s in slots}):
         g = CATALOG[name]
-        slots.append(_Slot("-", g, 1, 0.0, "unpriced", 1, True, g.vram_gb))
+        if backend == "auto" or g.apple == (backend == "mlx"):
+            slots.append(_Slot("-", g, 1, 0.0, "unpriced", 1, True, g.vram_gb))
     rows_out = [_row(spec, ms, wl, s, coeffs, tokens_exact) for s in slots]
     rows_out.sort(key=lambda r: (not r.feasible, r.cost_usd, r.total_s))
     best = min(rows_out, key=lambda r: (not r.feasible, r.cost_usd), default=None)
@@ -394,7 +412,8 @@ def _row(
     steps = _steps(spec, wl, mb)
     saves = steps // spec.train.save_every_steps if spec.train.save_every_steps else 0
     train_s = steps * spec.train.grad_accum * timing["total"] + saves * SAVE_S
-    setup = setup_model(s.provider)
+    # A Mac trains on the Mac itself: no instance to boot, whatever the row's provider says.
+    setup = setup_model("local" if s.gpu.apple else s.provider)
     download = 0.0 if ms.source.endswith("config.json") and s.provider == "local" else 1.0
     setup_s = setup.seconds(ms.download_bytes * download)
     exports = export_cost(spec.exports, ms.params, ms.download_bytes)  # exports hook
@@ -418,6 +437,9 @@ def _row(
     err_speed = float(load_calibration().get("accuracy", {}).get("max_rel_error_tokens_per_s", 0.2))
     if s.gpu.name != "H200":
         err_speed += OTHER_GPU_ERROR
+    if s.gpu.apple:
+        err_speed += MLX_ERROR
+        notes.append("MLX (Apple Silicon): speed derived from public mlx-lm numbers")
     err_tok = 0.0 if exact or spec.train.max_steps else TOKEN_GUESS_ERROR
     if wl.tokens_unknown:
         err_tok = 0.5
@@ -453,6 +475,8 @@ def _row(
         available=s.available,
         export_s=exports.seconds,
         disk_gb=exports.disk_gb,
+        total_low_s=round(low_s, 1),
+        total_high_s=round(high_s, 1),
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from loraburst.remote.backends import mlx_refusals
 from loraburst.remote.protocol import CHECKPOINT_DIR, ENV_ARTIFACTS
 
 from ._bundle import Bundle, build_bundle
@@ -137,6 +138,9 @@ def execute(
         pulls_checkpoints=any(not c.provider.capabilities.same_machine for c in candidates),
     )
 
+    for cand in candidates:  # a Mac (MLX) that cannot train the job: say so before anything
+        if _backend(job.spec.train.backend, cand.provider) == "mlx":
+            _refuse_mlx_gaps(job, cand.provider.name)
     t0 = time.time()
     try:
         bundle = build_bundle(job.spec, train, ev)
@@ -175,6 +179,7 @@ def execute(
                 durations=durations,
                 t_start=t_start,
                 disk_gb=_disk_gb(job.spec.model, job.spec.exports),
+                requested_backend=job.spec.train.backend,
             ),
         )
 
@@ -247,12 +252,14 @@ def _run_chain(
     t_start: float,
     spent: float = 0.0,
     disk_gb: int = 50,
+    requested_backend: str = "auto",
 ) -> JobResult:
     attempts: list[AttemptRow] = []
     resume_dir = runs_dir() / job_id / CHECKPOINT_DIR
     index, lost_here = 0, 0
     while index < len(candidates):
         cand = candidates[index]
+        backend = _backend(requested_backend, cand.provider)
         run = Attempt(
             job_id=job_id,
             attempt=ledger.next_attempt(job_id),
@@ -265,6 +272,7 @@ def _run_chain(
             max_runtime=max_runtime,
             env=env,
             disk_gb=disk_gb,
+            backend=backend,
         )
         label = f"{cand.provider.name} {cand.offer.gpu}"
         ledger.update_job(job_id, status="running", provider=cand.provider.name, gpu=cand.offer.gpu)
@@ -376,6 +384,28 @@ def _collect_or_hold(run: Attempt, output_dir: Path) -> tuple[Path, dict[str, An
         return run.collect(output_dir)
     except LocalStorageError as exc:
         raise run.hold(exc) from exc
+
+
+def _backend(requested: str, provider: Provider) -> str | None:
+    """``train.backend`` as ``provider``'s machine will resolve it: ``auto`` follows the
+    provider's declared ``capabilities.backend`` (the local provider says ``"mlx"`` on Apple
+    Silicon); without one, None: the instance resolves it (MLX on a Mac)."""
+    return requested if requested != "auto" else provider.capabilities.backend
+
+
+def _refuse_mlx_gaps(job: Job, provider: str) -> None:
+    """Refuse an ``auto`` job that will train with MLX where MLX cannot honour its settings
+    (an explicit ``train.backend: mlx`` was already refused by the spec itself).
+
+    Raises:
+        ConfigError: naming each such setting and the alternative.
+    """
+    refusals = mlx_refusals(job.spec.model_dump(mode="json"))
+    if refusals:
+        raise ConfigError(
+            f"{provider} trains with MLX here (train.backend: auto on Apple Silicon), which "
+            "cannot train this job:\n  " + "\n  ".join(refusals)
+        )
 
 
 def _stop_gracefully(run: Attempt) -> Any:
@@ -602,5 +632,6 @@ def _resume(
                 t_start=time.time(),
                 spent=row.cost_usd,
                 disk_gb=_disk_gb(str(spec.get("model", "")), spec.get("exports") or []),
+                requested_backend=str(spec.get("train", {}).get("backend", "auto")),
             ),
         )

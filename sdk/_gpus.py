@@ -6,6 +6,18 @@ their fp16-accumulate rate), memory bandwidth in GB/s. ``gemm_efficiency`` is th
 peak a large bf16 matmul reaches: measured 0.80 on the calibration H200 (788 of 989); the other
 values are typical published PyTorch GEMM results, not measured here.
 
+Apple Silicon rows (the MLX backend) are whole chips: ``vram_gb`` is the share of the chip's
+unified memory Metal lets the GPU use (:func:`apple_gpu_memory_gib`) for the row's smallest
+memory configuration of that GPU (a detected Mac uses its own memory); ``bf16_tflops`` is the
+GPU's peak (cores x 128 ALUs x 2 x clock; Apple publishes FP32 TFLOP/s for M1/M2, the M3/M4 clocks
+are measured by reviewers, so these carry +-15%); MLX runs bf16 matmuls at the FP32 rate there.
+Their ``gemm_efficiency`` 0.80 is derived, not measured here: mlx-lm's own benchmark
+(BENCHMARKS.md, 64 GB M4 Max, mlx 0.29) prefills 2,048 tokens of Qwen3-4B in bf16 at 1,781
+tok/s = 8.6 GFLOP/token x 1,781 = 15.3 TFLOP/s, 0.83 of 18.4; mlx-lm's LORA.md quotes ~250
+tok/s for Mistral-7B LoRA (4 layers, batch 1) on an M1 Max, which is 0.39 of its peak for the
+whole step, i.e. 0.72 in this model's terms (short WikiSQL rows, 2023's MLX). The estimator's
+speed band is wider for these rows (``_estimate.MLX_ERROR``).
+
 Prices are a snapshot, never a promise: live offers from the provider APIs replace them when
 keys are present. Sources are in ``../shared/provider-apis.md`` §9 (SkyPilot catalogs v7/v8 and
 a Lambda ``/instance-types`` response of Nov 2025).
@@ -25,6 +37,7 @@ __all__ = [
     "SNAPSHOT",
     "SnapshotPrice",
     "SetupModel",
+    "apple_gpu_memory_gib",
     "billing_increment_s",
     "resolve_gpu",
     "setup_model",
@@ -42,6 +55,31 @@ class GPUSpec:
     gemm_efficiency: float = 0.80
     bf16: bool = True
     aliases: tuple[str, ...] = ()
+    unified_memory_gb: float | None = None  # Apple Silicon: the chip's memory (trains with MLX)
+
+    @property
+    def apple(self) -> bool:
+        """An Apple Silicon chip: unified memory, trained with the MLX backend."""
+        return self.unified_memory_gb is not None
+
+
+def apple_gpu_memory_gib(unified_gb: float) -> float:
+    """The GPU's share of ``unified_gb`` of unified memory: Metal's recommended working set,
+    about 2/3 of the memory below 36 GB and 3/4 from 36 GB (macOS keeps the rest for itself)."""
+    return round(unified_gb * (0.75 if unified_gb >= 36 else 2 / 3), 1)
+
+
+def _apple(name: str, cores: int, tflops: float, bandwidth: float, memory_gb: float) -> GPUSpec:
+    short = name.lower()
+    return GPUSpec(
+        name,
+        apple_gpu_memory_gib(memory_gb),
+        tflops,
+        bandwidth,
+        0.80,
+        aliases=(f"apple {short}", f"{short} {cores}-core gpu", f"{short} {cores}c"),
+        unified_memory_gb=memory_gb,
+    )
 
 
 CATALOG: dict[str, GPUSpec] = {
@@ -81,6 +119,23 @@ CATALOG: dict[str, GPUSpec] = {
         GPUSpec("GH200", 96, 989.0, 4000, 0.80),
         GPUSpec("H200", 141, 989.0, 4800, 0.80, aliases=("h200 sxm", "h200 nvl")),
         GPUSpec("B200", 180, 2250.0, 8000, 0.75),
+        # Apple Silicon, top GPU bin of each chip: (cores, TFLOP/s, GB/s, smallest memory
+        # that bin ships with). No M4 Ultra has shipped; the M3 Ultra is the newest Ultra.
+        _apple("M1", 8, 2.6, 68, 8),
+        _apple("M2", 10, 3.6, 100, 8),
+        _apple("M3", 10, 4.1, 100, 8),
+        _apple("M4", 10, 4.6, 120, 16),
+        _apple("M1 Pro", 16, 5.2, 200, 16),
+        _apple("M1 Max", 32, 10.4, 400, 32),
+        _apple("M1 Ultra", 64, 21.0, 800, 64),
+        _apple("M2 Pro", 19, 6.8, 200, 16),
+        _apple("M2 Max", 38, 13.6, 400, 32),
+        _apple("M2 Ultra", 76, 27.2, 800, 64),
+        _apple("M3 Pro", 18, 7.4, 150, 18),
+        _apple("M3 Max", 40, 16.4, 400, 48),
+        _apple("M3 Ultra", 80, 32.8, 819, 96),
+        _apple("M4 Pro", 20, 9.2, 273, 24),
+        _apple("M4 Max", 40, 18.4, 546, 48),
         GPUSpec(
             "V100",
             16,
@@ -96,7 +151,7 @@ CATALOG: dict[str, GPUSpec] = {
 
 def _norm(name: str) -> str:
     n = name.lower().strip()
-    n = re.sub(r"^(nvidia|geforce)\s+", "", n)
+    n = re.sub(r"^(nvidia|geforce|apple)\s+", "", n)
     n = n.removeprefix("geforce ")
     return re.sub(r"[\s_-]+", " ", n)
 

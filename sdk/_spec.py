@@ -13,6 +13,7 @@ import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from loraburst.remote.backends import mlx_refusals
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -126,6 +127,12 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, le=1e3)
     max_grad_norm: float = Field(1.0, gt=0, le=1e6)
     optim: str = Field("adamw_torch", description="transformers optimizer name.")
+    backend: Literal["auto", "torch", "mlx"] = Field(
+        "auto",
+        description='The trainer: "torch" (transformers + peft + bitsandbytes), "mlx" (Apple\'s '
+        'MLX + mlx-lm; pip install "loraburst[mlx]"), or "auto": MLX on Apple Silicon, torch '
+        "elsewhere (resolved on the machine that trains).",
+    )
 
 
 class QuantConfig(_Strict):
@@ -189,6 +196,18 @@ class JobSpec(_Strict):
             raise ValueError('must be a list such as ["adapter", "merged", "gguf:q4_k_m"]')
         return parse_exports(value)
 
+    @model_validator(mode="after")
+    def _mlx_can_train(self) -> JobSpec:
+        # train.backend: mlx is known now, before anything runs: refuse what MLX cannot do
+        # (an "auto" job is checked once its machine is known; see _execute.py).
+        if self.train.backend == "mlx":
+            refusals = mlx_refusals(self.model_dump(mode="json"))
+            if refusals:
+                raise ValueError(
+                    "train.backend: mlx cannot train this job:\n    " + "\n    ".join(refusals)
+                )
+        return self
+
     @property
     def quantized(self) -> bool:
         """Whether base weights are loaded quantised (QLoRA / QDoRA)."""
@@ -211,5 +230,7 @@ def spec_error(exc: ValidationError, source: str | Path | None = None) -> Config
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}{loc}: {msg}" if "unknown key" not in msg else f"{where}{msg}")
+        # Unknown keys and whole-spec checks name their fields in the message itself.
+        named = "unknown key" in msg or not err["loc"]
+        lines.append(f"{where}{msg}" if named else f"{where}{loc}: {msg}")
     return ConfigError("invalid job spec:\n  " + "\n  ".join(lines), source=str(source))

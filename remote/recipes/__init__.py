@@ -9,12 +9,14 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from ..backends import resolve_backend
 from ..protocol import BundleSpec
 
 __all__ = ["RECIPES", "recipe_for"]
 
-# objective -> module of this package (imported lazily: a recipe's imports are its own).
-RECIPES = {"sft": "sft"}
+# (objective, backend) -> module of this package (imported lazily: a recipe's imports are its
+# own; "auto" resolves to MLX on Apple Silicon, torch elsewhere: remote/backends.py).
+RECIPES = {("sft", "torch"): "sft", ("sft", "mlx"): "sft_mlx"}
 
 
 def recipe_for(bundle: BundleSpec) -> ModuleType:
@@ -24,9 +26,11 @@ def recipe_for(bundle: BundleSpec) -> ModuleType:
         ValueError: no recipe for the job's objective.
     """
     objective = "sft"
-    name = RECIPES.get(objective)
+    backend = resolve_backend(bundle.spec.train.backend)
+    name = RECIPES.get((objective, backend))
     if name is None:
         raise ValueError(
-            f"no training recipe for objective {objective!r}; known: {sorted(RECIPES)}"
+            f"no training recipe for objective {objective!r} on {backend!r}; "
+            f"known: {sorted(RECIPES)}"
         )
     return importlib.import_module(f".{name}", __package__)

@@ -70,6 +70,7 @@ class Attempt(Provisioning, AgentSession, PullBack):
         max_runtime: float | None = None,
         env: Mapping[str, str] | None = None,
         disk_gb: int = 50,
+        backend: str | None = None,
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
@@ -83,6 +84,9 @@ class Attempt(Provisioning, AgentSession, PullBack):
         self.max_runtime = max_runtime
         self.extra_env = dict(env or {})
         self.disk_gb = disk_gb  # the instance's disk: base, adapter and every export
+        # The recipe the machine will run ("torch"/"mlx"), when the client knows it (an explicit
+        # train.backend, or a provider that resolves "auto"); None: the instance decides.
+        self.backend = backend
         self.machine: Machine | None = None
         self.host: Host | None = None
         self.key_path: Path | None = None

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraburst.providers import Host, Machine, Offer, Provider
+from loraburst.remote.backends import requirements, resolve_backend
 from loraburst.remote.protocol import (
     CHECKPOINT_DIR,
     CONTROL_FILE,
+    ENV_BACKEND,
     ENV_DEADLINE,
     ENV_DEADLINE_REASON,
     ENV_HEARTBEAT_GRACE,
@@ -55,6 +57,7 @@ class AgentSession:
     key_path: Path | None
     local_dir: Path
     extra_env: dict[str, str]
+    backend: str | None
     durations: dict[str, float]
     state: State
     stop_requested: str | None
@@ -103,6 +106,8 @@ class AgentSession:
         if deadline is not None:
             env[ENV_DEADLINE] = f"{deadline.at:.0f}"
             env[ENV_DEADLINE_REASON] = deadline.reason
+        if self.backend is not None:
+            env[ENV_BACKEND] = self.backend  # the agent resolves "auto" as the client did
         caps = self.provider.capabilities
         if not caps.same_machine:
             env[ENV_HEARTBEAT_GRACE] = f"{self.heartbeat_grace_s:.0f}"
@@ -123,12 +128,10 @@ class AgentSession:
         without starting a process or importing torch.
         """
         if _same_interpreter(host):
-            missing = missing_requirements()
+            backend = self.backend or resolve_backend("auto")  # this very machine
+            missing = missing_requirements(requirements(backend))
             if missing:
-                raise AgentError(
-                    f"the trainer's dependencies are missing here: {', '.join(missing)}. "
-                    "Install them with `pip install 'loraburst[train]'`."
-                )
+                raise AgentError(_missing_message(backend, missing, "here"))
             return
         # Keep the instance's own PYTHONPATH (site folders some images use) after the bundle's code.
         check = (
@@ -136,11 +139,12 @@ class AgentSession:
             "-m loraburst.remote.agent --check"
         )
         info = self._run_check(host, check)
-        missing = info.get("missing") or []
+        # "auto" unresolved by the provider resolves as the instance will: MLX on a Mac.
+        backend = self.backend or ("mlx" if info.get("apple_silicon") else "torch")
+        field = "missing_mlx" if backend == "mlx" else "missing"
+        missing = info.get(field) or []
         if missing and self.provider.capabilities.installs_packages:
-            from loraburst.remote.protocol import TRAINER_REQUIREMENTS
-
-            pins = [r for r in TRAINER_REQUIREMENTS if _req_name(r) in set(missing)]
+            pins = [r for r in requirements(backend) if _req_name(r) in set(missing)]
             self.view.message(f"installing on the instance: {', '.join(pins)}")
             rc, _, err = host.run(
                 f"{host.python} -m pip install -q " + " ".join(f"'{p}'" for p in pins), timeout=1200
@@ -148,12 +152,9 @@ class AgentSession:
             if rc != 0:
                 raise AgentError(f"installing {pins} on the instance failed: {err[-800:]}")
             info = self._run_check(host, check)
-            missing = info.get("missing") or []
+            missing = info.get(field) or []
         if missing:
-            raise AgentError(
-                f"the trainer's dependencies are missing on {self.provider.name}: "
-                f"{', '.join(missing)}. Install them with `pip install 'loraburst[train]'`."
-            )
+            raise AgentError(_missing_message(backend, missing, f"on {self.provider.name}"))
         if info.get("cuda") and info.get("bnb_smoke") not in (None, "ok"):
             raise AgentError(f"bitsandbytes 4-bit smoke test failed: {info.get('bnb_smoke')}")
 
@@ -306,6 +307,14 @@ def _same_interpreter(host: Host) -> bool:
     import sys
 
     return bool(getattr(host, "same_environment", False)) and host.python == sys.executable
+
+
+def _missing_message(backend: str, missing: list[str], where: str) -> str:
+    extra = "mlx" if backend == "mlx" else "train"
+    return (
+        f"the {backend} trainer's dependencies are missing {where}: {', '.join(missing)}. "
+        f"Install them with `pip install 'loraburst[{extra}]'`."
+    )
 
 
 def _req_name(requirement: str) -> str:

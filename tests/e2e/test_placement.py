@@ -70,7 +70,7 @@ class GpuBox:
     estimator prices like any GPU. Only ``offers`` is exercised; nothing is launched."""
 
     name: ClassVar[str] = "local"
-    capabilities: ClassVar[Capabilities] = LocalProvider.capabilities
+    capabilities: Capabilities = LocalProvider.capabilities
     unsupported: ClassVar[Mapping[str, str]] = {"spot": "a local machine cannot be preempted"}
 
     def __init__(self, gpu: str = "RTX 4090", vram_gb: float = 24.0) -> None:

@@ -93,7 +93,11 @@ def test_the_agent_reads_the_same_spec_the_client_writes() -> None:
         (JobSpec.model_fields["train"].annotation, protocol.TrainSpec),
         (JobSpec.model_fields["quant"].annotation, protocol.QuantSpec),
     ]
-    bundle_only = {"base_model", "dataset_name", "export_prompt"}  # the bundler writes them for the instance
+    bundle_only = {
+        "base_model",
+        "dataset_name",
+        "export_prompt",
+    }  # the bundler writes them for the instance
     for client, agent in pairs:
         fields = {f.name for f in dataclasses.fields(agent)} - bundle_only
         assert set(client.model_fields) == fields, agent

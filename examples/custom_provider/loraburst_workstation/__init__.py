@@ -48,7 +48,7 @@ class WorkstationProvider:
 
     name: ClassVar[str] = "workstation"
     # The same as any SSH box: a per-job key, missing packages installed, never terminated.
-    capabilities: ClassVar[Capabilities] = SSHProvider.capabilities
+    capabilities: Capabilities = SSHProvider.capabilities
     unsupported: ClassVar[Mapping[str, str]] = {
         **SSHProvider.unsupported,
         "multi_gpu": "the workstation advertises its one GPU",
