@@ -152,7 +152,7 @@ def measure(out_dir: Path, budget_s: float, per_config_s: float) -> Path:
 
 
 def _shape(model: str) -> Any:
-    from loraburst._shapes import model_shape
+    from loraburst._cost.shapes import model_shape
 
     return model_shape(model).shape
 

@@ -17,9 +17,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from loraburst._estimate import load_calibration
-from loraburst._gpus import resolve_gpu
-from loraburst._shapes import model_shape
+from loraburst._cost.estimate import load_calibration
+from loraburst._cost.gpus import resolve_gpu
+from loraburst._cost.shapes import model_shape
 from loraburst.remote.memory import Coefficients, choose_settings, peak_vram, step_time
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ SEED = [
 def _m4_max_range(seq: int) -> dict[str, Any]:
     """The estimate's stated range for the seed's M4 Max row at ``seq`` tokens per row."""
     from loraburst import JobSpec
-    from loraburst._estimate import estimate
+    from loraburst._cost.estimate import estimate
 
     spec = JobSpec(
         model="mistral-7b-v0.3",

@@ -220,9 +220,9 @@ def peak_mb():
     # ru_maxrss, which would hide this process's own growth behind the parent's size.
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
 
-from loraburst._bundle import build_bundle
-from loraburst._dataset import prepare_dataset
-from loraburst._spec import JobSpec
+from loraburst._data.bundle import build_bundle
+from loraburst._data.dataset import prepare_dataset
+from loraburst._api.spec import JobSpec
 from loraburst.providers import Machine, SSHEndpoint
 from loraburst.providers._ssh import SSHHost
 

@@ -90,7 +90,7 @@ def run_ours(model: str, kind: str, settings: dict[str, Any]) -> dict[str, Any]:
     """One job through the product's entry; returns its measurements."""
     os.environ["LORABURST_HOME"] = tempfile.mkdtemp(prefix="lb-home-")
     from loraburst import Job
-    from loraburst._home import runs_dir
+    from loraburst._state.home import runs_dir
 
     from benchmarks.common import ensure_checkpoint
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from loraburst._home import keys_dir
+from loraburst._state.home import keys_dir
 
 __all__ = ["delete_key", "generate_key", "key_path"]
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import paramiko
-from loraburst._disk import local_io, remove_quietly
 from loraburst._exceptions import ArtifactError, HostKeyMismatchError, TransportError
-from loraburst._home import home, owner_only
+from loraburst._state.disk import local_io, remove_quietly
+from loraburst._state.home import home, owner_only
 from loraburst.remote import protocol
 from loraburst.remote.protocol import BUNDLE_DIR, LOG_FILE
 

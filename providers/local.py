@@ -17,9 +17,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import ClassVar
 
-from loraburst._disk import local_io, remove_quietly
-from loraburst._gpus import apple_gpu_memory_gib
-from loraburst._home import runs_dir
+from loraburst._cost.gpus import apple_gpu_memory_gib
+from loraburst._state.disk import local_io, remove_quietly
+from loraburst._state.home import runs_dir
 from loraburst.remote.backends import is_apple_silicon, resolve_backend
 from loraburst.remote.protocol import BUNDLE_DIR, LOG_FILE, safe_extract
 

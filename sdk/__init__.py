@@ -7,10 +7,31 @@ contract suite.
 
 from __future__ import annotations
 
-from ._batch import Batch as Batch
-from ._batch import BatchResult as BatchResult
-from ._estimate import Estimate as Estimate
-from ._estimate import EstimateRow as EstimateRow
+from ._api.batch import Batch as Batch
+from ._api.batch import BatchResult as BatchResult
+from ._api.export import ExportResult as ExportResult
+from ._api.export import ExportRun as ExportRun
+from ._api.export import export as export
+from ._api.job import Job as Job
+from ._api.result import Attempt as Attempt
+from ._api.result import JobResult as JobResult
+from ._api.spec import (
+    HubConfig as HubConfig,
+)
+from ._api.spec import (
+    JobSpec as JobSpec,
+)
+from ._api.spec import (
+    LoraConfig as LoraConfig,
+)
+from ._api.spec import (
+    QuantConfig as QuantConfig,
+)
+from ._api.spec import (
+    TrainConfig as TrainConfig,
+)
+from ._cost.estimate import Estimate as Estimate
+from ._cost.estimate import EstimateRow as EstimateRow
 from ._exceptions import (
     AgentError as AgentError,
 )
@@ -64,27 +85,6 @@ from ._exceptions import (
 )
 from ._exceptions import (
     TransportError as TransportError,
-)
-from ._export import ExportResult as ExportResult
-from ._export import ExportRun as ExportRun
-from ._export import export as export
-from ._job import Job as Job
-from ._result import Attempt as Attempt
-from ._result import JobResult as JobResult
-from ._spec import (
-    HubConfig as HubConfig,
-)
-from ._spec import (
-    JobSpec as JobSpec,
-)
-from ._spec import (
-    LoraConfig as LoraConfig,
-)
-from ._spec import (
-    QuantConfig as QuantConfig,
-)
-from ._spec import (
-    TrainConfig as TrainConfig,
 )
 
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ from rich.text import Text
 from ._exceptions import ConfigError, LoraburstError, TeardownError
 
 if TYPE_CHECKING:
-    from ._export import ExportResult
+    from ._api.export import ExportResult
 
 __all__ = ["main"]
 
@@ -31,7 +31,7 @@ _out = Console()
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from ._job import Job
+    from ._api.job import Job
 
     job = Job.from_yaml(args.job)
     train = job.validate()
@@ -40,7 +40,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ._job import Job
+    from ._api.job import Job
 
     job = Job.from_yaml(args.job)
     provider = args.provider[0] if len(args.provider) == 1 else args.provider
@@ -78,7 +78,7 @@ def _print_exports(exports: Sequence[ExportResult], hub: dict[str, Any] | None) 
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ._export import export
+    from ._api.export import export
 
     hub = {"repo": args.hub_repo, "private": not args.public} if args.hub_repo else None
     run = export(
@@ -95,7 +95,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from ._job import Job
+    from ._api.job import Job
 
     job = Job.from_yaml(args.job)
     est = job.estimate(gpus=args.gpu or None, providers=args.provider or None)
@@ -107,7 +107,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
-    from ._ledger import Ledger
+    from ._state.ledger import Ledger
 
     ledger = Ledger()
     t = Table("job", "status", "provider", "gpu", "cost $", "adapter", title="jobs")
@@ -145,7 +145,7 @@ def _plain(*cells: str) -> list[Text]:
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    from ._home import runs_dir
+    from ._state.home import runs_dir
 
     run = runs_dir() / args.job
     if not run.is_dir():
@@ -158,7 +158,7 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 
 
 def _cmd_attach(args: argparse.Namespace) -> int:
-    from ._job import Job
+    from ._api.job import Job
 
     result = Job.attach(args.job)
     _out.print(
@@ -170,7 +170,7 @@ def _cmd_attach(args: argparse.Namespace) -> int:
 
 
 def _cmd_cleanup(args: argparse.Namespace) -> int:
-    from ._cleanup import cleanup
+    from ._lifecycle.cleanup import cleanup
 
     report = cleanup(dry_run=args.dry_run, release_held=args.release_held)
     for line in report.lines():
@@ -179,7 +179,7 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from ._batch import Batch
+    from ._api.batch import Batch
 
     batch = Batch.from_yaml(args.batch)
     result = batch.run()
@@ -188,7 +188,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _cmd_version(args: argparse.Namespace) -> int:
-    from . import __version__
+    from loraburst import __version__
+
     from .remote.protocol import PROTOCOL_VERSION
 
     print(f"loraburst {__version__} (agent protocol {PROTOCOL_VERSION})")

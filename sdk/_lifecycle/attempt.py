@@ -25,13 +25,13 @@ from loraburst.remote.protocol import (
     State,
 )
 
-from .. import _billing as billing
+from .._cost import billing as billing
 from .._exceptions import (
     JobCancelledError,
 )
-from .._home import runs_dir
-from .._ledger import InstanceRow, Ledger
 from .._progress import ProgressView
+from .._state.home import runs_dir
+from .._state.ledger import InstanceRow, Ledger
 
 __all__ = ["Attempt"]
 

@@ -20,9 +20,9 @@ from .._exceptions import (
     TeardownError,
     TransportError,
 )
-from .._ledger import Ledger
-from .._owner import claim, release
 from .._progress import ProgressView
+from .._state.ledger import Ledger
+from .owner import claim, release
 
 __all__ = ["Provisioning"]
 

@@ -26,16 +26,16 @@ from loraburst.remote.protocol import (
     verify_manifest,
 )
 
-from .._disk import local_io, remove_quietly
 from .._exceptions import (
     AgentError,
     ArtifactError,
     LocalStorageError,
     LoraburstError,
 )
-from .._ledger import Ledger
-from .._owner import release
 from .._progress import ProgressView
+from .._state.disk import local_io, remove_quietly
+from .._state.ledger import Ledger
+from .owner import release
 
 __all__ = ["PullBack"]
 

@@ -28,14 +28,14 @@ from loraburst.remote.protocol import (
     missing_requirements,
 )
 
-from .. import _billing as billing
-from .._bundle import Bundle
+from .._cost import billing as billing
+from .._data.bundle import Bundle
+from .._data.model_folder import content_digest
 from .._exceptions import (
     AgentError,
     HostKeyMismatchError,
     TransportError,
 )
-from .._model_folder import content_digest
 from .._progress import ProgressView
 
 __all__ = ["AgentSession"]

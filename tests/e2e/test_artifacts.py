@@ -9,7 +9,7 @@ from typing import Any
 
 import boto3
 from loraburst import Job
-from loraburst._home import home
+from loraburst._state.home import home
 
 from tests.conftest import SAMPLE_DATA
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from loraburst import Batch, ConfigError, Job
-from loraburst._placement import plan
+from loraburst._cost.placement import plan
 
 from tests.conftest import ROOT, SAMPLE_DATA
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from loraburst import Job
-from loraburst._home import home, keys_dir
-from loraburst._ledger import Ledger
+from loraburst._state.home import home, keys_dir
+from loraburst._state.ledger import Ledger
 from loraburst.remote.protocol import verify_manifest
 
 from tests.conftest import SAMPLE_DATA

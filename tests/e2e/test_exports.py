@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from loraburst import Job
 from loraburst._cli import main as cli
-from loraburst._home import home
+from loraburst._state.home import home
 from loraburst.remote.protocol import verify_manifest
 
 from tests.conftest import SAMPLE_DATA

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 from loraburst import ConfigError, Job, JobError, LocalStorageError
-from loraburst._cleanup import cleanup
-from loraburst._home import runs_dir
-from loraburst._ledger import Ledger
-from loraburst._owner import claim, client_alive, release
+from loraburst._lifecycle.cleanup import cleanup
+from loraburst._lifecycle.owner import claim, client_alive, release
+from loraburst._state.home import runs_dir
+from loraburst._state.ledger import Ledger
 from loraburst.providers import LaunchRequest, Offer
 
 from tests.conftest import SAMPLE_DATA
@@ -166,7 +166,7 @@ def test_cleanup_terminates_a_hold_that_has_ended(runpod_fake: Any, runpod_provi
 
 
 def test_local_write_errors_name_the_errno() -> None:
-    from loraburst._disk import storage_error
+    from loraburst._state.disk import storage_error
 
     err = storage_error(OSError(errno.EDQUOT, "Disk quota exceeded"), "/x/y")
     assert isinstance(err, LocalStorageError) and err.errno == errno.EDQUOT

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from loraburst import Job
-from loraburst._ledger import Ledger
+from loraburst._state.ledger import Ledger
 from loraburst.remote.protocol import verify_manifest
 
 from tests.conftest import SAMPLE_DATA
@@ -116,7 +116,7 @@ def test_local_model_folder_is_used_in_place(tiny_model: Path, tmp_path: Path) -
     from the user's folder."""
     import tarfile
 
-    from loraburst._home import home, runs_dir
+    from loraburst._state.home import home, runs_dir
 
     result = _job(tiny_model, tmp_path / "out", max_steps=2).run(provider="local", progress=False)
     assert result.status == "succeeded"
@@ -144,7 +144,7 @@ def test_local_dependencies_are_checked_before_the_agent_starts(
     """The local provider runs this interpreter: its packages are checked here, by metadata,
     and a missing one is named before any agent starts."""
     from loraburst import AgentError
-    from loraburst._home import runs_dir
+    from loraburst._state.home import runs_dir
     from loraburst.remote import protocol
 
     assert protocol.missing_requirements() == []

@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from loraburst import ConfigError, Job
-from loraburst._home import runs_dir
+from loraburst._state.home import runs_dir
 from loraburst.providers.local import LocalProvider
 from loraburst.remote.protocol import verify_manifest
 

@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 
 import pytest
 from loraburst import BudgetExceededError, Job, PlacementError
-from loraburst._ledger import Ledger
-from loraburst._placement import plan
+from loraburst._cost.placement import plan
+from loraburst._state.ledger import Ledger
 from loraburst.providers import Capabilities, Host, LaunchRequest, Machine, Offer
 from loraburst.providers.local import LocalProvider
 

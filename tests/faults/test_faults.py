@@ -28,10 +28,10 @@ from loraburst import (
     LoraburstError,
     TeardownError,
 )
-from loraburst._cleanup import cleanup
-from loraburst._home import runs_dir
-from loraburst._ledger import Ledger
 from loraburst._lifecycle.attempt import Attempt
+from loraburst._lifecycle.cleanup import cleanup
+from loraburst._state.home import runs_dir
+from loraburst._state.ledger import Ledger
 from loraburst.providers.runpod import RunPodProvider
 from loraburst.remote.protocol import State, verify_manifest
 

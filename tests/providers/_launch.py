@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from loraburst._ledger import Ledger
 from loraburst._lifecycle.attempt import Attempt
 from loraburst._progress import ProgressView
+from loraburst._state.ledger import Ledger
 from loraburst.providers import Offer, Provider
 
 

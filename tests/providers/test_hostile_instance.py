@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 from loraburst import AgentError, ArtifactError, LocalStorageError, LoraburstError
-from loraburst._ledger import Ledger
 from loraburst._lifecycle.attempt import Attempt
 from loraburst._progress import ProgressView
+from loraburst._state.ledger import Ledger
 from loraburst.providers import LaunchRequest
 from loraburst.providers._ssh import SSHHost
 from loraburst.providers.ssh import SSHProvider

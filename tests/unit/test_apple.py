@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 from loraburst import ConfigError, Job, JobSpec
-from loraburst._estimate import estimate
-from loraburst._gpus import CATALOG, apple_gpu_memory_gib, resolve_gpu
-from loraburst._shapes import model_shape
+from loraburst._cost.estimate import estimate
+from loraburst._cost.gpus import CATALOG, apple_gpu_memory_gib, resolve_gpu
+from loraburst._cost.shapes import model_shape
 from loraburst.providers.local import detect_apple_gpu
 from loraburst.remote.backends import mlx_refusals, requirements, resolve_backend
 from loraburst.remote.mlx_trainer import plan_for_memory

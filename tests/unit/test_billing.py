@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from loraburst import _billing as billing
+from loraburst._cost import billing
 
 
 @pytest.mark.parametrize(

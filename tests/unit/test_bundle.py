@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from loraburst import Job
-from loraburst._bundle import build_bundle, extract_bundle
+from loraburst._data.bundle import build_bundle, extract_bundle
 from loraburst.remote.protocol import UnsafeArchiveError
 
 ROWS = [

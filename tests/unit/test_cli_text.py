@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from loraburst import Job
-from loraburst._estimate import Estimate, EstimateRow
-from loraburst._ledger import Ledger
+from loraburst._cost.estimate import Estimate, EstimateRow
 from loraburst._progress import ProgressView
+from loraburst._state.ledger import Ledger
 from loraburst.remote.protocol import State
 from rich.console import Console
 

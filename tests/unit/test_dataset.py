@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from loraburst import ConfigError, DatasetError
-from loraburst._dataset import PreparedDataset, prepare_dataset
+from loraburst._data.dataset import PreparedDataset, prepare_dataset
 from loraburst.remote.protocol import DEFAULT_CHAT_TEMPLATE
 
 CHAT = {
@@ -532,7 +532,7 @@ def test_normalised_jsonl_is_deterministic_and_content_addressed(tmp_path: Path)
 
 def test_importing_the_module_stays_light() -> None:
     code = (
-        "import sys, loraburst._dataset; "
+        "import sys, loraburst._data.dataset; "
         "print(sorted(m for m in ('torch', 'transformers', 'pyarrow') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -548,7 +548,7 @@ def test_missing_pyarrow_says_what_to_install(tmp_path: Path) -> None:
     # A None entry in sys.modules makes the import fail, as on a light client install.
     code = (
         "import sys; sys.modules['pyarrow'] = sys.modules['pyarrow.parquet'] = None\n"
-        "from loraburst._dataset import prepare_dataset\n"
+        "from loraburst._data.dataset import prepare_dataset\n"
         "from loraburst import ConfigError\n"
         "try:\n    prepare_dataset(sys.argv[1])\n"
         "except ConfigError as e:\n    print(e)\n"
@@ -563,7 +563,7 @@ def test_missing_pyarrow_says_what_to_install(tmp_path: Path) -> None:
 
 
 def test_failed_prepare_leaves_no_spill_file(tmp_path: Path) -> None:
-    from loraburst._home import home
+    from loraburst._state.home import home
 
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, {"text": ""}])
     problems_of(path)
@@ -590,7 +590,7 @@ def test_csv_bad_utf8_names_the_line(tmp_path: Path) -> None:
 
 
 def test_exact_counts_cross_batch_boundaries(tokenizer_dir: Path) -> None:
-    from loraburst._dataset import count_tokens
+    from loraburst._data.dataset import count_tokens
 
     rows = [{"text": " ".join(SENTENCES[: 1 + i % 4])} for i in range(2500)]
     counts, exact = count_tokens(rows, "text", str(tokenizer_dir))
@@ -606,9 +606,9 @@ _RSS_PROBE = """
 import json, sys
 def peak_kb():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-from loraburst._bundle import build_bundle
-from loraburst._dataset import prepare_dataset
-from loraburst._spec import JobSpec
+from loraburst._data.bundle import build_bundle
+from loraburst._data.dataset import prepare_dataset
+from loraburst._api.spec import JobSpec
 before = peak_kb()
 ds = prepare_dataset(sys.argv[1])
 bundle = build_bundle(JobSpec(model="org/model", dataset=sys.argv[1]), ds, None)
@@ -685,7 +685,7 @@ def test_a_dataset_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
 def test_a_json_document_over_the_limit_is_refused_before_parsing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from loraburst import _dataset_read
+    from loraburst._data import read as _dataset_read
 
     monkeypatch.setattr(_dataset_read, "MAX_JSON_BYTES", 1 << 20)
     path = tmp_path / "d.json"
@@ -697,7 +697,7 @@ def test_a_json_document_over_the_limit_is_refused_before_parsing(
 def test_rows_too_long_for_one_tokenizer_call_are_counted_in_pieces(
     tokenizer_dir: Path,
 ) -> None:
-    from loraburst import _dataset_tokens
+    from loraburst._data import tokens as _dataset_tokens
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -714,7 +714,7 @@ _BIG_LINE_PROBE = """
 import json, sys
 def peak_kb():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-from loraburst._dataset import prepare_dataset
+from loraburst._data.dataset import prepare_dataset
 from loraburst._exceptions import DatasetError
 from transformers import AutoTokenizer
 AutoTokenizer.from_pretrained(sys.argv[2])  # the libraries' own memory is not the row's

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from loraburst import EstimateError, JobSpec
-from loraburst._estimate import Estimate, estimate, model_shape, resolve_gpu
+from loraburst._cost.estimate import Estimate, estimate, model_shape, resolve_gpu
 from loraburst.providers import Offer
 from rich.console import Console
 

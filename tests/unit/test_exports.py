@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from loraburst import ConfigError, ExportResult, Job, JobResult
+from loraburst._api.export import export_cost
 from loraburst._cli import main as cli
-from loraburst._export import export_cost
 from loraburst.remote.export import parse_exports
 from loraburst.remote.gguf_export import GGUF_REQUIREMENT
 

@@ -23,7 +23,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from loraburst import ConfigError, Job
-from loraburst._dataset import prepare_dataset
+from loraburst._data.dataset import prepare_dataset
 from loraburst.remote.protocol import ManifestError, parse_manifest, safe_relpath
 
 from tests.conftest import SAMPLE_DATA

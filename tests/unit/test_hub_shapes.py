@@ -89,7 +89,7 @@ def test_missing_repo_file_or_cache_is_a_clear_error(
 
 
 def test_the_seed_models_estimate_out_of_the_box() -> None:
-    from loraburst._shapes import model_shape
+    from loraburst._cost.shapes import model_shape
 
     for model in ("mistralai/Mistral-7B-v0.1", "meta-llama/Meta-Llama-3-8B", "google/gemma-2-9b"):
         assert model_shape(model).source.startswith("registry:")

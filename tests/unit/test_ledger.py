@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loraburst._billing import billed_cost
-from loraburst._ledger import Ledger
+from loraburst._cost.billing import billed_cost
+from loraburst._state.ledger import Ledger
 
 
 def test_instance_row_is_written_before_create_and_tracks_states(tmp_path: Path) -> None:
@@ -174,7 +174,7 @@ def test_someone_elses_writable_home_is_refused(
     import os
 
     from loraburst import ConfigError
-    from loraburst._home import home
+    from loraburst._state.home import home
 
     if os.geteuid() != 0:
         pytest.skip("needs root to give a folder to another user")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from loraburst._shapes import model_shape
+from loraburst._cost.shapes import model_shape
 from loraburst.remote import memory
 from loraburst.remote.memory import (
     DEFAULT_COEFFS,

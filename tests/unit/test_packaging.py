@@ -60,7 +60,7 @@ def test_remote_imports_only_stdlib_and_itself(tmp_path: Path) -> None:
     # The agent must start on a bare instance: the bundled remote code alone, no client code,
     # no third-party imports at module level (the trainer imports torch & co. in functions).
     # `python -S` leaves site-packages out, so any such import fails here.
-    from loraburst._bundle import _code_files
+    from loraburst._data.bundle import _code_files
 
     code_dir = tmp_path / "code" / "loraburst"
     code_dir.mkdir(parents=True)

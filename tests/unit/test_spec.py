@@ -83,8 +83,8 @@ def test_the_agent_reads_the_same_spec_the_client_writes() -> None:
     import dataclasses
 
     from loraburst import JobSpec
-    from loraburst._bundle import _bundle_spec
-    from loraburst._dataset import prepare_dataset
+    from loraburst._data.bundle import _bundle_spec
+    from loraburst._data.dataset import prepare_dataset
     from loraburst.remote import protocol
 
     pairs = [

@@ -26,11 +26,11 @@ from typing import IO, Any
 import loraburst.remote as _remote_pkg
 from loraburst.remote.protocol import PROTOCOL_VERSION, safe_extract
 
-from ._dataset import PreparedDataset
-from ._exceptions import ConfigError
-from ._home import home
-from ._model_folder import local_model_dir
-from ._spec import JobSpec
+from .._api.spec import JobSpec
+from .._exceptions import ConfigError
+from .._state.home import home
+from .dataset import PreparedDataset
+from .model_folder import local_model_dir
 
 __all__ = ["Bundle", "build_bundle", "extract_bundle", "local_model_dir"]
 

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from ._exceptions import ConfigError
+from .._exceptions import ConfigError
 
 __all__ = ["HubConfig", "JobSpec", "LoraConfig", "QuantConfig", "TrainConfig", "spec_error"]
 

@@ -22,12 +22,18 @@ from typing import TYPE_CHECKING, Any
 
 from loraburst.providers import Offer, Provider, get_provider
 
-from . import _billing as billing
-from ._exceptions import AuthError, BudgetExceededError, ConfigError, EstimateError, ProviderError
+from .._exceptions import (
+    AuthError,
+    BudgetExceededError,
+    ConfigError,
+    EstimateError,
+    ProviderError,
+)
+from . import billing as billing
 
 if TYPE_CHECKING:
-    from ._estimate import Estimate, EstimateRow
-    from ._job import Job
+    from .._api.job import Job
+    from .estimate import Estimate, EstimateRow
 
 __all__ = ["Candidate", "configured_providers", "estimate_job", "plan", "resolve_providers"]
 
@@ -111,7 +117,7 @@ def estimate_job(
     """The estimate for ``job``; live offers from configured providers when ``live``."""
     from loraburst.providers.local import detect_gpus
 
-    from ._estimate import estimate
+    from .estimate import estimate
 
     train, _ = job.prepare()
     st = train.stats
@@ -134,7 +140,7 @@ def estimate_job(
 
 def _gpu_ok(offer: Offer, gpu: Any) -> bool:
     """``gpu=``: a minimum VRAM in GB, or GPU names in any spelling the catalog knows."""
-    from ._estimate import resolve_gpu
+    from .estimate import resolve_gpu
 
     if gpu is None:
         return True
@@ -257,7 +263,7 @@ def plan(
 
 
 def _row_key(o: Offer) -> tuple[str, str, int, float]:
-    from ._estimate import resolve_gpu
+    from .estimate import resolve_gpu
 
     try:
         name = resolve_gpu(o.gpu).name
@@ -304,7 +310,7 @@ def _over_budget(
 def _steps_within(row: EstimateRow, max_cost: float) -> int:
     """About how many optimizer steps ``max_cost`` buys on ``row``'s offer, at the estimate's
     upper bound."""
-    from ._estimate import SETUP_RANGE
+    from .estimate import SETUP_RANGE
 
     if row.price_per_hour <= 0 or row.steps <= 0:
         return 0

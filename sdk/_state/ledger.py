@@ -26,8 +26,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from ._exceptions import LocalStorageError
-from ._home import home, owner_only
+from .._exceptions import LocalStorageError
+from .home import home, owner_only
 
 __all__ = ["InstanceRow", "JobRow", "Ledger", "OPEN_STATES"]
 

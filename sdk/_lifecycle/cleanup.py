@@ -17,10 +17,10 @@ from collections.abc import Mapping
 
 from loraburst.providers import Provider, get_provider
 
-from ._exceptions import ProviderError
-from ._ledger import Ledger
-from ._owner import client_alive
-from ._placement import configured_providers
+from .._cost.placement import configured_providers
+from .._exceptions import ProviderError
+from .._state.ledger import Ledger
+from .owner import client_alive
 
 __all__ = ["CleanupReport", "cleanup", "client_alive"]
 

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from ._home import home
+from .._state.home import home
 
 __all__ = ["content_digest", "fingerprint", "local_model_dir", "model_files"]
 

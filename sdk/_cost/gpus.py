@@ -29,7 +29,7 @@ import dataclasses
 import difflib
 import re
 
-from ._exceptions import EstimateError
+from .._exceptions import EstimateError
 
 __all__ = [
     "CATALOG",

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ._exceptions import ConfigError
+from .._exceptions import ConfigError
 
 __all__ = ["DATA_SUFFIXES", "Located", "Unreadable", "is_saved_dataset", "read_path", "read_rows"]
 

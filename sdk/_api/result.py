@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from ._export import ExportResult
+    from .export import ExportResult
 
 __all__ = ["Attempt", "JobResult", "JobStatus"]
 

@@ -36,7 +36,7 @@ from loraburst.remote.protocol import (
     verify_manifest,
 )
 
-from ._exceptions import ArtifactError, ConfigError, JobError
+from .._exceptions import ArtifactError, ConfigError, JobError
 
 __all__ = ["ExportCost", "ExportResult", "ExportRun", "export", "export_cost", "read_results"]
 
@@ -169,8 +169,8 @@ class ExportRun:
 
 def _from_job(job_id: str, work: Path) -> tuple[Path, dict[str, Any], str]:
     """The job's adapter, its spec, and its bundle's rows laid out in ``work``."""
-    from ._home import home
-    from ._ledger import Ledger
+    from .._state.home import home
+    from .._state.ledger import Ledger
 
     row = Ledger().job(job_id)
     if row is None:
@@ -230,14 +230,14 @@ def export(
         JobError: the export process failed before writing its report.
         ArtifactError: a produced file does not match its manifest.
     """
-    from ._home import runs_dir
+    from .._state.home import runs_dir
 
     try:
         entries = parse_exports(list(to))
     except ValueError as exc:
         raise ConfigError(f"--to: {exc}") from None
     if hub is not None:
-        from ._spec import HubConfig
+        from .spec import HubConfig
 
         hub = HubConfig.model_validate(dict(hub)).model_dump()
     work = runs_dir() / f"export-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"

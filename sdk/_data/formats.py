@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._dataset_read import Located, Unreadable
+from .read import Located, Unreadable
 
 __all__ = ["KIND_OF_FORMAT", "RowChecker", "check_rows", "detect_format"]
 

@@ -18,9 +18,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._exceptions import ConfigError, EstimateError, LocalStorageError
-from ._home import runs_dir
-from ._spec import JobSpec
+from .._api.spec import JobSpec
+from .._exceptions import ConfigError, EstimateError, LocalStorageError
+from .home import runs_dir
 
 __all__ = [
     "artifact_bytes",
@@ -117,7 +117,7 @@ def artifact_bytes(spec: JobSpec) -> int | None:
     shape is unknown. Tokenizer files and trained embedding rows come on top of it."""
     from loraburst.remote.memory import lora_params
 
-    from ._shapes import model_shape
+    from .._cost.shapes import model_shape
 
     try:
         shape = model_shape(spec.model).shape

@@ -30,12 +30,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from ._dataset_formats import KIND_OF_FORMAT, RowChecker
-from ._dataset_read import DATA_SUFFIXES, Located, read_path, read_rows
-from ._dataset_tokens import TokenTally, count_tokens
-from ._disk import local_io
-from ._exceptions import ConfigError, DatasetError
-from ._home import home
+from .._exceptions import ConfigError, DatasetError
+from .._state.disk import local_io
+from .._state.home import home
+from .formats import KIND_OF_FORMAT, RowChecker
+from .read import DATA_SUFFIXES, Located, read_path, read_rows
+from .tokens import TokenTally, count_tokens
 
 __all__ = ["DatasetStats", "PreparedDataset", "count_tokens", "is_hub_id", "prepare_dataset"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from loraburst.remote.memory import Shape, param_counts, shape_from_config
 
-from ._exceptions import EstimateError
+from .._exceptions import EstimateError
 
 __all__ = ["REGISTRY", "ModelShape", "model_shape"]
 

@@ -22,9 +22,12 @@ from typing import TYPE_CHECKING, Any
 from loraburst.remote.backends import mlx_refusals
 from loraburst.remote.protocol import CHECKPOINT_DIR, ENV_ARTIFACTS
 
-from ._bundle import Bundle, build_bundle
-from ._disk import check_outputs, storage_error
-from ._exceptions import (
+from .._api.export import export_cost, read_results
+from .._api.result import Attempt as AttemptRow
+from .._api.result import JobResult, JobStatus
+from .._data.bundle import Bundle, build_bundle
+from .._data.model_folder import local_model_dir
+from .._exceptions import (
     AuthError,
     CapacityError,
     ConfigError,
@@ -38,21 +41,18 @@ from ._exceptions import (
     ProviderError,
     TransportError,
 )
-from ._export import export_cost, read_results
-from ._home import home, runs_dir
-from ._ledger import JobRow, Ledger
-from ._lifecycle.attempt import Attempt
-from ._model_folder import local_model_dir
-from ._owner import claim, release
-from ._progress import ProgressView
-from ._result import Attempt as AttemptRow
-from ._result import JobResult, JobStatus
+from .._progress import ProgressView
+from .._state.disk import check_outputs, storage_error
+from .._state.home import home, runs_dir
+from .._state.ledger import JobRow, Ledger
+from .attempt import Attempt
+from .owner import claim, release
 
 if TYPE_CHECKING:
     from loraburst.providers import Provider
 
-    from ._job import Job
-    from ._placement import Candidate
+    from .._api.job import Job
+    from .._cost.placement import Candidate
 
 __all__ = ["attach", "execute"]
 
@@ -96,8 +96,8 @@ def execute(
     allow_partial: bool = False,
 ) -> JobResult:
     """See ``Job.run``."""
-    from ._job import new_job_id
-    from ._placement import plan
+    from .._api.job import new_job_id
+    from .._cost.placement import plan
 
     t_start = time.time()
     train, ev = job.prepare()  # every row checked before any money is spent
@@ -227,8 +227,8 @@ def _agent_env(
 
 def _disk_gb(model: str, exports: list[Any]) -> int:
     """The instance disk the job's exports need (the providers' default without any)."""
-    from ._exceptions import EstimateError
-    from ._shapes import model_shape
+    from .._cost.shapes import model_shape
+    from .._exceptions import EstimateError
 
     try:
         ms = model_shape(model)
@@ -559,7 +559,7 @@ def _resume(
     """
     from loraburst.providers import get_provider
 
-    from ._placement import Candidate
+    from .._cost.placement import Candidate
 
     job_id = row.id
     gone = f"{lost}; " if lost else f"job {job_id} has no running instance; "

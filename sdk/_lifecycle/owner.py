@@ -16,9 +16,9 @@ from pathlib import Path
 
 from loraburst.providers.local import pid_alive
 
-from ._disk import local_io
-from ._exceptions import JobError
-from ._home import runs_dir
+from .._exceptions import JobError
+from .._state.disk import local_io
+from .._state.home import runs_dir
 
 __all__ = ["claim", "client_alive", "follower", "release"]
 

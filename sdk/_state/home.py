@@ -12,7 +12,7 @@ import os
 import stat
 from pathlib import Path
 
-from ._exceptions import ConfigError
+from .._exceptions import ConfigError
 
 __all__ = ["home", "keys_dir", "owner_only", "runs_dir"]
 

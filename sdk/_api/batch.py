@@ -22,9 +22,9 @@ import yaml
 from rich.table import Table
 from rich.text import Text
 
-from ._exceptions import BudgetExceededError, ConfigError, LoraburstError
-from ._job import Job, load_yaml_file
-from ._placement import plan
+from .._cost.placement import plan
+from .._exceptions import BudgetExceededError, ConfigError, LoraburstError
+from .job import Job, load_yaml_file
 
 __all__ = ["Batch", "BatchResult", "BatchRow"]
 

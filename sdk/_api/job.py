@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import ValidationError
 
-from ._dataset import PreparedDataset, prepare_dataset
-from ._exceptions import ConfigError
-from ._spec import HubConfig, JobSpec, LoraConfig, QuantConfig, TrainConfig, spec_error
+from .._data.dataset import PreparedDataset, prepare_dataset
+from .._exceptions import ConfigError
+from .spec import HubConfig, JobSpec, LoraConfig, QuantConfig, TrainConfig, spec_error
 
 if TYPE_CHECKING:
     from loraburst.providers import Provider
 
-    from ._estimate import Estimate
-    from ._result import JobResult
+    from .._cost.estimate import Estimate
+    from .result import JobResult
 
 __all__ = ["Job"]
 
@@ -165,8 +165,8 @@ class Job:
 
         Fields that do not change the trained adapter (name, output_dir, budgets) are left out.
         """
-        from loraburst._bundle import _code_files
-        from loraburst._model_folder import fingerprint, local_model_dir
+        from .._data.bundle import _code_files
+        from .._data.model_folder import fingerprint, local_model_dir
 
         train, ev = self.prepare()
         h = hashlib.sha256()
@@ -207,7 +207,7 @@ class Job:
 
         Live prices replace the dated snapshot for providers whose API key is configured.
         """
-        from ._placement import estimate_job
+        from .._cost.placement import estimate_job
 
         return estimate_job(self, gpus=gpus, providers=providers, live=live)
 
@@ -251,7 +251,7 @@ class Job:
             PlacementError: every offer failed (the message has a table of attempts).
             TeardownError: an instance could not be confirmed terminated (run cleanup).
         """
-        from ._execute import execute
+        from .._lifecycle.run import execute
 
         return execute(
             self,
@@ -280,7 +280,7 @@ class Job:
             LocalStorageError: this machine still cannot store the adapter (the instance is
                 kept for another attach).
         """
-        from ._execute import attach
+        from .._lifecycle.run import attach
 
         return attach(job_id, providers=providers, progress=progress)
 

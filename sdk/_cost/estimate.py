@@ -24,12 +24,19 @@ from typing import TYPE_CHECKING, Any
 
 from loraburst.remote.memory import Coefficients, choose_settings, peak_vram, step_time
 
-from . import _billing as billing
-from ._exceptions import EstimateError
-from ._export import export_cost
-from ._gpus import CATALOG, SNAPSHOT, GPUSpec, billing_increment_s, resolve_gpu, setup_model
-from ._shapes import ModelShape, model_shape
-from ._spec import JobSpec
+from .._api.export import export_cost
+from .._api.spec import JobSpec
+from .._exceptions import EstimateError
+from . import billing as billing
+from .gpus import (
+    CATALOG,
+    SNAPSHOT,
+    GPUSpec,
+    billing_increment_s,
+    resolve_gpu,
+    setup_model,
+)
+from .shapes import ModelShape, model_shape
 
 if TYPE_CHECKING:
     from loraburst.providers import Offer

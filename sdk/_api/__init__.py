@@ -1,0 +1,1 @@
+"""The job API: Job, Batch, their spec and results, and exports on their own."""
