@@ -122,7 +122,7 @@ def run_ours(model: str, kind: str, settings: dict[str, Any]) -> dict[str, Any]:
     m = result.metrics
     pick = {
         k: next((e for e in events if e["kind"] == k), None)
-        for k in ("settings", "fastpath", "data")
+        for k in ("loading", "data", "settings", "fastpath", "training", "done")
     }
     return {
         "stack": "ours",

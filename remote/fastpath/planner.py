@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..planning import UNVERIFIED_MARGIN as UNVERIFIED_MARGIN
+from ..planning import VERIFIED_ARCHITECTURES as VERIFIED_ARCHITECTURES
 from ._common import GIB, decoder_layers
-from .loss import CE_CHUNK_ELEMENTS
 
 
 def plan(
@@ -57,112 +58,29 @@ def plan(
     """
     import torch
 
+    from ..planning import plan_memory
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
-    layers = decoder_layers(base)
-    n_layers = len(layers) or int(cfg.num_hidden_layers)
-    h = int(cfg.hidden_size)
-    vocab = int(cfg.vocab_size)
-    tokens = tokens or seq_len * micro_batch_size
-    if headroom_gib is None:
-        headroom_gib = 1.5 + 0.06 * budget_gib
+    n_layers = len(decoder_layers(base)) or int(cfg.num_hidden_layers)
     verified = getattr(type(cfg), "model_type", None) in VERIFIED_ARCHITECTURES
-    if not verified:
-        budget_gib = budget_gib / UNVERIFIED_MARGIN
-    rows = max(1, -(-tokens // max(seq_len, 1))) if layout == "padded" else 1
-    row_len = min(seq_len, tokens) if layout == "padded" else tokens
     if probe is None:
         probe = probe_memory(model, layout=layout)
-    ok = bool(probe.get("ok"))
-    if not ok:
-        policy = "offload"
-    kept0, kept1, kept2 = probe.get("kept_fit", (0.0, 0.0, 0.0))
-    peak0, peak1, peak2 = probe.get("peak_fit", (0.0, 0.0, 0.0))
-    # Per token outside the decoder layers: embeddings out, final hidden states and their
-    # gradient from the loss. The rest of the slope (and the square) is the layers'.
-    outside = 3 * h * 2
-    sq = rows * row_len**2
-    act_layer = max(0.0, (kept1 - outside) * tokens + kept2 * sq) / n_layers if ok else 0.0
-    outside_bytes = outside * tokens + max(0.0, kept0)
-    # What the backward adds at its peak, above everything the forward kept.
-    transient = max(0.0, (peak0 - kept0) + (peak1 - kept1) * tokens + (peak2 - kept2) * sq)
-    chunked = bool(probe.get("chunked_loss"))
-    ckpt_layer = tokens * h * 2
-    cache_layer = float(probe.get("cache_bytes", 0)) if ok else 0.0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
-    best: dict[str, Any] | None = None
-    # The loss's fp32 logits chunk: ~1 GiB by default; 1,024 tokens when memory is short.
-    for loss_chunk in (None, 1024) if policy != "offload" else (1024,):
-        chunk = min(tokens, loss_chunk or max(128, CE_CHUNK_ELEMENTS // vocab))
-        # fp32 logits chunk and its bf16 gradient, alive while every activation is.
-        loss_mem = chunk * vocab * (4 + 2) if chunked else 0
-        fixed = allocated + trainable * 12 + outside_bytes + max(transient, loss_mem)
-        fixed += headroom_gib * GIB
-        option = _plan_layers(
-            budget_gib * GIB - fixed, fixed - headroom_gib * GIB, n_layers, act_layer,
-            ckpt_layer, cache_layer, policy,
-        )  # fmt: skip
-        option["loss_chunk"] = loss_chunk
-        if best is None or _plan_rank(option) > _plan_rank(best):
-            best = option
-    assert best is not None
+    best = plan_memory(
+        probe=probe, base_bytes=allocated, trainable=trainable, n_layers=n_layers,
+        hidden=int(cfg.hidden_size), vocab=int(cfg.vocab_size),
+        budget_gib=budget_gib if verified else budget_gib / UNVERIFIED_MARGIN,
+        tokens=tokens or seq_len * micro_batch_size, seq_len=seq_len, layout=layout,
+        policy=policy, headroom_gib=headroom_gib,
+    )  # fmt: skip
     best["probe"] = probe
     best["verified_architecture"] = verified
+    # What the plan stood on, for the client's estimate to be fitted against (calibration).
+    best["base_gib"] = round(allocated / GIB, 3)
+    best["trainable"] = trainable
     return best
-
-
-def _plan_rank(option: dict[str, Any]) -> tuple[bool, int, float]:
-    """Fits first, then fewest recomputed layers; among misfits, the smallest peak."""
-    peak = 0.0 if option["fits"] else -option["predicted_peak_gib"]
-    return option["fits"], -option["recompute_layers"], peak
-
-
-def _plan_layers(
-    free: float,
-    fixed: float,
-    n_layers: int,
-    act_layer: float,
-    ckpt_layer: float,
-    cache: float,
-    policy: str,
-) -> dict[str, Any]:
-    """Fewest recomputed layers whose activations fit ``free`` bytes; the rest to the cache."""
-
-    def option(n_ckpt: int, offload: bool) -> dict[str, Any]:
-        kept = 0.0 if offload else ckpt_layer
-        acts = (n_layers - n_ckpt) * act_layer + n_ckpt * kept + (act_layer if n_ckpt else 0)
-        if offload:
-            acts += 2 * ckpt_layer  # a layer input in flight each way
-        room = free - acts
-        cached = max(0, min(n_layers, int(room // cache))) if cache > 0 and room > 0 else 0
-        if offload:
-            cached = 0  # the leanest setting: memory is what it is for
-        return {
-            "recompute_layers": n_ckpt, "gradient_checkpointing": n_ckpt > 0, "offload": offload,
-            "dequant_cache": cached, "fits": room >= 0,
-            "predicted_peak_gib": round((fixed + acts + cached * cache) / GIB, 2),
-        }  # fmt: skip
-
-    if policy == "none":
-        return option(0, False)
-    if policy == "all":
-        return option(n_layers, False)
-    if policy == "offload":
-        return option(n_layers, True)
-    for n_ckpt in range(n_layers + 1):
-        found = option(n_ckpt, False)
-        if found["fits"]:
-            return found
-    return option(n_layers, True)  # nothing fits on the card: the leanest there is
-
-
-# Model types whose predicted peak was within 10% of the measured one on the H200
-# (benchmarks/planner_accuracy.py, benchmarks/real_path.py): Llama-3-8B -3.6%, Llama-3.2-3B
-# -2.9%, Phi-3-mini +0.4%. Qwen2.5-7B (-42%) and Gemma-2-9B (-22%) were under-predicted, for
-# reasons not yet found; they, and every type not listed, get UNVERIFIED_MARGIN.
-VERIFIED_ARCHITECTURES = frozenset({"llama", "phi3"})
-UNVERIFIED_MARGIN = 1.8
 
 
 def probe_memory(

@@ -14,7 +14,7 @@ from ..batching import BatchPlan, epoch_batches, plan_batches
 from ..collate import collate
 from ..protocol import BUNDLE_DIR, BundleSpec, JobSpecData
 
-__all__ = ["Rows", "batch_plan", "encode", "layout", "loader", "plan_tokens"]
+__all__ = ["Rows", "batch_plan", "encode", "layout", "loader"]
 
 Rows = list[dict[str, list[int]]]
 
@@ -73,11 +73,6 @@ def batch_plan(
         lengths, max_seq_len=train.max_seq_len, micro_batch=micro_batch, packing=packing,
         seed=train.seed, epochs=epochs, padded=layout == "padded",
     )  # fmt: skip
-
-
-def plan_tokens(plan: BatchPlan, layout: str) -> int:
-    """Tokens in the largest micro-batch as the model will see it (padding included)."""
-    return plan.max_tokens if layout == "flat" else plan.max_padded_tokens
 
 
 class _Units:

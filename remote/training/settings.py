@@ -3,17 +3,17 @@
 On CUDA the fast path's patches are applied first (:func:`..fastpath.optimize`), then the
 patched model's memory is measured (:func:`..fastpath.probe_memory`) and each candidate
 micro-batch is planned against the card's memory (:func:`..fastpath.plan`); the candidates are
-ranked by :func:`..memory.micro_batch_score`, the same ranking the client's estimate uses.
+ranked by :func:`..planning.choose`, which the client's estimate runs too.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .. import planning
 from ..batching import BatchPlan
-from ..memory import micro_batch_score
 from ..protocol import JobSpecData
-from .data import batch_plan, plan_tokens
+from .data import batch_plan
 
 __all__ = ["apply_fastpath", "base_config", "budget_gib", "cap_memory", "choose"]
 
@@ -82,33 +82,28 @@ def choose(
     budget = budget_gib(spec)
     policy = _POLICY[train.gradient_checkpointing]
     layers = max(1, int(getattr(base_config(model), "num_hidden_layers", 1)))
-    best: tuple[tuple[bool, float], dict[str, Any], BatchPlan] | None = None
-    for mb in candidates:
-        plan = batch_plan(spec, lengths, mb, packing, layout)
-        if mb > candidates[0] and plan.batches_per_epoch < 2:
-            break  # a bigger micro-batch than the data fills
-        tokens = plan_tokens(plan, layout)
-        seq = train.max_seq_len
-        option = fastpath.plan(
+    seq = train.max_seq_len
+
+    def memory_for(tokens: int, mb: int) -> dict[str, Any]:
+        return fastpath.plan(
             model, seq_len=seq, micro_batch_size=max(1, -(-tokens // seq)), tokens=tokens,
             budget_gib=budget, layout=layout, policy=policy, probe=probe,
         )  # fmt: skip
-        score = micro_batch_score(
-            plan.mean_tokens, option["recompute_layers"], layers, bool(option["fits"]), tokens
-        )
-        settings = {
-            "micro_batch_size": mb,
-            "gradient_checkpointing": option["gradient_checkpointing"],
-            "packing": packing,
-            "layout": layout,
-            "tokens_per_micro_batch": tokens,
-            "memory_budget_gib": round(budget, 2),
-            "plan": option,
-        }
-        if best is None or score > best[0]:
-            best = (score, settings, plan)
-    assert best is not None
-    return best[1], best[2]
+
+    pick = planning.choose(
+        candidates, lambda mb: batch_plan(spec, lengths, mb, packing, layout), memory_for,
+        layers=layers, padded=layout == "padded",
+    )  # fmt: skip
+    settings = {
+        "micro_batch_size": pick.micro_batch,
+        "gradient_checkpointing": pick.memory["gradient_checkpointing"],
+        "packing": packing,
+        "layout": layout,
+        "tokens_per_micro_batch": pick.tokens,
+        "memory_budget_gib": round(budget, 2),
+        "plan": pick.memory,
+    }
+    return settings, pick.batches
 
 
 def apply_fastpath(model: Any, settings: dict[str, Any]) -> dict[str, Any]:

@@ -36,11 +36,11 @@ from .gpus import (
     resolve_gpu,
     setup_model,
 )
+from .replay import Planner, RealPathCoeffs, Replay, workload
 from .shapes import ModelShape, model_shape
 
 if TYPE_CHECKING:
     from loraburst.providers import Offer
-    from rich.table import Table
 
 __all__ = ["Estimate", "EstimateRow", "estimate", "load_calibration", "model_shape", "resolve_gpu"]
 
@@ -83,6 +83,7 @@ class EstimateRow:
     disk_gb: int = 50  # instance disk the job needs (base, adapter, exports)
     total_low_s: float = 0.0  # the stated range of total_s (what cost_low/high_usd bill)
     total_high_s: float = 0.0
+    mean_tokens: float = 0.0  # real tokens per micro-batch, as the trainer will cut them
 
     @property
     def feasible(self) -> bool:
@@ -118,74 +119,110 @@ class Estimate:
     def to_dicts(self) -> list[dict[str, Any]]:
         return [dataclasses.asdict(r) for r in self.rows]
 
-    def _cells(self) -> tuple[list[str], list[list[str]]]:
-        head = [
-            "provider",
-            "gpu",
-            "n",
-            "fits",
-            "peak/VRAM GiB",
-            "batch",
-            "tok/s",
-            "train",
-            "setup",
-            "total (range)",
-            "$/hr",
-            "cost (range)",
-            "note",
-        ]
+    def _cells(self, compact: bool = False) -> tuple[list[str], list[list[str]]]:
+        """Header and rows; ``compact`` keeps what a narrow terminal has room for."""
+        head = ["provider", "gpu", "n", "fits", "peak/VRAM GiB", "batch", "tok/s", "train",
+                "setup", "total (range)", "$/hr", "cost (range)", "note"]  # fmt: skip
+        if compact:
+            head = ["provider", "gpu", "fits", "peak GiB", "tok/s", "total", "cost"]
         body = []
         for r in self.rows:
+            priced = r.price_source != "unpriced"
             cost = f"${r.cost_usd:.2f} ({r.cost_low_usd:.2f}-{r.cost_high_usd:.2f})"
-            body.append(
-                [
-                    r.provider,
-                    r.gpu,
-                    str(r.gpu_count),
-                    "yes" if r.fits else "NO",
-                    f"{r.peak_vram_gb:.1f}/{r.vram_gb:.0f}",
-                    f"{r.micro_batch_size}{'+ckpt' if r.gradient_checkpointing else ''}",
+            if not priced:
+                cost = "no price"
+            elif not r.fits:
+                cost = "-"
+            gpu = r.gpu if r.gpu_count == 1 else f"{r.gpu_count}x {r.gpu}"
+            if compact:
+                body.append([
+                    r.provider, gpu, "yes" if r.fits else "NO", f"{r.peak_vram_gb:.1f}",
                     f"{r.tokens_per_s:,.0f}" if r.fits else "-",
-                    _dur(r.train_s) if r.fits else "-",
-                    _dur(r.setup_s),
-                    f"{_dur(r.total_s)} ({_dur(r.total_low_s)}-{_dur(r.total_high_s)})"
-                    if r.fits
-                    else "-",
-                    f"{r.price_per_hour:.2f}",
-                    cost if r.fits else "-",
-                    r.note,
-                ]
-            )
+                    _dur(r.total_s) if r.fits else "-",
+                    cost if not priced or not r.fits else f"${r.cost_usd:.2f}",
+                ])  # fmt: skip
+                continue
+            body.append([
+                r.provider, r.gpu, str(r.gpu_count), "yes" if r.fits else "NO",
+                f"{r.peak_vram_gb:.1f}/{r.vram_gb:.0f}",
+                f"{r.micro_batch_size}{'+ckpt' if r.gradient_checkpointing else ''}",
+                f"{r.tokens_per_s:,.0f}" if r.fits else "-",
+                _dur(r.train_s) if r.fits else "-", _dur(r.setup_s),
+                f"{_dur(r.total_s)} ({_dur(r.total_low_s)}-{_dur(r.total_high_s)})"
+                if r.fits else "-",
+                f"{r.price_per_hour:.2f}" if priced else "no price", cost, r.note,
+            ])  # fmt: skip
         return head, body
 
     def _title(self) -> str:
         kind = "exact" if self.tokens_exact else "estimated"
         return f"{self.model}: {self.tokens:,} tokens ({kind}), {self.steps:,} steps"
 
-    def table(self) -> str:
-        """Plain-text table, one line per row, then the notes."""
-        head, body = self._cells()
-        widths = [max(len(c) for c in col) for col in zip(head, *body, strict=True)]
+    def table(self, width: int | None = None) -> str:
+        """Plain-text table, one line per row, then the notes.
+
+        Args:
+            width: the terminal's columns; where the full table is wider, the compact columns
+                (GPU, fits, peak, tok/s, total, cost) are shown, and where even those are wider,
+                one block of lines per offer.
+        """
         lines = [self._title()]
-        for cells in [head, *body]:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
+        for compact in (False, True):
+            head, body = self._cells(compact)
+            widths = [max(len(c) for c in col) for col in zip(head, *body, strict=True)]
+            if width is None or sum(widths) + 2 * (len(widths) - 1) <= width or compact:
+                break
+        if width is not None and sum(widths) + 2 * (len(widths) - 1) > width:
+            lines += self._vertical()
+        else:
+            for cells in [head, *body]:
+                lines.append(
+                    "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+                )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
-    def __rich__(self) -> Table:
+    def _vertical(self) -> list[str]:
+        """One short block per offer, for terminals too narrow for columns."""
+        head, body = self._cells(compact=False)
+        out = []
+        for cells in body:
+            row = dict(zip(head, cells, strict=True))
+            n = "" if row["n"] == "1" else f" x{row['n']}"
+            out.append(f"{row['provider']} {row['gpu']}{n}: fits {row['fits']}, "
+                       f"{row['peak/VRAM GiB']} GiB, batch {row['batch']}")  # fmt: skip
+            out.append(f"  {row['tok/s']} tok/s, total {row['total (range)']}")
+            out.append(f"  {row['$/hr']} $/hr, cost {row['cost (range)']}")
+            if row["note"]:
+                out.append(f"  {row['note']}")
+        return out
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        """A table that fits the terminal: every column (notes wrapped), the compact columns,
+        or a block of lines per offer (an 80-column terminal gets the compact table)."""
         from rich.table import Table
         from rich.text import Text
 
-        head, body = self._cells()
-        # Text, not str: model and GPU names and notes come from users and providers, and a
-        # str would be parsed as markup.
-        caption = Text("\n".join(self.notes)) if self.notes else None
-        table = Table(title=Text(self._title()), caption=caption)
-        for h in head:
-            table.add_column(h, justify="right" if h in ("tok/s", "$/hr", "n") else "left")
-        for cells in body:
-            table.add_row(*(Text(c) for c in cells))
-        return table
+        width = int(options.max_width)
+        for compact in (False, True):
+            head, body = self._cells(compact)
+            widths = [max(len(c) for c in col) for col in zip(head, *body, strict=True)]
+            if not compact:  # the note column wraps; give it 24 columns at least
+                widths[-1] = min(widths[-1], 24)
+            if sum(widths) + 3 * len(widths) + 1 <= width:
+                # Text, not str: model and GPU names and notes come from users and providers,
+                # and a str would be parsed as markup.
+                caption = Text("\n".join(self.notes)) if self.notes else None
+                table = Table(title=Text(self._title()), caption=caption)
+                for h in head:
+                    right = h in ("tok/s", "$/hr", "n", "peak GiB")
+                    table.add_column(h, justify="right" if right else "left")
+                for cells in body:
+                    table.add_row(*(Text(c) for c in cells))
+                yield table
+                return
+        notes = [f"note: {n}" for n in self.notes]
+        yield Text("\n".join([self._title(), *self._vertical(), *notes]))
 
     def __str__(self) -> str:
         return self.table()
@@ -305,6 +342,7 @@ def estimate(
     providers: Sequence[str] | None = None,
     offers: Sequence[Offer] | None = None,
     local_gpus: Sequence[tuple[str, float]] = (),
+    lengths: Sequence[int] | None = None,
 ) -> Estimate:
     """Estimate ``spec`` on every offer (or the snapshot), cheapest feasible first.
 
@@ -318,6 +356,8 @@ def estimate(
         providers: keep only these providers.
         offers: live offers; ``None`` uses the dated price snapshot.
         local_gpus: ``(name, vram GiB)`` of local cards, priced at 0.
+        lengths: every row's token count, when the client counted them: the trainer's
+            batching is replayed over them (else rows are taken as the mean row).
 
     Raises:
         EstimateError: unknown GPU or model, or the job fits none of the GPUs considered
@@ -347,20 +387,28 @@ def estimate(
         g = CATALOG[name]
         if backend == "auto" or g.apple == (backend == "mlx"):
             slots.append(_Slot("-", g, 1, 0.0, "unpriced", 1, True, g.vram_gb))
-    rows_out = [_row(spec, ms, wl, s, coeffs, tokens_exact) for s in slots]
+    planner = Planner(spec, ms.shape, ms.config,
+                      workload(spec, lengths, rows, tokens, padded=ms.shape.eager_attention))  # fmt: skip
+    rows_out = [_row(spec, ms, wl, s, coeffs, tokens_exact, planner) for s in slots]
     rows_out.sort(key=lambda r: (not r.feasible, r.cost_usd, r.total_s))
     best = min(rows_out, key=lambda r: (not r.feasible, r.cost_usd), default=None)
+    real = load_calibration().get("real_path", {})
+    rp = _real_path()
     notes = [
-        f"speed from a fit on {load_calibration().get('gpu', 'an H200')}"
-        f" ({load_calibration().get('date', 'undated')}); other GPUs scaled by TFLOP/s and"
-        " bandwidth",
-        "setup: " + setup_model("runpod").describe() + " (RunPod; Lambda boots in ~4 min)",
+        f"speed and loading fitted to the trainer's real path on "
+        f"{load_calibration().get('gpu', 'an H200')} ({real.get('date', 'undated')}); other GPUs "
+        "scaled by TFLOP/s and bandwidth",
+        "setup: "
+        + setup_model("runpod").describe().split(", load/")[0]
+        + f" + load/quantise {rp.load_s:.0f}s + {rp.load_gbs:.2f} GB/s"
+        " (RunPod; Lambda boots in ~4 min)",
     ]
-    if not _packs(spec, tokens, rows):
-        notes.append(
-            f"no packing: micro-batches padded to their longest row, taken as the mean row "
-            f"({wl.seq_speed} tokens); memory sized for max_seq_len {wl.seq_mem}"
-        )
+    replayed = planner.wl
+    notes.append(
+        f"batches replayed as the trainer cuts them ({'packed' if replayed.packing else 'unpacked'}"
+        f"{', padded' if replayed.padded else ', padding-free'}) over "
+        + ("every row's token count" if lengths else "rows of the mean length")
+    )
     if tokens <= 0:
         notes.append("token count unknown: rows taken as half of max_seq_len")
     export_note = export_cost(spec.exports, ms.params, ms.download_bytes).note
@@ -369,8 +417,8 @@ def estimate(
     if skipped:
         notes.append("skipped: " + "; ".join(skipped))
     steps = best.steps if best else 0
-    tokens_total = steps * spec.train.grad_accum * (best.micro_batch_size if best else 1)
-    est = Estimate(rows_out, ms.name, tokens_total * wl.seq_speed, tokens_exact, steps, notes)
+    tokens_total = round(steps * spec.train.grad_accum * (best.mean_tokens if best else 0.0))
+    est = Estimate(rows_out, ms.name, tokens_total, tokens_exact, steps, notes)
     if rows_out and not any(r.fits for r in rows_out):
         raise EstimateError(_no_fit_message(spec, ms, wl, rows_out, coeffs), estimate=est)
     return est
@@ -383,9 +431,123 @@ def _steps(spec: JobSpec, wl: _Workload, micro_batch: int) -> int:
     return max(1, math.ceil(wl.sequences * t.epochs / (micro_batch * t.grad_accum)))
 
 
+def _real_path() -> RealPathCoeffs:
+    return RealPathCoeffs.from_dict(load_calibration().get("real_path", {}).get("coefficients", {}))
+
+
 def _row(
-    spec: JobSpec, ms: ModelShape, wl: _Workload, s: _Slot, coeffs: Coefficients, exact: bool
+    spec: JobSpec,
+    ms: ModelShape,
+    wl: _Workload,
+    s: _Slot,
+    coeffs: Coefficients,
+    exact: bool,
+    planner: Planner,
 ) -> EstimateRow:
+    t = spec.train
+    rp = _real_path()
+    setup = setup_model("local" if s.gpu.apple else s.provider)
+    download = 0.0 if ms.source.endswith("config.json") and s.provider == "local" else 1.0
+    if s.gpu.apple:
+        pick, step_s, mean_tokens, batches = _apple_pick(spec, ms, wl, s, coeffs)
+        fits, peak, mb = (
+            bool(pick["fits"]),
+            float(pick["peak_vram_gb"]),
+            int(pick["micro_batch_size"]),
+        )
+        ckpt, first_s = bool(pick["gradient_checkpointing"]), 0.0
+        setup_s = setup.seconds(ms.download_bytes * download)
+    else:
+        r: Replay = planner.replay(
+            s.vram_gb, tflops=s.gpu.bf16_tflops, bandwidth_gbs=s.gpu.bandwidth_gbs,
+            gemm_efficiency=s.gpu.gemm_efficiency, coeffs=rp,
+        )  # fmt: skip
+        fits, peak, mb, ckpt = r.fits, r.peak_gib, r.micro_batch, r.recompute_layers > 0
+        step_s, mean_tokens, batches, first_s = (
+            r.step_s,
+            r.mean_tokens,
+            r.batches_per_epoch,
+            rp.first_step_s,
+        )
+        # The instance's own setup, then what the real path measured on the H200 besides the
+        # steps (start, tokenise, read and quantise the checkpoint, measure memory, save, pull).
+        fetched = dataclasses.replace(setup, load_gbs=math.inf)
+        load_s = rp.load_s + ms.download_bytes / (rp.load_gbs * 1e9)
+        setup_s = fetched.seconds(ms.download_bytes * download) + load_s
+    if t.max_steps is not None:
+        steps = t.max_steps
+    else:
+        steps = max(1, math.ceil(batches * t.epochs / t.grad_accum))
+    saves = steps // t.save_every_steps if t.save_every_steps else 0
+    train_s = steps * t.grad_accum * step_s + first_s + saves * SAVE_S
+    exports = export_cost(spec.exports, ms.params, ms.download_bytes)  # exports hook
+    total_s = train_s + setup_s + exports.seconds
+    notes = []
+    if not fits:
+        notes.append(
+            f"needs {peak:.1f} GiB even at micro-batch {mb}{' with checkpointing' if ckpt else ''}"
+        )
+    elif t.gradient_checkpointing == "auto" and ckpt:
+        notes.append(f"checkpointing on: fits micro-batch {mb}")
+    if s.count > 1:
+        notes.append(f"trainer uses 1 of {s.count} GPUs")
+    if not s.gpu.bf16:
+        notes.append("no bf16: trains in fp16")
+    if not s.available:
+        notes.append("not available now")
+    if s.source == "unpriced":
+        notes.append("no price known for this GPU")
+    real = load_calibration().get("real_path", {}).get("accuracy", {})
+    err_speed = float(real.get("max_rel_error_tokens_per_s", 0.2))
+    if s.gpu.name != "H200":
+        err_speed += OTHER_GPU_ERROR
+    if s.gpu.apple:
+        err_speed += MLX_ERROR
+        notes.append("MLX (Apple Silicon): speed derived from public mlx-lm numbers")
+    err_tok = 0.0 if exact or t.max_steps else TOKEN_GUESS_ERROR
+    if wl.tokens_unknown:
+        err_tok = 0.5
+    fixed = setup_s + exports.seconds
+    low_s = train_s * (1 - err_speed) * (1 - err_tok) + fixed * SETUP_RANGE[0]
+    high_s = train_s * (1 + err_speed) * (1 + err_tok) + fixed * SETUP_RANGE[1]
+
+    def cost(seconds: float) -> float:
+        return round(billing.billed_cost(s.price, seconds, s.increment), 4)
+
+    return EstimateRow(
+        provider=s.provider,
+        gpu=s.gpu.name,
+        gpu_count=s.count,
+        fits=fits,
+        peak_vram_gb=round(peak, 2),
+        vram_gb=s.vram_gb,
+        micro_batch_size=mb,
+        gradient_checkpointing=ckpt,
+        tokens_per_s=round(mean_tokens / step_s if step_s > 0 else 0.0, 1),
+        train_s=round(train_s, 1),
+        setup_s=round(setup_s, 1),
+        total_s=round(total_s, 1),
+        price_per_hour=s.price,
+        price_source=s.source,
+        billing_increment_s=s.increment,
+        cost_usd=cost(total_s),
+        cost_low_usd=cost(low_s),
+        cost_high_usd=cost(high_s),
+        note="; ".join(notes),
+        steps=steps,
+        available=s.available,
+        export_s=exports.seconds,
+        disk_gb=exports.disk_gb,
+        total_low_s=round(low_s, 1),
+        total_high_s=round(high_s, 1),
+        mean_tokens=round(mean_tokens, 1),
+    )
+
+
+def _apple_pick(
+    spec: JobSpec, ms: ModelShape, wl: _Workload, s: _Slot, coeffs: Coefficients
+) -> tuple[dict[str, Any], float, float, float]:
+    """MLX on Apple Silicon: the analytic model (the replay is the CUDA trainer's)."""
     bits = spec.quant.bits if spec.quantized else 16
     common: dict[str, Any] = {
         "lora_r": spec.lora.r,
@@ -416,75 +578,8 @@ def _row(
         gemm_efficiency=s.gpu.gemm_efficiency,
         **common,
     )
-    steps = _steps(spec, wl, mb)
-    saves = steps // spec.train.save_every_steps if spec.train.save_every_steps else 0
-    train_s = steps * spec.train.grad_accum * timing["total"] + saves * SAVE_S
-    # A Mac trains on the Mac itself: no instance to boot, whatever the row's provider says.
-    setup = setup_model("local" if s.gpu.apple else s.provider)
-    download = 0.0 if ms.source.endswith("config.json") and s.provider == "local" else 1.0
-    setup_s = setup.seconds(ms.download_bytes * download)
-    exports = export_cost(spec.exports, ms.params, ms.download_bytes)  # exports hook
-    total_s = train_s + setup_s + exports.seconds
-    notes = []
-    if not pick["fits"]:
-        notes.append(
-            f"needs {pick['peak_vram_gb']:.1f} GiB even at micro-batch {mb}"
-            f"{' with checkpointing' if ckpt else ''}"
-        )
-    elif spec.train.gradient_checkpointing == "auto" and ckpt:
-        notes.append(f"checkpointing on: fits micro-batch {mb}")
-    if s.count > 1:
-        notes.append(f"trainer uses 1 of {s.count} GPUs")
-    if not s.gpu.bf16:
-        notes.append("no bf16: trains in fp16")
-    if not s.available:
-        notes.append("not available now")
-    if s.source == "unpriced":
-        notes.append("no price known for this GPU")
-    err_speed = float(load_calibration().get("accuracy", {}).get("max_rel_error_tokens_per_s", 0.2))
-    if s.gpu.name != "H200":
-        err_speed += OTHER_GPU_ERROR
-    if s.gpu.apple:
-        err_speed += MLX_ERROR
-        notes.append("MLX (Apple Silicon): speed derived from public mlx-lm numbers")
-    err_tok = 0.0 if exact or spec.train.max_steps else TOKEN_GUESS_ERROR
-    if wl.tokens_unknown:
-        err_tok = 0.5
-    low_s = train_s * (1 - err_speed) * (1 - err_tok) + (setup_s + exports.seconds) * SETUP_RANGE[0]
-    high_s = (
-        train_s * (1 + err_speed) * (1 + err_tok) + (setup_s + exports.seconds) * SETUP_RANGE[1]
-    )
-
-    def cost(seconds: float) -> float:
-        return round(billing.billed_cost(s.price, seconds, s.increment), 4)
-
-    return EstimateRow(
-        provider=s.provider,
-        gpu=s.gpu.name,
-        gpu_count=s.count,
-        fits=bool(pick["fits"]),
-        peak_vram_gb=float(pick["peak_vram_gb"]),
-        vram_gb=s.vram_gb,
-        micro_batch_size=mb,
-        gradient_checkpointing=ckpt,
-        tokens_per_s=round(timing["tokens_per_s"], 1),
-        train_s=round(train_s, 1),
-        setup_s=round(setup_s, 1),
-        total_s=round(total_s, 1),
-        price_per_hour=s.price,
-        price_source=s.source,
-        billing_increment_s=s.increment,
-        cost_usd=cost(total_s),
-        cost_low_usd=cost(low_s),
-        cost_high_usd=cost(high_s),
-        note="; ".join(notes),
-        steps=steps,
-        available=s.available,
-        export_s=exports.seconds,
-        disk_gb=exports.disk_gb,
-        total_low_s=round(low_s, 1),
-        total_high_s=round(high_s, 1),
-    )
+    batches = wl.sequences / mb
+    return pick, float(timing["total"]), float(mb * wl.seq_speed), batches
 
 
 def _no_fit_message(

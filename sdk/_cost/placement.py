@@ -135,6 +135,7 @@ def estimate_job(
         providers=providers,
         offers=offers,
         local_gpus=detect_gpus(),
+        lengths=st.lengths,
     )
 
 

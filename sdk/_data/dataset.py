@@ -26,7 +26,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -67,6 +67,8 @@ class DatasetStats:
     over_max_seq_len: int | None
     chars: int
     max_seq_len: int = 2048
+    lengths: Sequence[int] | None = dataclasses.field(default=None, repr=False, compare=False)
+    """Every row's token count, in file order (None for a hub dataset)."""
 
     def describe(self) -> str:
         """One human line, e.g. ``120 rows (messages), ~34,512 tokens (estimated), ...``."""
@@ -276,6 +278,7 @@ def _stream(
         over_max_seq_len=sums.over,
         chars=tally.chars,
         max_seq_len=max_seq_len,
+        lengths=sums.lengths,
     )
     return PreparedDataset(
         source=name,

@@ -15,8 +15,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from loraburst.remote import fastpath  # noqa: E402
-from loraburst.remote.fastpath import layers, patch, planner  # noqa: E402
+from loraburst.remote import fastpath, planning  # noqa: E402
+from loraburst.remote.fastpath import layers, patch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
@@ -370,13 +370,13 @@ def test_plan_without_a_measurement_falls_back_to_the_leanest_setting() -> None:
 
 def test_plan_layers_prefers_fewer_recomputes_then_cache() -> None:
     gib = fastpath.GIB
-    roomy = planner._plan_layers(100 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "auto")
+    roomy = planning._plan_layers(100 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "auto")
     assert roomy["recompute_layers"] == 0 and roomy["dequant_cache"] == 32 and roomy["fits"]
-    tight = planner._plan_layers(20 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "auto")
+    tight = planning._plan_layers(20 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "auto")
     assert 0 < tight["recompute_layers"] < 32 and tight["fits"]
-    none = planner._plan_layers(1 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "auto")
+    none = planning._plan_layers(1 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "auto")
     assert none["offload"] and not none["fits"]
-    forced = planner._plan_layers(100 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "all")
+    forced = planning._plan_layers(100 * gib, 10 * gib, 32, 1 * gib, 0.1 * gib, 0.5 * gib, "all")
     assert forced["recompute_layers"] == 32 and forced["dequant_cache"] == 32
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from loraburst import EstimateError, JobSpec
 from loraburst._cost.estimate import Estimate, estimate, model_shape, resolve_gpu
+from loraburst._cost.gpus import setup_model
 from loraburst.providers import Offer
 from rich.console import Console
 
@@ -82,10 +83,25 @@ def test_steps_from_rows_epochs_and_batch() -> None:
     assert {r.steps for r in fixed.rows} == {123} and fixed.steps == 123
 
 
-def test_packing_counts_sequences_of_max_seq_len() -> None:
+def test_packing_replays_the_trainers_batches() -> None:
+    """Rows of 123 tokens pack 16 to a 2,048-token sequence (a row never straddles two, as in
+    the trainer): 313 steps, not the 300 that tokens / max_seq_len would say."""
     spec = _spec(micro_batch_size=1, packing=True, max_seq_len=2048)
     est = estimate(spec, tokens=2048 * 300, rows=5000, tokens_exact=True, gpus=["H100"])
-    assert {r.steps for r in est.rows} == {300}
+    assert {r.steps for r in est.rows} == {math.ceil(5000 / 16)}
+
+
+def test_padding_comes_from_the_rows_not_their_mean() -> None:
+    """Gemma-2 trains padded: a skewed set of rows (a few long ones among short ones) is slower
+    per real token than rows all of the mean length, though both hold the same tokens."""
+    spec = _spec(model="gemma-2-9b", micro_batch_size=2, packing=False, max_seq_len=2048)
+    skewed = [100] * 950 + [1900] * 50
+    flat = [190] * 1000
+    kw: dict[str, Any] = {"tokens": 190_000, "rows": 1000, "tokens_exact": True, "gpus": ["H200"]}
+    a = estimate(spec, lengths=skewed, **kw).rows[0]
+    b = estimate(spec, lengths=flat, **kw).rows[0]
+    assert a.mean_tokens == pytest.approx(b.mean_tokens, rel=0.05)
+    assert a.tokens_per_s < 0.8 * b.tokens_per_s
 
 
 def test_filters_by_gpu_spelling_and_provider() -> None:
@@ -125,7 +141,8 @@ def test_local_tiny_model_folder(tmp_path: Path) -> None:
                    tokens_exact=True, offers=[], local_gpus=[("RTX 4090", 24.0)])  # fmt: skip
     (row,) = est.rows
     assert (row.provider, row.price_per_hour, row.cost_usd, row.fits) == ("local", 0, 0, True)
-    assert row.setup_s < 5 and est.cheapest() == row
+    # No boot, image, install or download: only starting and loading, as on the real path.
+    assert row.setup_s < setup_model("runpod").boot_s and est.cheapest() == row
     assert "tiny-llama" in est.table()
 
 
