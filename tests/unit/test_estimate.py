@@ -194,3 +194,28 @@ def test_table_dicts_and_rich_render() -> None:
     console = Console(record=True, width=200)
     console.print(est)
     assert "L40S" in console.export_text()
+
+
+@pytest.mark.parametrize("width", [80, 60])
+def test_table_fits_a_narrow_terminal(width: int) -> None:
+    """An 80-column terminal gets the compact columns; narrower, a block of lines per offer.
+    Either way no line is wider than the terminal and every offer is still there."""
+    est = estimate(_spec(), tokens=10**6, rows=10**3, tokens_exact=True,
+                   gpus=["RTX 4090", "H100", "RTX 5080"])  # fmt: skip
+    console = Console(width=width, record=True)
+    console.print(est)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= width
+    for r in est.rows:
+        assert r.gpu in text
+    assert "no price" in text  # the RTX 5080 has none in the snapshot, and says so
+    assert "$0.00" not in text
+
+
+@pytest.mark.parametrize(
+    "model", ["mistralai/Mistral-7B-v0.1", "meta-llama/Meta-Llama-3-8B", "google/gemma-2-9b"]
+)
+def test_the_seeds_models_estimate_out_of_the_box(model: str) -> None:
+    est = estimate(_spec(model=model), tokens=10**6, rows=10**3, tokens_exact=True, gpus=["H100"])
+    row = est.rows[0]
+    assert row.fits and row.tokens_per_s > 0 and row.peak_vram_gb < row.vram_gb
