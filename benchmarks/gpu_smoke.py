@@ -22,7 +22,7 @@ def main(out: Path) -> int:
 
     os.environ.setdefault("LORABURST_HOME", tempfile.mkdtemp(prefix="lb-home-"))
     from loraburst import Job
-    from loraburst._tiny import make_tiny_model
+    from loraburst.testing import make_tiny_model
 
     data = ROOT / "examples" / "data" / "chat.jsonl"
     texts = [

@@ -186,7 +186,7 @@ def run_job_once(model: Path, work: Path, fake: Any, index: int) -> dict[str, fl
 
 
 def part_jobs(work: Path, runs: int) -> dict[str, Any]:
-    from loraburst._tiny import make_tiny_model
+    from loraburst.testing import make_tiny_model
 
     from tests.fakes.runpod import RunPodFake
 

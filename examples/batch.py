@@ -77,7 +77,7 @@ def _tiny_model(folder: Path) -> Path:
     """A tiny real Llama with a tokenizer trained on the sample data (built once)."""
     if (folder / "config.json").is_file():
         return folder
-    from loraburst._tiny import make_tiny_model
+    from loraburst.testing import make_tiny_model
 
     lines = DATA.read_text(encoding="utf-8").splitlines()
     texts = [m["content"] for line in lines if line.strip() for m in json.loads(line)["messages"]]

@@ -86,7 +86,7 @@ def _emulators(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """Start both emulators in this process and point the providers at them via the same
     environment variables a user would set (keys and base URLs)."""
     sys.path.insert(0, str(ROOT))
-    from loraburst._tiny import make_tiny_model
+    from loraburst.testing import make_tiny_model
 
     from tests.fakes.lambdalabs import LambdaFake
     from tests.fakes.runpod import RunPodFake

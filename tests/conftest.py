@@ -32,7 +32,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny real Llama (random weights) with a tokenizer trained on the sample data."""
     import json
 
-    from loraburst._tiny import make_tiny_model
+    from loraburst.testing import make_tiny_model
 
     texts = []
     for line in SAMPLE_DATA.read_text().splitlines():
