@@ -463,6 +463,24 @@ class TrainSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ObjectiveSpec:
+    """``objective:`` — sft, or a preference objective and its options (the client's
+    ``ObjectiveConfig`` says what each means)."""
+
+    type: str = "sft"
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reference: str = "auto"
+    max_prompt_len: int | None = None
+
+    @property
+    def preference(self) -> bool:
+        """Rows are pairs: prompt, chosen, rejected."""
+        return self.type in ("dpo", "orpo")
+
+
+@dataclasses.dataclass(frozen=True)
 class JobSpecData:
     """``spec`` of spec.json: the job as the agent runs it (paths rewritten for the bundle)."""
 
@@ -470,6 +488,8 @@ class JobSpecData:
     dataset: str = ""  # none for `loraburst export`, which trains nothing
     eval_dataset: str | None = None
     method: str = "qlora"
+    objective: ObjectiveSpec = dataclasses.field(default_factory=ObjectiveSpec)
+    init_adapter: str | None = None  # "init_adapter": the bundled starting adapter
     lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)
     train: TrainSpec = dataclasses.field(default_factory=TrainSpec)
     quant: QuantSpec = dataclasses.field(default_factory=QuantSpec)
@@ -521,6 +541,7 @@ class BundleSpec:
 _NESTED: dict[tuple[str, str], Any] = {
     ("BundleSpec", "spec"): JobSpecData,
     ("JobSpecData", "lora"): LoraSpec,
+    ("JobSpecData", "objective"): ObjectiveSpec,
     ("JobSpecData", "train"): TrainSpec,
     ("JobSpecData", "quant"): QuantSpec,
 }

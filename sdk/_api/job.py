@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import ValidationError
 
+from .._data.bundle import init_adapter_files
 from .._data.dataset import PreparedDataset, prepare_dataset
 from .._exceptions import ConfigError
 from .spec import HubConfig, JobSpec, LoraConfig, QuantConfig, TrainConfig, spec_error
@@ -122,7 +123,7 @@ class Job:
                 f"{path}: a job file must be a mapping of keys such as model:, dataset:, train:"
             )
         base = path.resolve().parent
-        for key in ("dataset", "eval_dataset", "model", "output_dir"):
+        for key in ("dataset", "eval_dataset", "model", "output_dir", "init_adapter"):
             value = raw.get(key)
             if isinstance(value, str) and value and not Path(value).is_absolute():
                 candidate = base / value
@@ -142,8 +143,13 @@ class Job:
         if self._prepared is None:
             s = self.spec
             tok = s.model
+            pairs = s.objective.preference
             train = prepare_dataset(
-                s.dataset, max_seq_len=s.train.max_seq_len, tokenizer=tok, field="dataset"
+                s.dataset,
+                max_seq_len=s.train.max_seq_len,
+                tokenizer=tok,
+                field="dataset",
+                pairs=pairs,
             )
             ev = None
             if s.eval_dataset is not None:
@@ -152,7 +158,9 @@ class Job:
                     max_seq_len=s.train.max_seq_len,
                     tokenizer=tok,
                     field="eval_dataset",
+                    pairs=pairs,
                 )
+            init_adapter_files(s)  # a missing starting adapter fails here, before renting
             self._prepared = (train, ev)
         return self._prepared
 
@@ -191,6 +199,8 @@ class Job:
             # Path, sizes and mtimes: hashing 16 GB of weights for every run costs more than a
             # cache miss after a copy or a touch.
             h.update(f"|{model_dir}:{fingerprint(model_dir)}".encode())
+        for rel, p in init_adapter_files(self.spec):  # the starting adapter's content
+            h.update(f"|{rel}:".encode() + p.read_bytes())
         for _, p in _code_files():
             h.update(p.read_bytes())
         return h.hexdigest()

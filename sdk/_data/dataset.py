@@ -34,6 +34,7 @@ from .._exceptions import ConfigError, DatasetError
 from .._state.disk import local_io
 from .._state.home import home
 from .formats import KIND_OF_FORMAT, RowChecker
+from .preference import PreferenceChecker
 from .read import DATA_SUFFIXES, Located, read_path, read_rows
 from .tokens import TokenTally, count_tokens
 
@@ -74,8 +75,9 @@ class DatasetStats:
             return "hub dataset: rows and tokens unknown until it is loaded on the instance"
         approx = "" if self.tokens_exact else "~"
         how = "exact" if self.tokens_exact else "estimated"
+        unit = "pairs" if self.format == "preference" else "rows"
         line = (
-            f"{self.rows:,} rows ({self.format}), {approx}{self.tokens:,} tokens ({how}), "
+            f"{self.rows:,} {unit} ({self.format}), {approx}{self.tokens:,} tokens ({how}), "
             f"longest {approx}{self.max_tokens or 0:,}"
         )
         if self.over_max_seq_len:
@@ -197,6 +199,7 @@ def prepare_dataset(
     max_seq_len: int = 2048,
     tokenizer: str | None = None,
     field: str = "dataset",
+    pairs: bool = False,
 ) -> PreparedDataset:
     """Read, check, normalise and measure a dataset.
 
@@ -207,6 +210,7 @@ def prepare_dataset(
         tokenizer: a local folder or a hub id in the local HF cache, for exact token counts;
             anything else (or None) gives estimates.
         field: the spec field being prepared, used in error messages (``eval_dataset``).
+        pairs: rows are preference pairs (``objective: dpo``/``orpo``; see ``preference``).
 
     Returns:
         The normalised rows and their stats.
@@ -234,14 +238,14 @@ def prepare_dataset(
         raise ConfigError(
             f"{field}: expected a path, a hub id or a list of row dicts, got {type(source).__name__}"
         )
-    return _stream(located, name, max_seq_len, tokenizer)
+    return _stream(located, name, max_seq_len, tokenizer, pairs)
 
 
 def _stream(
-    located: Located, name: str, max_seq_len: int, tokenizer: str | None
+    located: Located, name: str, max_seq_len: int, tokenizer: str | None, pairs: bool = False
 ) -> PreparedDataset:
     """Check, normalise, spill and count in one pass over ``located``."""
-    checker = RowChecker()
+    checker: RowChecker | PreferenceChecker = PreferenceChecker() if pairs else RowChecker()
     tally: TokenTally | None = None
     rows = 0
     spill = _Spill()
@@ -253,7 +257,9 @@ def _stream(
                 continue
             if tally is None:
                 assert checker.format is not None
-                tally = TokenTally(KIND_OF_FORMAT[checker.format], tokenizer, max_seq_len)
+                # A pair is two sequences of up to max_seq_len each (counted together).
+                limit = max_seq_len * (2 if pairs else 1)
+                tally = TokenTally(KIND_OF_FORMAT[checker.format], tokenizer, limit)
             spill.write(normalised)
             tally.add(normalised)
             rows += 1
