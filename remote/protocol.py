@@ -114,6 +114,8 @@ class State:
     tokens_per_s: float | None = None
     eta_s: float | None = None
     epoch: float | None = None
+    # The objective's own numbers for the last step (preference: reward_margin, ...).
+    metrics: dict[str, float] | None = None
     error: dict[str, str] | None = None
     stop_reason: str | None = None
     pid: int | None = None
@@ -173,6 +175,9 @@ _STATE_TYPES = {
     "tokens_per_s": _num,
     "eta_s": _num,
     "epoch": _num,
+    "metrics": lambda v: (
+        v is None or (isinstance(v, dict) and all(isinstance(k, str) and _num(x) for k, x in v.items()))
+    ),
     "error": lambda v: (
         v is None or (isinstance(v, dict) and all(isinstance(x, str) for x in v.values()))
     ),

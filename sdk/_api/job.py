@@ -17,7 +17,15 @@ from pydantic import ValidationError
 from .._data.bundle import init_adapter_files
 from .._data.dataset import PreparedDataset, prepare_dataset
 from .._exceptions import ConfigError
-from .spec import HubConfig, JobSpec, LoraConfig, QuantConfig, TrainConfig, spec_error
+from .spec import (
+    HubConfig,
+    JobSpec,
+    LoraConfig,
+    ObjectiveConfig,
+    QuantConfig,
+    TrainConfig,
+    spec_error,
+)
 
 if TYPE_CHECKING:
     from loraburst.providers import Provider
@@ -42,6 +50,11 @@ class Job:
         dataset: a JSONL/JSON/CSV/Parquet file, a ``save_to_disk`` folder, a list of dicts, or a
             hub id (loaded on the instance).
         method: ``"qlora"`` (4-bit NF4 base, the default), ``"lora"`` (bf16 base) or ``"dora"``.
+        objective: ``"sft"`` (the default), ``"dpo"`` or ``"orpo"``, or a mapping with ``type``
+            and options (``beta``, ``loss_type``, ``reference``, ``max_prompt_len``); dpo/orpo
+            datasets hold ``prompt``/``chosen``/``rejected`` pairs.
+        init_adapter: start from this adapter (a folder, or a previous job's ``JobResult``)
+            instead of a fresh one.
         lora, train, quant: sections of the spec, as dicts or config objects.
         output_dir: where the verified adapter lands (``<output_dir>/<job id>/adapter``).
         max_cost: dollar cap; refused before launch when the estimate could exceed it, and
@@ -63,6 +76,8 @@ class Job:
         *,
         eval_dataset: str | Path | list[dict[str, Any]] | None = None,
         method: Literal["qlora", "lora", "dora"] = "qlora",
+        objective: str | ObjectiveConfig | Mapping[str, Any] | None = None,
+        init_adapter: str | Path | Any = None,
         lora: LoraConfig | Mapping[str, Any] | None = None,
         train: TrainConfig | Mapping[str, Any] | None = None,
         quant: QuantConfig | Mapping[str, Any] | None = None,
@@ -87,6 +102,11 @@ class Job:
             "artifacts": artifacts,
             "model_revision": model_revision,
         }
+        if objective is not None:
+            raw["objective"] = objective.model_dump() if isinstance(objective, ObjectiveConfig) else (
+                objective if isinstance(objective, str) else dict(objective))  # fmt: skip
+        if init_adapter is not None:
+            raw["init_adapter"] = init_adapter
         if exports is not None:
             raw["exports"] = exports if isinstance(exports, str) else list(exports)
         for key, section in (("lora", lora), ("train", train), ("quant", quant), ("hub", hub)):
