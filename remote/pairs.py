@@ -27,11 +27,20 @@ from typing import Any
 
 from ._data import IGNORE_INDEX, DataError
 
-__all__ = ["PAIR_KEYS", "check_pair", "encode_pairs", "is_pair_row", "normalise_pair"]
+__all__ = [
+    "PAIR_KEYS",
+    "check_pair",
+    "encode_pairs",
+    "is_pair_row",
+    "normalise_pair",
+    "reference_mode",
+]
 
 PAIR_KEYS = ("prompt", "chosen", "rejected")
 _ROLES = ("system", "user", "assistant")
-_HINT = "a preference row needs 'chosen' and 'rejected' (and 'prompt' unless both are conversations)"
+_HINT = (
+    "a preference row needs 'chosen' and 'rejected' (and 'prompt' unless both are conversations)"
+)
 
 
 def is_pair_row(row: Mapping[str, Any]) -> bool:
@@ -241,3 +250,18 @@ def encode_pairs(
         )
     return out, stats
 
+
+def reference_mode(objective: Any, init_adapter: str | None) -> str | None:
+    """DPO's reference as a job computes it: ``"live"`` or ``"precompute"`` (None: no
+    reference, ORPO and SFT). ``objective`` is the client's ``ObjectiveConfig`` or the agent's
+    ``ObjectiveSpec`` (both have ``type`` and ``reference``).
+
+    ``auto`` is live from a fresh adapter (switching it off gives the base) and precompute from
+    a starting adapter, whose reference is itself before training: computed once, with no
+    second adapter to switch to.
+    """
+    if objective.type != "dpo":
+        return None
+    if objective.reference != "auto":
+        return str(objective.reference)
+    return "precompute" if init_adapter else "live"

@@ -176,7 +176,8 @@ _STATE_TYPES = {
     "eta_s": _num,
     "epoch": _num,
     "metrics": lambda v: (
-        v is None or (isinstance(v, dict) and all(isinstance(k, str) and _num(x) for k, x in v.items()))
+        v is None
+        or (isinstance(v, dict) and all(isinstance(k, str) and _num(x) for k, x in v.items()))
     ),
     "error": lambda v: (
         v is None or (isinstance(v, dict) and all(isinstance(x, str) for x in v.values()))

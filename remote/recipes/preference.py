@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..attention import register as register_attention
 from ..batching import BatchPlan
-from ..pairs import encode_pairs
+from ..pairs import encode_pairs, reference_mode
 from ..protocol import ENV_ARTIFACTS, BundleSpec, JobSpecData, ObjectiveSpec
 from ..training import checkpoints, data, hf, loading, outputs, preference, progress, settings
 from .sft import _metrics as sft_metrics
@@ -32,26 +32,12 @@ from .sft import _metrics as sft_metrics
 if TYPE_CHECKING:
     from ..agent import Reporter
 
-__all__ = ["reference_mode", "run"]
+__all__ = ["run"]
 
 _NO_FUSED_CE = (
     "fused cross-entropy: a preference loss needs each sequence's log-probability, so answer-"
     "token logits are made in chunks (recomputed in backward) instead"
 )
-
-
-def reference_mode(objective: ObjectiveSpec, adapter: str | None) -> str | None:
-    """DPO's reference as this job computes it: ``live`` or ``precompute`` (None for ORPO).
-
-    ``auto`` is live from a fresh adapter (switching it off gives the base) and precompute from
-    a starting adapter (whose reference is itself before training: computed once, with no
-    second adapter to switch to).
-    """
-    if objective.type != "dpo":
-        return None
-    if objective.reference != "auto":
-        return objective.reference
-    return "precompute" if adapter else "live"
 
 
 def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
@@ -219,7 +205,9 @@ def _pair_units(plan: BatchPlan) -> BatchPlan:
     return dataclasses.replace(plan, units=units)
 
 
-def _objective_metrics(objective: ObjectiveSpec, reference: str | None, trainer: Any) -> dict[str, Any]:
+def _objective_metrics(
+    objective: ObjectiveSpec, reference: str | None, trainer: Any
+) -> dict[str, Any]:
     """The objective, its settings, and each of its step metrics' history, first and last."""
     out: dict[str, Any] = {"objective": objective.type, "beta": objective.beta}
     if reference:

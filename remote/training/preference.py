@@ -143,7 +143,9 @@ def _log1mexp(x: Any) -> Any:
     return torch.log(-torch.expm1(x.clamp(max=-1e-7)))
 
 
-def preference_loss(model: Any, inputs: dict[str, Any], objective: ObjectiveSpec) -> tuple[Any, Any]:
+def preference_loss(
+    model: Any, inputs: dict[str, Any], objective: ObjectiveSpec
+) -> tuple[Any, Any]:
     """The micro-batch's loss and its metrics (a detached ``[len(METRICS)]`` tensor).
 
     Raises:

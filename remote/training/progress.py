@@ -60,7 +60,9 @@ class ProgressWriter:
         if event is not None:
             event.record()
         extra = (names, values)
-        self.queue.put((state.global_step, state.max_steps, state.epoch, loss, event, tokens, extra))
+        self.queue.put(
+            (state.global_step, state.max_steps, state.epoch, loss, event, tokens, extra)
+        )
 
     def drain(self) -> None:
         """Wait until every submitted step is reported (before a checkpoint or the end)."""

@@ -223,7 +223,9 @@ class ObjectiveConfig(_Strict):
     def _options_apply(self) -> ObjectiveConfig:
         # Options set away from their defaults (a dumped spec writes the defaults back).
         fields = type(self).model_fields
-        given = {k for k in self.model_fields_set - {"type"} if getattr(self, k) != fields[k].default}
+        given = {
+            k for k in self.model_fields_set - {"type"} if getattr(self, k) != fields[k].default
+        }
         if self.type == "sft" and given:
             raise ValueError(
                 f"{', '.join(sorted(given))} apply to dpo and orpo, not sft; "

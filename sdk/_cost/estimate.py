@@ -22,7 +22,16 @@ from functools import lru_cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from loraburst.remote.memory import Coefficients, choose_settings, peak_vram, step_time
+from loraburst.remote.memory import (
+    Coefficients,
+    ObjectiveCost,
+    choose_settings,
+    lora_params,
+    objective_cost,
+    peak_vram,
+    step_time,
+)
+from loraburst.remote.pairs import reference_mode
 
 from .._api.export import export_cost
 from .._api.spec import JobSpec
@@ -219,6 +228,8 @@ class _Workload:
 def _packs(spec: JobSpec, tokens: int, rows: int) -> bool:
     """``train.packing`` resolved as the trainer does: "auto" packs rows under half a sequence."""
     packing = spec.train.packing
+    if spec.objective.preference:
+        return False  # a pair is one unit of its two sequences, never packed with others
     if packing != "auto":
         return bool(packing)
     if tokens <= 0 or rows < 2:
@@ -229,7 +240,8 @@ def _packs(spec: JobSpec, tokens: int, rows: int) -> bool:
 def _workload(spec: JobSpec, tokens: int, rows: int) -> _Workload:
     t = spec.train
     keep = 1.0 - t.eval_fraction
-    max_seq = t.max_seq_len
+    # A preference row is a pair: two sequences of up to max_seq_len in one unit.
+    max_seq = t.max_seq_len * (2 if spec.objective.preference else 1)
     if _packs(spec, tokens, rows):
         seq = max_seq
         known = tokens if tokens > 0 else rows * max_seq / 2  # unknown: rows half full
@@ -363,6 +375,13 @@ def estimate(
         )
     if tokens <= 0:
         notes.append("token count unknown: rows taken as half of max_seq_len")
+    if spec.objective.preference:
+        ref = reference_mode(spec.objective, spec.init_adapter)
+        notes.append(
+            f"{spec.objective.type}: each row is a pair, chosen + rejected (two sequences a step)"
+            + {"live": "; the reference adds a forward per step", "precompute": "; the "
+               "reference is one forward pass over the data before training"}.get(ref or "", "")
+        )  # fmt: skip
     export_note = export_cost(spec.exports, ms.params, ms.download_bytes).note
     if export_note:
         notes.append(export_note + "; included in time and cost")
@@ -381,6 +400,15 @@ def _steps(spec: JobSpec, wl: _Workload, micro_batch: int) -> int:
     if t.max_steps is not None:
         return t.max_steps
     return max(1, math.ceil(wl.sequences * t.epochs / (micro_batch * t.grad_accum)))
+
+
+def _objective(spec: JobSpec, ms: ModelShape, wl: _Workload, ckpt: bool) -> ObjectiveCost:
+    """What the spec's objective adds to an SFT step (remote/memory.py: objective_cost)."""
+    lora = lora_params(ms.shape, spec.lora.r, spec.lora.target_modules)
+    return objective_cost(
+        ms.shape, wl.seq_speed, lora, preference=spec.objective.preference,
+        reference=reference_mode(spec.objective, spec.init_adapter), gradient_checkpointing=ckpt,
+    )  # fmt: skip
 
 
 def _row(
@@ -418,7 +446,11 @@ def _row(
     )
     steps = _steps(spec, wl, mb)
     saves = steps // spec.train.save_every_steps if spec.train.save_every_steps else 0
-    train_s = steps * spec.train.grad_accum * timing["total"] + saves * SAVE_S
+    extra = _objective(spec, ms, wl, ckpt)  # a reference's forwards (DPO)
+    step_s = timing["total"] * extra.step_factor
+    # A precomputed reference: one forward pass over the data before training.
+    pass_s = extra.data_passes * wl.sequences * wl.seq_speed / timing["tokens_per_s"]
+    train_s = steps * spec.train.grad_accum * step_s + saves * SAVE_S + pass_s
     # A Mac trains on the Mac itself: no instance to boot, whatever the row's provider says.
     setup = setup_model("local" if s.gpu.apple else s.provider)
     download = 0.0 if ms.source.endswith("config.json") and s.provider == "local" else 1.0
