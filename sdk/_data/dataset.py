@@ -81,8 +81,9 @@ class DatasetStats:
             f"longest {approx}{self.max_tokens or 0:,}"
         )
         if self.over_max_seq_len:
+            over = "twice max_seq_len" if unit == "pairs" else "max_seq_len"
             line += (
-                f"; {self.over_max_seq_len:,} rows over max_seq_len {self.max_seq_len:,} "
+                f"; {self.over_max_seq_len:,} {unit} over {over} {self.max_seq_len:,} "
                 "will be truncated"
             )
         return line
