@@ -113,7 +113,8 @@ def test_dpo_from_an_sft_adapter_changes_that_adapter(tiny_model: Path, tmp_path
         output_dir=tmp_path / "sft",
     ).run(provider="local", progress=False)
     assert isinstance(sft, JobResult) and sft.adapter_path is not None
-    dpo = _job(tiny_model, _pairs(tmp_path), tmp_path / "dpo", "dpo", max_steps=3)
+    dpo = _job(tiny_model, _pairs(tmp_path), tmp_path / "dpo", "dpo", max_steps=3,
+               eval_fraction=0.34)  # fmt: skip
     dpo = Job.from_spec(dpo.spec.model_copy(update={"init_adapter": str(sft.adapter_path)}))
     # The JobResult itself stands for its adapter.
     assert Job(str(tiny_model), PAIRS, objective="dpo", init_adapter=sft).spec.init_adapter == str(
@@ -124,6 +125,8 @@ def test_dpo_from_an_sft_adapter_changes_that_adapter(tiny_model: Path, tmp_path
     m = result.metrics
     # The reference is the SFT adapter itself (precomputed once): no margin before training.
     assert m["reference"] == "precompute" and m["reward_margin_history"][0] == 0.0
+    assert m["data"]["rows"] == 4 and m["data"]["eval_rows"] == 2  # pairs held out whole
+    assert m["eval_loss"] == m["eval_loss"]  # evaluated, finite
     assert PeftConfig.from_pretrained(result.adapter_path).r == 4  # the SFT adapter's shape
     before = _lora_b(tiny_model, sft.adapter_path)
     after = _lora_b(tiny_model, result.adapter_path)
