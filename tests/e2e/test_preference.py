@@ -26,7 +26,9 @@ def _pairs(tmp_path: Path, n: int = 6) -> Path:
     return path
 
 
-def _job(model: Path, data: Path, out: Path, objective: Any, **train: Any) -> Job:
+def _job(
+    model: Path, data: Path, out: Path, objective: Any, exports: Any = None, **train: Any
+) -> Job:
     settings = {
         "max_steps": 10,
         "micro_batch_size": 6,
@@ -37,7 +39,8 @@ def _job(model: Path, data: Path, out: Path, objective: Any, **train: Any) -> Jo
         "save_every_steps": 5,
         **train,
     }
-    return Job(str(model), data, objective=objective, train=settings, output_dir=out)
+    return Job(str(model), data, objective=objective, train=settings, output_dir=out,
+               exports=exports)  # fmt: skip
 
 
 def _rises(values: list[float]) -> bool:
@@ -139,8 +142,13 @@ def test_dpo_on_the_runpod_emulator(
     tiny_model: Path, tmp_path: Path, runpod_fake: Any, runpod_provider: Any
 ) -> None:
     job = _job(tiny_model, _pairs(tmp_path, 4), tmp_path / "out", "dpo", max_steps=2,
-               micro_batch_size=2, save_every_steps=1)  # fmt: skip
+               micro_batch_size=2, save_every_steps=1, exports=["adapter", "merged"])  # fmt: skip
     result = job.run(provider=runpod_provider, progress=False)
+    # The merged weights were made and checked on the pod, prompted from the first pair.
+    merged = result.export("merged")
+    checks = {c["name"]: c for c in merged.checks}
+    assert checks["logits_match"]["ok"], checks
+    assert merged.details["prompt_source"] == "train.jsonl row 1 (preference)"
     assert result.status == "succeeded" and result.provider == "runpod"
     assert (
         result.metrics["objective"] == "dpo" and len(result.metrics["reward_margin_history"]) == 2
