@@ -310,7 +310,14 @@ class JobSpec(_Strict):
     def _objective_defaults(self) -> JobSpec:
         # Preference objectives move an already good policy: TRL's lower LoRA learning rate
         # unless the user chose one.
-        if self.objective.preference and "learning_rate" not in self.train.model_fields_set:
+        if not self.objective.preference:
+            return self
+        if self.train.packing is True or self.train.loss_on == "all":
+            raise ValueError(
+                f"objective {self.objective.type} trains each pair's answers as one unit: "
+                "train.packing: true and train.loss_on: all apply to sft only; remove them"
+            )
+        if "learning_rate" not in self.train.model_fields_set:
             self.train.learning_rate = PREFERENCE_LEARNING_RATE
         return self
 

@@ -128,6 +128,8 @@ def test_objective_key_and_its_options() -> None:
         Job("m", "d.jsonl", objective={"type": "orpo", "reference": "live"})
     with pytest.raises(ConfigError, match="objective.type"):
         Job("m", "d.jsonl", objective="kto")
+    with pytest.raises(ConfigError, match="packing: true and train.loss_on: all apply to sft"):
+        Job("m", "d.jsonl", objective="orpo", train={"packing": True})
     with pytest.raises(ConfigError, match="objective: dpo is trained by the torch recipe only"):
         Job("m", "d.jsonl", objective="dpo", train={"backend": "mlx"})
 
