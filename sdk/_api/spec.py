@@ -317,6 +317,12 @@ class JobSpec(_Strict):
                 f"objective {self.objective.type} trains each pair's answers as one unit: "
                 "train.packing: true and train.loss_on: all apply to sft only; remove them"
             )
+        cap = self.objective.max_prompt_len
+        if cap is not None and cap >= self.train.max_seq_len:
+            raise ValueError(
+                f"objective.max_prompt_len ({cap}) must be below train.max_seq_len "
+                f"({self.train.max_seq_len}), or no answer token would fit"
+            )
         if "learning_rate" not in self.train.model_fields_set:
             self.train.learning_rate = PREFERENCE_LEARNING_RATE
         return self

@@ -128,6 +128,9 @@ def test_objective_key_and_its_options() -> None:
         Job("m", "d.jsonl", objective={"type": "orpo", "reference": "live"})
     with pytest.raises(ConfigError, match="objective.type"):
         Job("m", "d.jsonl", objective="kto")
+    with pytest.raises(ConfigError, match=r"max_prompt_len \(512\) must be below"):
+        Job("m", "d.jsonl", objective={"type": "dpo", "max_prompt_len": 512},
+            train={"max_seq_len": 256})  # fmt: skip
     with pytest.raises(ConfigError, match="packing: true and train.loss_on: all apply to sft"):
         Job("m", "d.jsonl", objective="orpo", train={"packing": True})
     with pytest.raises(ConfigError, match="objective: dpo is trained by the torch recipe only"):
