@@ -51,7 +51,7 @@ class DatasetStats:
     Attributes:
         rows: number of rows (0 for a hub dataset: unknown until loaded on the instance).
         format: detected format: ``messages``, ``sharegpt``, ``alpaca``, ``prompt_completion``,
-            ``text`` or ``hub``.
+            ``text``, ``preference`` (pairs; counts are per pair, both sequences) or ``hub``.
         tokens: total tokens (None for a hub dataset).
         tokens_exact: True only when counted with the model's real tokenizer.
         max_tokens: tokens of the longest row (None for a hub dataset).
@@ -99,7 +99,7 @@ class PreparedDataset:
 
     Attributes:
         source: display name: the path as given, ``"<rows>"``, or the hub id.
-        kind: ``"messages"``, ``"prompt_completion"``, ``"text"`` or ``"hub"``.
+        kind: ``"messages"``, ``"prompt_completion"``, ``"text"``, ``"preference"`` or ``"hub"``.
         hub_id: the hub id when ``kind == "hub"``, else None.
         stats: rows, tokens and lengths.
         jsonl_path: ``$LORABURST_HOME/datasets/<sha256>.jsonl`` (None for a hub dataset).
