@@ -155,15 +155,18 @@ def preference_loss(
     import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 
     beta = float(objective.beta)
+    ref: Any = inputs.get("ref_logps")
+    if objective.type == "dpo" and ref is None:
+        # Live: the same weights with the adapter switched off. First, as TRL does, so its
+        # transient activations are gone before the policy's are kept for backward: the
+        # step's peak is the SFT plan's.
+        with torch.no_grad(), model.disable_adapter():
+            ref = sequence_logps(model, inputs)
     policy = sequence_logps(model, inputs)
     counts = inputs["sequence_tokens"].to(policy.device).clamp(min=1)
     chosen, rejected = policy[0::2], policy[1::2]
     extra = []
     if objective.type == "dpo":
-        ref = inputs.get("ref_logps")
-        if ref is None:  # live: the same weights with the adapter switched off
-            with torch.no_grad(), model.disable_adapter():
-                ref = sequence_logps(model, inputs)
         ref = ref.to(policy.device)
         if objective.loss_type == "ipo":  # IPO is defined on mean log-probabilities
             policy, ref = policy / counts, ref / counts
