@@ -125,6 +125,12 @@ def mlx_refusals(spec: Mapping[str, Any]) -> list[str]:
             f"train.optim: {optim!r} has no MLX equivalent (8-bit and paged optimizers are "
             f"bitsandbytes'); use optim: adamw_torch (MLX's AdamW) or sgd, {torch_alt}"
         )
+    objective = spec.get("objective") or {}
+    kind = objective.get("type", "sft") if isinstance(objective, dict) else objective
+    if kind != "sft":
+        out.append(f"objective: {kind} is trained by the torch recipe only; {torch_alt}")
+    if spec.get("init_adapter"):
+        out.append(f"init_adapter: the MLX recipe starts from a fresh adapter; {torch_alt}")
     return out
 
 

@@ -62,6 +62,13 @@ def job_prompt(workdir: Path, doc: dict[str, Any], tokenizer: Any) -> tuple[str,
                 break
             turns.append({"role": m["role"], "content": m["content"]})
         source = f"{path.name} row 1 (chat)"
+    elif "chosen" in row:  # a preference pair (remote/pairs.py): its prompt, the chosen answer
+        prompt, chosen = row["prompt"], row["chosen"]
+        reply = chosen if isinstance(chosen, str) else str(chosen[-1]["content"])
+        source = f"{path.name} row 1 (preference)"
+        if isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None):
+            return prompt, _limit(tokenizer, reply), source
+        turns = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
     elif "prompt" in row:
         turns, reply, source = [], str(row.get("completion", "")), f"{path.name} row 1 (prompt)"
         if not getattr(tokenizer, "chat_template", None):

@@ -52,15 +52,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "Coefficients",
     "DEFAULT_COEFFS",
     "GIB",
     "H200_BANDWIDTH_GBS",
     "H200_TFLOPS",
-    "Coefficients",
+    "ObjectiveCost",
     "Shape",
     "choose_settings",
     "flops_per_token",
     "lora_params",
+    "objective_cost",
     "param_counts",
     "peak_vram",
     "shape_from_config",
@@ -194,6 +196,41 @@ def flops_per_token(
     }
     terms["total"] = sum(terms.values())
     return terms
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveCost:
+    """What an objective adds to an SFT step, for the estimator and the budget.
+
+    Attributes:
+        sequences_per_row: sequences a row trains (2 for a chosen/rejected pair; their tokens
+            are already in the row's count, and a pair holds up to twice ``max_seq_len``).
+        step_factor: step time relative to SFT on the same tokens: 1 + the reference's
+            forward passes x the forward's share of a training step's FLOPs.
+        data_passes: forward passes over the whole dataset before training (a precomputed
+            reference), in units of one training pass over the same tokens.
+    """
+
+    sequences_per_row: int = 1
+    step_factor: float = 1.0
+    data_passes: float = 0.0
+
+
+def objective_cost(
+    shape: Shape, seq_len: int, lora: int, *, preference: bool, reference: str | None,
+    gradient_checkpointing: bool = False,
+) -> ObjectiveCost:  # fmt: skip
+    """The cost an objective adds (``reference``: ``"live"``, ``"precompute"`` or None)."""
+    if not preference:
+        return ObjectiveCost()
+    flops = flops_per_token(shape, seq_len, lora, gradient_checkpointing=gradient_checkpointing)
+    forward_share = (flops["forward"] + 2.0 * lora + flops["attention"] / 3) / flops["total"]
+    live = reference == "live"
+    return ObjectiveCost(
+        sequences_per_row=2,
+        step_factor=1.0 + (forward_share if live else 0.0),
+        data_passes=forward_share if reference == "precompute" else 0.0,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -114,6 +114,8 @@ class State:
     tokens_per_s: float | None = None
     eta_s: float | None = None
     epoch: float | None = None
+    # The objective's own numbers for the last step (preference: reward_margin, ...).
+    metrics: dict[str, float] | None = None
     error: dict[str, str] | None = None
     stop_reason: str | None = None
     pid: int | None = None
@@ -173,6 +175,10 @@ _STATE_TYPES = {
     "tokens_per_s": _num,
     "eta_s": _num,
     "epoch": _num,
+    "metrics": lambda v: (
+        v is None
+        or (isinstance(v, dict) and all(isinstance(k, str) and _num(x) for k, x in v.items()))
+    ),
     "error": lambda v: (
         v is None or (isinstance(v, dict) and all(isinstance(x, str) for x in v.values()))
     ),
@@ -463,6 +469,24 @@ class TrainSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ObjectiveSpec:
+    """``objective:`` — sft, or a preference objective and its options (the client's
+    ``ObjectiveConfig`` says what each means)."""
+
+    type: str = "sft"
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    reference: str = "auto"
+    max_prompt_len: int | None = None
+
+    @property
+    def preference(self) -> bool:
+        """Rows are pairs: prompt, chosen, rejected."""
+        return self.type in ("dpo", "orpo")
+
+
+@dataclasses.dataclass(frozen=True)
 class JobSpecData:
     """``spec`` of spec.json: the job as the agent runs it (paths rewritten for the bundle)."""
 
@@ -470,6 +494,8 @@ class JobSpecData:
     dataset: str = ""  # none for `loraburst export`, which trains nothing
     eval_dataset: str | None = None
     method: str = "qlora"
+    objective: ObjectiveSpec = dataclasses.field(default_factory=ObjectiveSpec)
+    init_adapter: str | None = None  # "init_adapter": the bundled starting adapter
     lora: LoraSpec = dataclasses.field(default_factory=LoraSpec)
     train: TrainSpec = dataclasses.field(default_factory=TrainSpec)
     quant: QuantSpec = dataclasses.field(default_factory=QuantSpec)
@@ -521,6 +547,7 @@ class BundleSpec:
 _NESTED: dict[tuple[str, str], Any] = {
     ("BundleSpec", "spec"): JobSpecData,
     ("JobSpecData", "lora"): LoraSpec,
+    ("JobSpecData", "objective"): ObjectiveSpec,
     ("JobSpecData", "train"): TrainSpec,
     ("JobSpecData", "quant"): QuantSpec,
 }

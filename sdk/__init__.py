@@ -25,6 +25,9 @@ from ._api.spec import (
     LoraConfig as LoraConfig,
 )
 from ._api.spec import (
+    ObjectiveConfig as ObjectiveConfig,
+)
+from ._api.spec import (
     QuantConfig as QuantConfig,
 )
 from ._api.spec import (
@@ -116,6 +119,7 @@ __all__ = [
     "LocalStorageError",
     "LoraConfig",
     "LoraburstError",
+    "ObjectiveConfig",
     "PlacementError",
     "ProviderError",
     "QuantConfig",

@@ -57,8 +57,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"(job {result.job_id}, {result.provider} {result.gpu}, ${result.cost_usd:.4f})",
         markup=False,
     )
+    _print_objective(result.metrics)
     _print_exports(result.exports, result.hub)
     return 0 if result.exports_ok else 1
+
+
+def _print_objective(metrics: dict[str, Any] | None) -> None:
+    from ._progress import objective_line
+
+    line = objective_line(metrics or {})
+    if line:
+        _out.print(line, markup=False, highlight=False)
 
 
 def _print_exports(exports: Sequence[ExportResult], hub: dict[str, Any] | None) -> None:
@@ -165,6 +174,7 @@ def _cmd_attach(args: argparse.Namespace) -> int:
         f"{result.status}: adapter at {result.adapter_path} (${result.cost_usd:.4f})",
         markup=False,
     )
+    _print_objective(result.metrics)
     _print_exports(result.exports, result.hub)
     return 0 if result.exports_ok else 1
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from types import TracebackType
+from typing import Any
 
 from loraburst.remote.protocol import State
 from rich.console import Console
@@ -67,6 +68,9 @@ class ProgressView:
         parts = [state.phase]
         if state.loss is not None:
             parts.append(f"loss {state.loss:.4f}")
+        if state.metrics and state.metrics.get("reward_margin") is not None:
+            m = state.metrics  # a preference objective's step: DPO/ORPO reward margin, accuracy
+            parts.append(f"margin {m['reward_margin']:+.3f} acc {m.get('reward_accuracy', 0):.2f}")
         if state.tokens_per_s:
             parts.append(f"{state.tokens_per_s:,.0f} tok/s")
         if state.eta_s is not None and state.phase == "training":
@@ -84,3 +88,19 @@ class ProgressView:
                 highlight=False,
                 markup=False,
             )
+
+
+def objective_line(metrics: dict[str, Any]) -> str | None:
+    """One line on a preference job's own metrics (None for SFT), e.g. ``dpo: reward margin
+    0.000 -> 0.412, accuracy 0.50 -> 0.88 (beta 0.1, reference live)``."""
+    objective = metrics.get("objective")
+    if objective in (None, "sft") or metrics.get("final_reward_margin") is None:
+        return None
+    line = (
+        f"{objective}: reward margin {metrics['first_reward_margin']:.3f} -> "
+        f"{metrics['final_reward_margin']:.3f}, accuracy {metrics['first_reward_accuracy']:.2f}"
+        f" -> {metrics['final_reward_accuracy']:.2f} (beta {metrics.get('beta')}"
+    )
+    if metrics.get("reference"):
+        line += f", reference {metrics['reference']}"
+    return line + ")"

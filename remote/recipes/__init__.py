@@ -16,7 +16,12 @@ __all__ = ["RECIPES", "recipe_for"]
 
 # (objective, backend) -> module of this package (imported lazily: a recipe's imports are its
 # own; "auto" resolves to MLX on Apple Silicon, torch elsewhere: remote/backends.py).
-RECIPES = {("sft", "torch"): "sft", ("sft", "mlx"): "sft_mlx"}
+RECIPES = {
+    ("sft", "torch"): "sft",
+    ("sft", "mlx"): "sft_mlx",
+    ("dpo", "torch"): "preference",
+    ("orpo", "torch"): "preference",
+}
 
 
 def recipe_for(bundle: BundleSpec) -> ModuleType:
@@ -25,7 +30,7 @@ def recipe_for(bundle: BundleSpec) -> ModuleType:
     Raises:
         ValueError: no recipe for the job's objective.
     """
-    objective = "sft"
+    objective = bundle.spec.objective.type
     backend = resolve_backend(bundle.spec.train.backend)
     name = RECIPES.get((objective, backend))
     if name is None:

@@ -14,7 +14,7 @@ from ..batching import BatchPlan, epoch_batches, plan_batches
 from ..collate import collate
 from ..protocol import BUNDLE_DIR, BundleSpec, JobSpecData
 
-__all__ = ["Rows", "batch_plan", "encode", "layout", "loader"]
+__all__ = ["Rows", "batch_plan", "encode", "layout", "loader", "read_source"]
 
 Rows = list[dict[str, list[int]]]
 
@@ -28,14 +28,7 @@ def encode(workdir: Path, bundle: BundleSpec, tokenizer: Any) -> tuple[Rows, Row
     spec, train = bundle.spec, bundle.spec.train
 
     def one(source: str, fmt: str) -> tuple[Rows, dict[str, int]]:
-        path = workdir / BUNDLE_DIR / source
-        if fmt == "hub" or not path.is_file():
-            from datasets import load_dataset
-
-            rows: Any = load_dataset(source, split="train")
-            fmt = "hub"
-        else:
-            rows = read_jsonl(path)
+        rows, fmt = read_source(workdir, source, fmt)
         return encode_rows(
             rows, fmt, tokenizer, max_seq_len=train.max_seq_len, loss_on=train.loss_on,
             source=source,
@@ -53,6 +46,16 @@ def encode(workdir: Path, bundle: BundleSpec, tokenizer: Any) -> tuple[Rows, Row
         rows = [rows[i] for i in sorted(order[n_eval:])]
     stats["eval_rows"] = len(eval_rows)
     return rows, eval_rows, stats
+
+
+def read_source(workdir: Path, source: str, fmt: str) -> tuple[Any, str]:
+    """A dataset's rows: the bundle's normalised JSONL, or a hub dataset (format ``"hub"``)."""
+    path = workdir / BUNDLE_DIR / source
+    if fmt == "hub" or not path.is_file():
+        from datasets import load_dataset
+
+        return load_dataset(source, split="train"), "hub"
+    return read_jsonl(path), fmt
 
 
 def layout(config: Any) -> tuple[str, str]:
@@ -114,9 +117,17 @@ class _EpochBatches:
 
 
 def loader(
-    rows: Rows, plan: BatchPlan, *, seed: int, layout: str, pad_id: int, shuffle: bool = True
+    rows: Rows,
+    plan: BatchPlan,
+    *,
+    seed: int,
+    layout: str,
+    pad_id: int,
+    shuffle: bool = True,
+    collate_fn: Any = None,
 ) -> Any:
-    """A ``DataLoader`` over the plan's micro-batches (``shuffle=False``: in order, for eval)."""
+    """A ``DataLoader`` over the plan's micro-batches (``shuffle=False``: in order, for eval);
+    ``collate_fn`` replaces :func:`..collate.collate` (preference pairs add their indices)."""
     import torch
 
     lengths = [len(r["input_ids"]) for r in rows]
@@ -129,6 +140,6 @@ def loader(
     return torch.utils.data.DataLoader(
         _Units(rows, plan.units),  # type: ignore[arg-type]
         batch_sampler=sampler,
-        collate_fn=functools.partial(collate, layout=layout, pad_id=pad_id),
+        collate_fn=collate_fn or functools.partial(collate, layout=layout, pad_id=pad_id),
         pin_memory=torch.cuda.is_available(),
     )

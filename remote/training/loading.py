@@ -11,7 +11,14 @@ from typing import Any
 from .._data import ensure_chat_template
 from ..protocol import BUNDLE_DIR, ENV_MODEL_DIR, JobSpecData
 
-__all__ = ["compute_dtype", "load_model", "load_tokenizer", "model_path", "quiet"]
+__all__ = [
+    "adapter_path",
+    "compute_dtype",
+    "load_model",
+    "load_tokenizer",
+    "model_path",
+    "quiet",
+]
 
 
 def compute_dtype(name: str) -> Any:
@@ -53,6 +60,20 @@ def model_path(workdir: Path, spec: JobSpecData) -> str:
     return str(path)
 
 
+def adapter_path(workdir: Path, spec: JobSpecData) -> str | None:
+    """The bundled starting adapter (``init_adapter``), checked; None for a fresh adapter.
+
+    Raises:
+        FileNotFoundError: naming the folder, when it holds no adapter_config.json.
+    """
+    if not spec.init_adapter:
+        return None
+    path = workdir / BUNDLE_DIR / spec.init_adapter
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"init_adapter {path} has no adapter_config.json")
+    return str(path)
+
+
 def quiet() -> None:
     """Keep agent.log to our events: no progress bars, no optional-kernel warnings."""
     # bitsandbytes looks for an optional hub kernel for CPU 4-bit matmuls and warns when it is
@@ -84,8 +105,10 @@ def load_model(
     added: list[str] | None = None,
     *,
     fast: bool = False,
+    adapter: str | None = None,
 ) -> tuple[Any, Any]:
-    """Load the base model (quantised per ``spec``) and wrap it in fresh LoRA/DoRA adapters.
+    """Load the base model (quantised per ``spec``) and wrap it in fresh LoRA/DoRA adapters,
+    or in ``adapter`` (a PEFT folder, trainable: :func:`adapter_path`).
 
     The adapters' initial values depend only on ``train.seed``. Special tokens added for the
     ChatML default get trainable embedding rows. With ``fast`` (CUDA, before
@@ -131,6 +154,11 @@ def load_model(
             model, use_gradient_checkpointing=False
         )
     set_seed(spec.train.seed)
+    if adapter is not None:
+        # Continue a previous job's adapter: its own shape (r, targets, DoRA) is kept.
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True), tokenizer
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft takes any number

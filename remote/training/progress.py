@@ -41,15 +41,28 @@ class ProgressWriter:
         """Start the clock: tokens/s counts from here (warm-up included, as users wait it)."""
         self.t0, self.tokens0, self.step0 = t0, tokens, step
 
-    def submit(self, state: Any, loss: Any, tokens: int) -> None:
+    def submit(
+        self, state: Any, loss: Any, tokens: int, metrics: dict[str, Any] | None = None
+    ) -> None:
+        """Queue a step: its loss and the objective's ``metrics`` (device scalars, copied to
+        the host without waiting)."""
         import torch
 
         event = None
+        names = tuple(metrics or ())
+        values = torch.stack([metrics[k] for k in names]) if metrics else None
         if loss is not None and loss.is_cuda:
             loss = loss.to("cpu", non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        if values is not None and values.is_cuda:
+            values = values.to("cpu", non_blocking=True)
+            event = event or torch.cuda.Event()  # type: ignore[no-untyped-call]
+        if event is not None:
             event.record()
-        self.queue.put((state.global_step, state.max_steps, state.epoch, loss, event, tokens))
+        extra = (names, values)
+        self.queue.put(
+            (state.global_step, state.max_steps, state.epoch, loss, event, tokens, extra)
+        )
 
     def drain(self) -> None:
         """Wait until every submitted step is reported (before a checkpoint or the end)."""
@@ -73,7 +86,7 @@ class ProgressWriter:
                 self.queue.task_done()
 
     def _report(
-        self, step: int, total: int, epoch: Any, loss: Any, event: Any, tokens: int
+        self, step: int, total: int, epoch: Any, loss: Any, event: Any, tokens: int, extra: Any
     ) -> None:
         if event is not None:
             event.synchronize()
@@ -86,15 +99,19 @@ class ProgressWriter:
         done = step - self.step0
         tps = (tokens - self.tokens0) / elapsed if elapsed > 0 and done > 0 else None
         eta = (total - step) * elapsed / done if done > 0 else None
+        names, values = extra
+        metrics = {n: round(float(v), 4) for n, v in zip(names, values.tolist(), strict=True)} if (
+            values is not None) else {}  # fmt: skip
         entry = {"step": step, "loss": value, "tokens": tokens, "t": round(now, 4)}
         self.history.append(entry)
-        self.trainer.state.log_history.append({"step": step, "loss": value})
+        self.trainer.state.log_history.append({"step": step, "loss": value, **metrics})
         self.reporter.update(
             step=step,
             loss=value,
             tokens_per_s=round(tps, 1) if tps else None,
             eta_s=round(eta, 1) if eta is not None else None,
             epoch=epoch,
+            metrics=metrics or None,
         )
         self.reporter.event(
             "step",
@@ -104,6 +121,7 @@ class ProgressWriter:
             tokens=tokens,
             t=round(now, 4),
             tokens_per_s=round(tps, 1) if tps else None,
+            **metrics,
         )
 
 
@@ -123,8 +141,9 @@ def progress_callback(reporter: Reporter, upload: str | None, trainer: Any) -> A
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             state.num_input_tokens_seen = trainer.tokens_seen
-            self.writer.submit(state, trainer.step_loss, trainer.tokens_seen)
-            trainer.step_loss = None
+            metrics = getattr(trainer, "step_metrics", None)  # a preference objective's
+            self.writer.submit(state, trainer.step_loss, trainer.tokens_seen, metrics)
+            trainer.step_loss = trainer.step_metrics = None
             reason = reporter.stop_reason
             if reason is not None and not control.should_training_stop:
                 reporter.event("stopping", reason=reason, step=state.global_step)

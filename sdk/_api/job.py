@@ -14,9 +14,18 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import ValidationError
 
+from .._data.bundle import init_adapter_files
 from .._data.dataset import PreparedDataset, prepare_dataset
 from .._exceptions import ConfigError
-from .spec import HubConfig, JobSpec, LoraConfig, QuantConfig, TrainConfig, spec_error
+from .spec import (
+    HubConfig,
+    JobSpec,
+    LoraConfig,
+    ObjectiveConfig,
+    QuantConfig,
+    TrainConfig,
+    spec_error,
+)
 
 if TYPE_CHECKING:
     from loraburst.providers import Provider
@@ -41,6 +50,11 @@ class Job:
         dataset: a JSONL/JSON/CSV/Parquet file, a ``save_to_disk`` folder, a list of dicts, or a
             hub id (loaded on the instance).
         method: ``"qlora"`` (4-bit NF4 base, the default), ``"lora"`` (bf16 base) or ``"dora"``.
+        objective: ``"sft"`` (the default), ``"dpo"`` or ``"orpo"``, or a mapping with ``type``
+            and options (``beta``, ``loss_type``, ``reference``, ``max_prompt_len``); dpo/orpo
+            datasets hold ``prompt``/``chosen``/``rejected`` pairs.
+        init_adapter: start from this adapter (a folder, or a previous job's ``JobResult``)
+            instead of a fresh one.
         lora, train, quant: sections of the spec, as dicts or config objects.
         output_dir: where the verified adapter lands (``<output_dir>/<job id>/adapter``).
         max_cost: dollar cap; refused before launch when the estimate could exceed it, and
@@ -62,6 +76,8 @@ class Job:
         *,
         eval_dataset: str | Path | list[dict[str, Any]] | None = None,
         method: Literal["qlora", "lora", "dora"] = "qlora",
+        objective: str | ObjectiveConfig | Mapping[str, Any] | None = None,
+        init_adapter: str | Path | Any = None,
         lora: LoraConfig | Mapping[str, Any] | None = None,
         train: TrainConfig | Mapping[str, Any] | None = None,
         quant: QuantConfig | Mapping[str, Any] | None = None,
@@ -86,6 +102,11 @@ class Job:
             "artifacts": artifacts,
             "model_revision": model_revision,
         }
+        if objective is not None:
+            raw["objective"] = objective.model_dump() if isinstance(objective, ObjectiveConfig) else (
+                objective if isinstance(objective, str) else dict(objective))  # fmt: skip
+        if init_adapter is not None:
+            raw["init_adapter"] = init_adapter
         if exports is not None:
             raw["exports"] = exports if isinstance(exports, str) else list(exports)
         for key, section in (("lora", lora), ("train", train), ("quant", quant), ("hub", hub)):
@@ -122,7 +143,7 @@ class Job:
                 f"{path}: a job file must be a mapping of keys such as model:, dataset:, train:"
             )
         base = path.resolve().parent
-        for key in ("dataset", "eval_dataset", "model", "output_dir"):
+        for key in ("dataset", "eval_dataset", "model", "output_dir", "init_adapter"):
             value = raw.get(key)
             if isinstance(value, str) and value and not Path(value).is_absolute():
                 candidate = base / value
@@ -142,8 +163,13 @@ class Job:
         if self._prepared is None:
             s = self.spec
             tok = s.model
+            pairs = s.objective.preference
             train = prepare_dataset(
-                s.dataset, max_seq_len=s.train.max_seq_len, tokenizer=tok, field="dataset"
+                s.dataset,
+                max_seq_len=s.train.max_seq_len,
+                tokenizer=tok,
+                field="dataset",
+                pairs=pairs,
             )
             ev = None
             if s.eval_dataset is not None:
@@ -152,7 +178,9 @@ class Job:
                     max_seq_len=s.train.max_seq_len,
                     tokenizer=tok,
                     field="eval_dataset",
+                    pairs=pairs,
                 )
+            init_adapter_files(s)  # a missing starting adapter fails here, before renting
             self._prepared = (train, ev)
         return self._prepared
 
@@ -191,6 +219,8 @@ class Job:
             # Path, sizes and mtimes: hashing 16 GB of weights for every run costs more than a
             # cache miss after a copy or a touch.
             h.update(f"|{model_dir}:{fingerprint(model_dir)}".encode())
+        for rel, p in init_adapter_files(self.spec):  # the starting adapter's content
+            h.update(f"|{rel}:".encode() + p.read_bytes())
         for _, p in _code_files():
             h.update(p.read_bytes())
         return h.hexdigest()

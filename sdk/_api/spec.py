@@ -25,7 +25,15 @@ from pydantic import (
 
 from .._exceptions import ConfigError
 
-__all__ = ["HubConfig", "JobSpec", "LoraConfig", "QuantConfig", "TrainConfig", "spec_error"]
+__all__ = [
+    "HubConfig",
+    "JobSpec",
+    "LoraConfig",
+    "ObjectiveConfig",
+    "QuantConfig",
+    "TrainConfig",
+    "spec_error",
+]
 
 # Upper bounds far beyond any real job, low enough that the estimator's and the trainer's
 # arithmetic stays exact (a float of 1e300 epochs or steps turns into nonsense or overflows).
@@ -156,6 +164,89 @@ class HubConfig(_Strict):
     endpoint: str | None = Field(None, description="Another hub's URL (default: HF_ENDPOINT).")
 
 
+# TRL's LoRA recipe for DPO (trl/scripts/dpo.py: 5e-6 with --use_peft, 10x its full-tuning
+# 5e-7); preference objectives move a policy that already answers well, so a tenth of SFT's
+# step would undo it. Used when train.learning_rate is not given.
+PREFERENCE_LEARNING_RATE = 5e-6
+PREFERENCE_OBJECTIVES = ("dpo", "orpo")
+
+
+class ObjectiveConfig(_Strict):
+    """``objective:`` — what the adapter is trained to do: imitate (``sft``) or prefer
+    (``dpo``, ``orpo``). Write ``objective: dpo`` or a mapping with ``type:`` and options."""
+
+    type: Literal["sft", "dpo", "orpo"] = Field(
+        "sft",
+        description='"sft": learn the assistant turns; "dpo": Direct Preference Optimization '
+        'against a reference (the base, or the starting adapter); "orpo": odds-ratio preference '
+        "with an SFT term, no reference. dpo/orpo rows hold prompt, chosen and rejected.",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        le=100,
+        description="DPO: how far the policy may move from the reference (higher: closer); "
+        "ORPO: the weight of the odds-ratio term (TRL's lambda). TRL's default, 0.1.",
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid",
+        description='DPO loss: "sigmoid" (the paper\'s), "ipo" (squared, for near-deterministic '
+        'preferences), "hinge" (SLiC).',
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="DPO sigmoid only: the share of pairs assumed mislabelled (cDPO).",
+    )
+    reference: Literal["auto", "live", "precompute"] = Field(
+        "auto",
+        description='DPO\'s reference log-probabilities: "live" runs the model with the adapter '
+        'disabled beside each step (one more forward); "precompute" runs one pass over the '
+        'data before training; "auto": live from a fresh adapter, precompute from init_adapter '
+        "(whose reference is the starting adapter itself). No second copy of the weights.",
+    )
+    max_prompt_len: int | None = Field(
+        None,
+        ge=1,
+        le=1_048_576,
+        description="Prompt tokens kept (the end, nearest the answer); default half of "
+        "train.max_seq_len. Prompt + answer is cut to train.max_seq_len.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"type": data} if isinstance(data, str) else data
+
+    @model_validator(mode="after")
+    def _options_apply(self) -> ObjectiveConfig:
+        # Options set away from their defaults (a dumped spec writes the defaults back).
+        fields = type(self).model_fields
+        given = {
+            k for k in self.model_fields_set - {"type"} if getattr(self, k) != fields[k].default
+        }
+        if self.type == "sft" and given:
+            raise ValueError(
+                f"{', '.join(sorted(given))} apply to dpo and orpo, not sft; "
+                "remove them or set objective.type"
+            )
+        dpo_only = given & {"loss_type", "label_smoothing", "reference"}
+        if self.type == "orpo" and dpo_only:
+            raise ValueError(
+                f"{', '.join(sorted(dpo_only))} apply to dpo only (orpo has no "
+                "reference model); remove them"
+            )
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise ValueError("label_smoothing applies to loss_type: sigmoid only")
+        return self
+
+    @property
+    def preference(self) -> bool:
+        """Whether rows are preference pairs (prompt, chosen, rejected)."""
+        return self.type in PREFERENCE_OBJECTIVES
+
+
 class JobSpec(_Strict):
     """Everything that defines a fine-tuning job; serialised into the bundle as spec.json."""
 
@@ -165,6 +256,16 @@ class JobSpec(_Strict):
     dataset: str | list[dict[str, Any]] = Field(description="File, folder, hub id or rows.")
     eval_dataset: str | list[dict[str, Any]] | None = None
     method: Literal["qlora", "lora", "dora"] = "qlora"
+    objective: ObjectiveConfig = Field(
+        default_factory=ObjectiveConfig,  # type: ignore[arg-type]
+        description='"sft" (default), "dpo" or "orpo", or a mapping with type: and options.',
+    )
+    init_adapter: str | None = Field(
+        None,
+        min_length=1,
+        description="Start from this adapter (a folder a previous job wrote, or its JobResult) "
+        "instead of a fresh one; it is trained further, and is DPO's reference.",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)  # type: ignore[arg-type]
     train: TrainConfig = Field(default_factory=TrainConfig)  # type: ignore[arg-type]
     quant: QuantConfig = Field(default_factory=QuantConfig)  # type: ignore[arg-type]
@@ -196,6 +297,36 @@ class JobSpec(_Strict):
             raise ValueError('must be a list such as ["adapter", "merged", "gguf:q4_k_m"]')
         return parse_exports(value)
 
+    @field_validator("init_adapter", mode="before")
+    @classmethod
+    def _adapter_path(cls, value: Any) -> Any:
+        # A JobResult (or anything with an adapter folder) stands for its adapter.
+        folder = getattr(value, "adapter_path", value)
+        if folder is None and value is not None:
+            raise ValueError("that job result has no adapter (did the job fail?)")
+        return str(folder) if isinstance(folder, Path) else folder
+
+    @model_validator(mode="after")
+    def _objective_defaults(self) -> JobSpec:
+        # Preference objectives move an already good policy: TRL's lower LoRA learning rate
+        # unless the user chose one.
+        if not self.objective.preference:
+            return self
+        if self.train.packing is True or self.train.loss_on == "all":
+            raise ValueError(
+                f"objective {self.objective.type} trains each pair's answers as one unit: "
+                "train.packing: true and train.loss_on: all apply to sft only; remove them"
+            )
+        cap = self.objective.max_prompt_len
+        if cap is not None and cap >= self.train.max_seq_len:
+            raise ValueError(
+                f"objective.max_prompt_len ({cap}) must be below train.max_seq_len "
+                f"({self.train.max_seq_len}), or no answer token would fit"
+            )
+        if "learning_rate" not in self.train.model_fields_set:
+            self.train.learning_rate = PREFERENCE_LEARNING_RATE
+        return self
+
     @model_validator(mode="after")
     def _mlx_can_train(self) -> JobSpec:
         # train.backend: mlx is known now, before anything runs: refuse what MLX cannot do
@@ -219,6 +350,7 @@ _SECTION = {
     "TrainConfig": "train.",
     "QuantConfig": "quant.",
     "HubConfig": "hub.",
+    "ObjectiveConfig": "objective.",
     "JobSpec": "",
 }
 

@@ -22,7 +22,16 @@ from functools import lru_cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from loraburst.remote.memory import Coefficients, choose_settings, peak_vram, step_time
+from loraburst.remote.memory import (
+    Coefficients,
+    ObjectiveCost,
+    choose_settings,
+    lora_params,
+    objective_cost,
+    peak_vram,
+    step_time,
+)
+from loraburst.remote.pairs import reference_mode
 
 from .._api.export import export_cost
 from .._api.spec import JobSpec
@@ -256,6 +265,8 @@ class _Workload:
 def _packs(spec: JobSpec, tokens: int, rows: int) -> bool:
     """``train.packing`` resolved as the trainer does: "auto" packs rows under half a sequence."""
     packing = spec.train.packing
+    if spec.objective.preference:
+        return False  # a pair is one unit of its two sequences, never packed with others
     if packing != "auto":
         return bool(packing)
     if tokens <= 0 or rows < 2:
@@ -266,7 +277,8 @@ def _packs(spec: JobSpec, tokens: int, rows: int) -> bool:
 def _workload(spec: JobSpec, tokens: int, rows: int) -> _Workload:
     t = spec.train
     keep = 1.0 - t.eval_fraction
-    max_seq = t.max_seq_len
+    # A preference row is a pair: two sequences of up to max_seq_len in one unit.
+    max_seq = t.max_seq_len * (2 if spec.objective.preference else 1)
     if _packs(spec, tokens, rows):
         seq = max_seq
         known = tokens if tokens > 0 else rows * max_seq / 2  # unknown: rows half full
@@ -411,6 +423,13 @@ def estimate(
     )
     if tokens <= 0:
         notes.append("token count unknown: rows taken as half of max_seq_len")
+    if spec.objective.preference:
+        ref = reference_mode(spec.objective, spec.init_adapter)
+        notes.append(
+            f"{spec.objective.type}: each row is a pair, chosen + rejected (two sequences a step)"
+            + {"live": "; the reference adds a forward per step", "precompute": "; the "
+               "reference is one forward pass over the data before training"}.get(ref or "", "")
+        )  # fmt: skip
     export_note = export_cost(spec.exports, ms.params, ms.download_bytes).note
     if export_note:
         notes.append(export_note + "; included in time and cost")
@@ -433,6 +452,15 @@ def _steps(spec: JobSpec, wl: _Workload, micro_batch: int) -> int:
 
 def _real_path() -> RealPathCoeffs:
     return RealPathCoeffs.from_dict(load_calibration().get("real_path", {}).get("coefficients", {}))
+
+
+def _objective(spec: JobSpec, ms: ModelShape, wl: _Workload, ckpt: bool) -> ObjectiveCost:
+    """What the spec's objective adds to an SFT step (remote/memory.py: objective_cost)."""
+    lora = lora_params(ms.shape, spec.lora.r, spec.lora.target_modules)
+    return objective_cost(
+        ms.shape, wl.seq_speed, lora, preference=spec.objective.preference,
+        reference=reference_mode(spec.objective, spec.init_adapter), gradient_checkpointing=ckpt,
+    )  # fmt: skip
 
 
 def _row(
@@ -479,7 +507,11 @@ def _row(
     else:
         steps = max(1, math.ceil(batches * t.epochs / t.grad_accum))
     saves = steps // t.save_every_steps if t.save_every_steps else 0
-    train_s = steps * t.grad_accum * step_s + first_s + saves * SAVE_S
+    extra = _objective(spec, ms, wl, ckpt)  # a reference's forwards (DPO)
+    step_s *= extra.step_factor
+    # A precomputed reference: one forward pass over the data before training.
+    pass_s = extra.data_passes * batches * step_s / extra.step_factor
+    train_s = steps * t.grad_accum * step_s + first_s + saves * SAVE_S + pass_s
     exports = export_cost(spec.exports, ms.params, ms.download_bytes)  # exports hook
     total_s = train_s + setup_s + exports.seconds
     notes = []

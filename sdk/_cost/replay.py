@@ -81,6 +81,7 @@ class Workload:
     packing: bool
     padded: bool
     known: bool  # lengths counted (exactly or estimated), not assumed
+    seq_len: int  # a unit's longest: max_seq_len, twice it for a preference pair
 
     @property
     def rows(self) -> float:
@@ -100,7 +101,10 @@ def workload(
     when nothing is known). The eval split's share is dropped as the trainer drops it.
     """
     t = spec.train
-    cap = t.max_seq_len
+    # A preference row is a pair: its two sequences are one unit of up to twice max_seq_len,
+    # never packed with others (as the preference recipe cuts them).
+    pairs = spec.objective.preference
+    cap = t.max_seq_len * (2 if pairs else 1)
     keep = 1.0 - t.eval_fraction
     if lengths:
         total = max(1, round(len(lengths) * keep))
@@ -112,7 +116,8 @@ def workload(
         sample = (max(1, min(cap, round(mean))),) * min(total, _SAMPLE_ROWS)
     scale = total / len(sample)
     known = bool(lengths) or tokens > 0
-    return Workload(sample, scale, choose_packing(t.packing, sample, cap), padded, known)
+    packing = False if pairs else choose_packing(t.packing, sample, cap)
+    return Workload(sample, scale, packing, padded, known, cap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +164,7 @@ class Planner:
             t = self.spec.train
             epochs = max(1, math.ceil(t.epochs)) if not t.max_steps else 1
             self._plans[mb] = plan_batches(
-                self.wl.lengths, max_seq_len=t.max_seq_len, micro_batch=mb,
+                self.wl.lengths, max_seq_len=self.wl.seq_len, micro_batch=mb,
                 packing=self.wl.packing, seed=t.seed, epochs=min(epochs, 2),
                 padded=self.wl.padded,
             )  # fmt: skip
@@ -183,7 +188,7 @@ class Planner:
         if not self.verified:
             budget /= UNVERIFIED_MARGIN
         policy = _POLICY[t.gradient_checkpointing]
-        seq = t.max_seq_len
+        seq = self.wl.seq_len
         s = self.shape
         layout = "padded" if self.wl.padded else "flat"
 

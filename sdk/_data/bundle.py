@@ -32,7 +32,9 @@ from .._state.home import home
 from .dataset import PreparedDataset
 from .model_folder import local_model_dir
 
-__all__ = ["Bundle", "build_bundle", "extract_bundle", "local_model_dir"]
+__all__ = ["Bundle", "build_bundle", "extract_bundle", "init_adapter_files", "local_model_dir"]
+
+INIT_ADAPTER = "init_adapter"  # the starting adapter's folder in the bundle
 
 _EPOCH = 0  # every member's mtime: bytes must not depend on when the bundle was built
 
@@ -59,6 +61,8 @@ def _bundle_spec(spec: JobSpec, train: PreparedDataset, eval_ds: PreparedDataset
         data["base_model"] = Path(spec.model).name  # names exports and the model card
     if isinstance(spec.dataset, str) and train.kind != "hub":
         data["dataset_name"] = Path(spec.dataset).name  # for the model card
+    if spec.init_adapter:
+        data["init_adapter"] = INIT_ADAPTER
     # output_dir is a client-side path; it has no meaning on the instance.
     data["output_dir"] = "adapter"
     doc = {
@@ -88,9 +92,31 @@ def _members(
     if eval_ds is not None and eval_ds.jsonl_path is not None:
         members.append(("data/eval.jsonl", eval_ds.jsonl_path))
     # A package marker so `python -m loraburst.remote.agent` resolves to the bundled code.
+    members += [(f"{INIT_ADAPTER}/{rel}", p) for rel, p in init_adapter_files(spec)]
     members.append(("code/loraburst/__init__.py", b'"""Bundled loraburst agent code."""\n'))
     members.extend(_code_files())
     return sorted(members, key=lambda m: m[0])
+
+
+def init_adapter_files(spec: JobSpec) -> list[tuple[str, Path]]:
+    """The starting adapter's files (``init_adapter``), folder-relative: they travel in the
+    bundle (an adapter is megabytes, not the base's gigabytes).
+
+    Raises:
+        ConfigError: the folder is missing or holds no PEFT adapter.
+    """
+    if not spec.init_adapter:
+        return []
+    folder = Path(spec.init_adapter).expanduser()
+    if not (folder / "adapter_config.json").is_file():
+        what = "does not exist" if not folder.exists() else "has no adapter_config.json"
+        raise ConfigError(
+            f"init_adapter: {folder} {what}; give the adapter folder a previous job wrote "
+            "(its JobResult.adapter_path)",
+            source=str(folder),
+        )
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+    return [(p.relative_to(folder).as_posix(), p) for p in files]
 
 
 class _HashingWriter(io.RawIOBase):

@@ -34,6 +34,7 @@ from .._exceptions import ConfigError, DatasetError
 from .._state.disk import local_io
 from .._state.home import home
 from .formats import KIND_OF_FORMAT, RowChecker
+from .preference import PreferenceChecker
 from .read import DATA_SUFFIXES, Located, read_path, read_rows
 from .tokens import TokenTally, count_tokens
 
@@ -50,7 +51,7 @@ class DatasetStats:
     Attributes:
         rows: number of rows (0 for a hub dataset: unknown until loaded on the instance).
         format: detected format: ``messages``, ``sharegpt``, ``alpaca``, ``prompt_completion``,
-            ``text`` or ``hub``.
+            ``text``, ``preference`` (pairs; counts are per pair, both sequences) or ``hub``.
         tokens: total tokens (None for a hub dataset).
         tokens_exact: True only when counted with the model's real tokenizer.
         max_tokens: tokens of the longest row (None for a hub dataset).
@@ -76,13 +77,15 @@ class DatasetStats:
             return "hub dataset: rows and tokens unknown until it is loaded on the instance"
         approx = "" if self.tokens_exact else "~"
         how = "exact" if self.tokens_exact else "estimated"
+        unit = "pairs" if self.format == "preference" else "rows"
         line = (
-            f"{self.rows:,} rows ({self.format}), {approx}{self.tokens:,} tokens ({how}), "
+            f"{self.rows:,} {unit} ({self.format}), {approx}{self.tokens:,} tokens ({how}), "
             f"longest {approx}{self.max_tokens or 0:,}"
         )
         if self.over_max_seq_len:
+            over = "twice max_seq_len" if unit == "pairs" else "max_seq_len"
             line += (
-                f"; {self.over_max_seq_len:,} rows over max_seq_len {self.max_seq_len:,} "
+                f"; {self.over_max_seq_len:,} {unit} over {over} {self.max_seq_len:,} "
                 "will be truncated"
             )
         return line
@@ -98,7 +101,7 @@ class PreparedDataset:
 
     Attributes:
         source: display name: the path as given, ``"<rows>"``, or the hub id.
-        kind: ``"messages"``, ``"prompt_completion"``, ``"text"`` or ``"hub"``.
+        kind: ``"messages"``, ``"prompt_completion"``, ``"text"``, ``"preference"`` or ``"hub"``.
         hub_id: the hub id when ``kind == "hub"``, else None.
         stats: rows, tokens and lengths.
         jsonl_path: ``$LORABURST_HOME/datasets/<sha256>.jsonl`` (None for a hub dataset).
@@ -199,6 +202,7 @@ def prepare_dataset(
     max_seq_len: int = 2048,
     tokenizer: str | None = None,
     field: str = "dataset",
+    pairs: bool = False,
 ) -> PreparedDataset:
     """Read, check, normalise and measure a dataset.
 
@@ -209,6 +213,7 @@ def prepare_dataset(
         tokenizer: a local folder or a hub id in the local HF cache, for exact token counts;
             anything else (or None) gives estimates.
         field: the spec field being prepared, used in error messages (``eval_dataset``).
+        pairs: rows are preference pairs (``objective: dpo``/``orpo``; see ``preference``).
 
     Returns:
         The normalised rows and their stats.
@@ -236,14 +241,14 @@ def prepare_dataset(
         raise ConfigError(
             f"{field}: expected a path, a hub id or a list of row dicts, got {type(source).__name__}"
         )
-    return _stream(located, name, max_seq_len, tokenizer)
+    return _stream(located, name, max_seq_len, tokenizer, pairs)
 
 
 def _stream(
-    located: Located, name: str, max_seq_len: int, tokenizer: str | None
+    located: Located, name: str, max_seq_len: int, tokenizer: str | None, pairs: bool = False
 ) -> PreparedDataset:
     """Check, normalise, spill and count in one pass over ``located``."""
-    checker = RowChecker()
+    checker: RowChecker | PreferenceChecker = PreferenceChecker() if pairs else RowChecker()
     tally: TokenTally | None = None
     rows = 0
     spill = _Spill()
@@ -255,7 +260,9 @@ def _stream(
                 continue
             if tally is None:
                 assert checker.format is not None
-                tally = TokenTally(KIND_OF_FORMAT[checker.format], tokenizer, max_seq_len)
+                # A pair is two sequences of up to max_seq_len each (counted together).
+                limit = max_seq_len * (2 if pairs else 1)
+                tally = TokenTally(KIND_OF_FORMAT[checker.format], tokenizer, limit)
             spill.write(normalised)
             tally.add(normalised)
             rows += 1

@@ -30,6 +30,7 @@ KIND_OF_FORMAT = {
     "alpaca": "messages",
     "prompt_completion": "prompt_completion",
     "text": "text",
+    "preference": "preference",  # objective dpo/orpo: pairs (preference.py)
 }
 _ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 # ShareGPT's own names first; some exports already use the OpenAI ones.
@@ -217,6 +218,12 @@ class RowChecker:
             )
             return None
         row_fmt = detect_format(row)
+        if row.get("chosen") is not None and row.get("rejected") is not None:
+            self.problems.append(
+                f"{where}: a preference row (chosen/rejected) in an sft job; set objective: dpo "
+                "or orpo to train on pairs"
+            )
+            return None
         if row_fmt is None:
             keys = ", ".join(repr(k) for k in sorted(map(str, row))) or "none"
             self.problems.append(f"{where}: no known fields (found: {keys}); a row needs {_KNOWN}")

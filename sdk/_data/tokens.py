@@ -24,6 +24,8 @@ from typing import Any
 
 from loraburst.remote.protocol import DEFAULT_CHAT_TEMPLATE
 
+from .preference import PREFERENCE_FORMAT, pair_sequences
+
 __all__ = [
     "CHARS_PER_TOKEN",
     "TURN_OVERHEAD_TOKENS",
@@ -88,7 +90,10 @@ def load_tokenizer(name: str | None) -> Any | None:
 
 
 def row_chars(row: dict[str, Any]) -> int:
-    """Characters of text in a normalised row (turn contents, prompt + completion, or text)."""
+    """Characters of text in a normalised row (turn contents, prompt + completion, or text; a
+    preference pair counts both of its sequences)."""
+    if "chosen" in row:
+        return sum(row_chars(r) for r in pair_sequences(row)[1])
     if "messages" in row:
         return sum(len(m["content"]) for m in row["messages"])
     if "prompt" in row:
@@ -97,6 +102,8 @@ def row_chars(row: dict[str, Any]) -> int:
 
 
 def _estimate(row: dict[str, Any]) -> int:
+    if "chosen" in row:  # a preference pair: prompt + chosen, and prompt + rejected
+        return sum(_estimate(r) for r in pair_sequences(row)[1])
     turns = len(row["messages"]) if "messages" in row else 1  # one EOS for non-chat rows
     return math.ceil(row_chars(row) / CHARS_PER_TOKEN) + turns * TURN_OVERHEAD_TOKENS
 
@@ -107,6 +114,10 @@ def _ids(encoding: Any) -> list[Any]:
 
 
 def _exact(rows: Sequence[dict[str, Any]], kind: str, tok: Any) -> list[int]:
+    if kind == PREFERENCE_FORMAT:  # each pair is two sequences: count both, sum per pair
+        sub, _ = pair_sequences(rows[0]) if rows else ("text", [])
+        counts = _exact([s for r in rows for s in pair_sequences(r)[1]], sub, tok)
+        return [a + b for a, b in zip(counts[::2], counts[1::2], strict=True)]
     if kind == "messages":
         template = getattr(tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
         texts = [

@@ -17,7 +17,7 @@ from loraburst.remote.protocol import verify_manifest
 from tests.conftest import ROOT
 
 EXAMPLES = ROOT / "examples"
-TESTED_ELSEWHERE = {"quickstart.py", "batch.py"}
+TESTED_ELSEWHERE = {"quickstart.py", "batch.py", "preference.py"}
 TESTED_HERE = {"runpod.py"}
 
 
