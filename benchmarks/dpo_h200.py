@@ -124,9 +124,19 @@ class _CountingCollator:
 
     def __call__(self, features: Any) -> Any:
         batch = self.inner(features)
+        counted = 0
         for key, value in batch.items():
             if key.endswith("attention_mask"):
-                self.tokens += int(value.sum()) * (2 if key.startswith("prompt") else 1)
+                counted += int(value.sum()) * (2 if key.startswith("prompt") else 1)
+        if not counted:
+            # TRL 1.15's collator returns no attention masks (the H200 run of 2026-12-01
+            # counted 0): count the tokenised features instead, each sequence capped at
+            # max_length as TRL truncates it.
+            for f in features:
+                prompt = len(f.get("prompt_input_ids", ()))
+                for side in ("chosen_input_ids", "rejected_input_ids"):
+                    counted += min(MAX_LEN, prompt + len(f.get(side, ())))
+        self.tokens += counted
         return batch
 
 
@@ -227,6 +237,8 @@ def report(doc: dict[str, Any]) -> None:
     trl = [r for k, r in doc["runs"].items() if k.startswith("dpo/trl") and not r.get("error")]
     if ours.get("steady_tok_s") and trl:
         best = max(trl, key=lambda r: r.get("steady_tok_s") or 0)
+        if not best.get("steady_tok_s"):
+            return  # no tokens counted for TRL's runs: no ratio to print
         print(json.dumps({"ours_tok_s": ours["steady_tok_s"], "trl_tok_s": best["steady_tok_s"],
                           "ratio": ours["steady_tok_s"] / best["steady_tok_s"],
                           "ours_peak_gib": ours.get("peak_alloc_gib"),
