@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import artifacts
+from .. import artifacts, telemetry
 
 if TYPE_CHECKING:
     from ..agent import Reporter
@@ -89,12 +89,14 @@ class ProgressWriter:
         entry = {"step": step, "loss": value, "tokens": tokens, "t": round(now, 4)}
         self.history.append(entry)
         self.trainer.state.log_history.append({"step": step, "loss": value})
+        gpu = telemetry.latest(self.reporter)  # the newest GPU sample rides on the step
         self.reporter.update(
             step=step,
             loss=value,
             tokens_per_s=round(tps, 1) if tps else None,
             eta_s=round(eta, 1) if eta is not None else None,
             epoch=epoch,
+            **{k: v for k, v in gpu.items() if k in ("gpu_util", "gpu_mem_gb")},
         )
         self.reporter.event(
             "step",
@@ -104,6 +106,7 @@ class ProgressWriter:
             tokens=tokens,
             t=round(now, 4),
             tokens_per_s=round(tps, 1) if tps else None,
+            **gpu,
         )
 
 

@@ -92,6 +92,7 @@ def test_the_agent_reads_the_same_spec_the_client_writes() -> None:
         (JobSpec.model_fields["lora"].annotation, protocol.LoraSpec),
         (JobSpec.model_fields["train"].annotation, protocol.TrainSpec),
         (JobSpec.model_fields["quant"].annotation, protocol.QuantSpec),
+        (JobSpec.model_fields["evaluation"].annotation, protocol.EvaluationSpec),
     ]
     bundle_only = {
         "base_model",
@@ -105,9 +106,9 @@ def test_the_agent_reads_the_same_spec_the_client_writes() -> None:
             if f.name in bundle_only:
                 continue
             default = client.model_fields[f.name].get_default(call_default_factory=True)
-            if dataclasses.is_dataclass(f.type) or f.name in ("lora", "train", "quant"):
+            if dataclasses.is_dataclass(f.type) or f.name in ("lora", "train", "quant", "evaluation"):
                 continue
-            if f.name in ("model", "dataset", "output_dir", "exports", "hub"):
+            if f.name in ("model", "dataset", "output_dir", "exports", "hub", "tasks"):
                 continue  # rewritten for the bundle, or built by a factory
             assert f.default == default, (agent.__name__, f.name)
     spec = JobSpec(model="m", dataset="d.jsonl", train={"max_steps": 3, "packing": False})
