@@ -258,7 +258,9 @@ def summary(line: dict[str, Any]) -> dict[str, Any]:
     start = line["phases"].get("training")
     end = next((line["phases"][p] for p in PHASE_EVENTS[2:] if p in line["phases"]), None)
     during = [
-        s for s in line["gpu"] if start is not None and s[0] >= start and (end is None or s[0] <= end)
+        s
+        for s in line["gpu"]
+        if start is not None and s[0] >= start and (end is None or s[0] <= end)
     ]
     utils = [s[1] for s in during if s[1] is not None]
     mems = [s[2] for s in line["gpu"] if s[2] is not None]

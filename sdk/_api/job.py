@@ -16,7 +16,15 @@ from pydantic import ValidationError
 
 from .._data.dataset import PreparedDataset, prepare_dataset
 from .._exceptions import ConfigError
-from .spec import HubConfig, JobSpec, LoraConfig, QuantConfig, TrainConfig, spec_error
+from .spec import (
+    EvaluationConfig,
+    HubConfig,
+    JobSpec,
+    LoraConfig,
+    QuantConfig,
+    TrainConfig,
+    spec_error,
+)
 
 if TYPE_CHECKING:
     from loraburst.providers import Provider
@@ -50,6 +58,10 @@ class Job:
             ``JobResult.exports``.
         hub: ``{"repo": "user/name", "private": True}``: push the verified exports there with a
             model card (token from ``HF_TOKEN``).
+        evaluation: base against tuned on the instance before teardown (held-out loss,
+            samples, optional lm-eval ``tasks``, a ``min_loss_drop`` threshold); on whenever
+            there are held-out rows (see ``EvaluationConfig``); results in
+            ``JobResult.evaluation`` and the report.
 
     Raises:
         ConfigError: any invalid field, naming it and how to fix it.
@@ -73,6 +85,7 @@ class Job:
         model_revision: str | None = None,
         exports: Sequence[Any] | None = None,
         hub: HubConfig | Mapping[str, Any] | None = None,
+        evaluation: EvaluationConfig | Mapping[str, Any] | None = None,
     ) -> None:
         raw: dict[str, Any] = {
             "model": str(model),
@@ -88,7 +101,9 @@ class Job:
         }
         if exports is not None:
             raw["exports"] = exports if isinstance(exports, str) else list(exports)
-        for key, section in (("lora", lora), ("train", train), ("quant", quant), ("hub", hub)):
+        sections = (("lora", lora), ("train", train), ("quant", quant), ("hub", hub),
+                    ("evaluation", evaluation))  # fmt: skip
+        for key, section in sections:
             if section is not None:
                 raw[key] = section.model_dump() if hasattr(section, "model_dump") else dict(section)
         self.spec = self._validate(raw)
@@ -202,14 +217,17 @@ class Job:
         providers: Sequence[str] | None = None,
         *,
         live: bool = True,
+        history: bool = True,
     ) -> Estimate:
         """Time, peak VRAM and dollars on every GPU of every provider, before renting.
 
         Live prices replace the dated snapshot for providers whose API key is configured.
+        With ``history`` (the default) each row is corrected by what your finished jobs
+        measured on the same provider, GPU and model family, and a note says so.
         """
         from .._cost.placement import estimate_job
 
-        return estimate_job(self, gpus=gpus, providers=providers, live=live)
+        return estimate_job(self, gpus=gpus, providers=providers, live=live, history=history)
 
     # -- run ------------------------------------------------------------------------------
     def run(

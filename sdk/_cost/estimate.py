@@ -28,6 +28,7 @@ from .._api.export import export_cost
 from .._api.spec import JobSpec
 from .._exceptions import EstimateError
 from . import billing as billing
+from . import evaluation as evaluation
 from .gpus import (
     CATALOG,
     SNAPSHOT,
@@ -305,6 +306,7 @@ def estimate(
     providers: Sequence[str] | None = None,
     offers: Sequence[Offer] | None = None,
     local_gpus: Sequence[tuple[str, float]] = (),
+    history: bool = False,
 ) -> Estimate:
     """Estimate ``spec`` on every offer (or the snapshot), cheapest feasible first.
 
@@ -318,6 +320,8 @@ def estimate(
         providers: keep only these providers.
         offers: live offers; ``None`` uses the dated price snapshot.
         local_gpus: ``(name, vram GiB)`` of local cards, priced at 0.
+        history: correct each row by what the user's finished jobs measured on the same
+            provider, GPU and model family (:mod:`.history`), saying so in a note.
 
     Raises:
         EstimateError: unknown GPU or model, or the job fits none of the GPUs considered
@@ -366,6 +370,7 @@ def estimate(
     export_note = export_cost(spec.exports, ms.params, ms.download_bytes).note
     if export_note:
         notes.append(export_note + "; included in time and cost")
+    notes += evaluation.notes(spec)  # evaluation hook
     if skipped:
         notes.append("skipped: " + "; ".join(skipped))
     steps = best.steps if best else 0
@@ -373,6 +378,10 @@ def estimate(
     est = Estimate(rows_out, ms.name, tokens_total * wl.seq_speed, tokens_exact, steps, notes)
     if rows_out and not any(r.fits for r in rows_out):
         raise EstimateError(_no_fit_message(spec, ms, wl, rows_out, coeffs), estimate=est)
+    if history:  # estimates that learn (history.py): a bounded correction from finished jobs
+        from .history import apply
+
+        est = apply(est, ms)
     return est
 
 
@@ -424,6 +433,9 @@ def _row(
     download = 0.0 if ms.source.endswith("config.json") and s.provider == "local" else 1.0
     setup_s = setup.seconds(ms.download_bytes * download)
     exports = export_cost(spec.exports, ms.params, ms.download_bytes)  # exports hook
+    exports = evaluation.with_evaluation(  # evaluation hook: its time counts with the exports
+        spec, exports, ms.params, wl.sequences * wl.seq_speed, timing["tokens_per_s"], s.gpu
+    )
     total_s = train_s + setup_s + exports.seconds
     notes = []
     if not pick["fits"]:

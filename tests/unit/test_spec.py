@@ -106,7 +106,12 @@ def test_the_agent_reads_the_same_spec_the_client_writes() -> None:
             if f.name in bundle_only:
                 continue
             default = client.model_fields[f.name].get_default(call_default_factory=True)
-            if dataclasses.is_dataclass(f.type) or f.name in ("lora", "train", "quant", "evaluation"):
+            if dataclasses.is_dataclass(f.type) or f.name in (
+                "lora",
+                "train",
+                "quant",
+                "evaluation",
+            ):
                 continue
             if f.name in ("model", "dataset", "output_dir", "exports", "hub", "tasks"):
                 continue  # rewritten for the bundle, or built by a factory
