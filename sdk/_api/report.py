@@ -156,7 +156,7 @@ def _warnings(m: Mapping[str, Any]) -> list[str]:
     line = m.get("timeline") or {}
     out = [str(w) for w in line.get("warnings") or []]
     tele = m.get("telemetry") or {}
-    if tele.get("off"):
+    if tele.get("off") and m.get("device") == "cuda":  # on a CPU there is nothing to sample
         out.append(f"GPU telemetry was off: {tele['off']}")
     return out
 

@@ -256,7 +256,7 @@ def measured(
         "train_s": round(train, 3),
         "total_s": round(total, 3),
         "overhead_s": round(max(0.0, total - train), 3) if total else None,
-        "cost_usd": round(cost_usd, 6),
+        "cost_usd": cost_usd,
     }
 
 
