@@ -111,6 +111,24 @@ def _adapters_off(model: Any) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _inference(model: Any) -> Iterator[None]:
+    """Eval mode through the stock attention (SDPA), restored after: the padding-free training
+    attention is for packed rows, and generation and lm-eval feed ordinary ones."""
+    config = model.get_base_model().config
+    attn = getattr(config, "_attn_implementation", None)
+    was_training = model.training
+    model.eval()
+    try:
+        if attn is not None:
+            config._attn_implementation = "sdpa"
+        yield
+    finally:
+        if attn is not None:
+            config._attn_implementation = attn
+        model.train(was_training)
+
+
 def _prompt(row: dict[str, list[int]]) -> tuple[list[int], list[int]]:
     """The prompt (tokens before the first trained one) and the reference answer's tokens."""
     labels = row["labels"]
@@ -143,16 +161,8 @@ def samples(
     eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
     device = next(p.device for p in model.parameters())
-    config = model.get_base_model().config
-    # Generation one row at a time through the stock attention: the padding-free training
-    # attention is for packed rows, and recompute has no use without gradients.
-    attn = getattr(config, "_attn_implementation", None)
-    was_training = model.training
-    model.eval()
     out = []
-    try:
-        if attn is not None:
-            config._attn_implementation = "sdpa"
+    with _inference(model):
         for row in rows:
             prompt, answer = _prompt(row)
             ids = torch.tensor([prompt], device=device)
@@ -188,10 +198,6 @@ def samples(
                     "tuned_stopped": tuned_stop,
                 }
             )
-    finally:
-        if attn is not None:
-            config._attn_implementation = attn
-        model.train(was_training)
     return out
 
 
@@ -205,10 +211,11 @@ def tasks(model: Any, tokenizer: Any, cfg: EvaluationSpec) -> dict[str, Any]:
     except ImportError:
         return {"error": "lm-eval is not installed on the instance: pip install lm-eval"}
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
-        tuned = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), limit=cfg.limit)
-        with _adapters_off(model):
-            base = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), limit=cfg.limit)
+        with _inference(model):
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+            tuned = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), limit=cfg.limit)
+            with _adapters_off(model):
+                base = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), limit=cfg.limit)
     except Exception as exc:  # a task's data or a version mismatch: say so, keep the adapter
         return {"error": f"lm-eval failed: {type(exc).__name__}: {exc}"[:500]}
     return task_table(base["results"], tuned["results"])

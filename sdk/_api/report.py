@@ -70,6 +70,8 @@ def finish(
     from .._cost.history import record_measured
 
     record_measured(ledger, job_id, metrics, durations, cost_usd)
+    for warning in (metrics.get("timeline") or {}).get("warnings") or []:
+        view.message(f"warning: {warning}")  # e.g. a GPU that sat mostly idle
     try:
         path = write_report(job_id, ledger=ledger)
     except (OSError, ValueError) as exc:

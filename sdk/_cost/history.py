@@ -106,9 +106,8 @@ def corrections(ledger: Ledger | None = None) -> dict[tuple[str, str, str], Corr
     ledger = ledger or Ledger()
     speed: dict[tuple[str, str, str], list[float]] = {}
     overhead: dict[tuple[str, str, str], list[float]] = {}
-    for row in ledger.jobs(limit=1000):  # newest first
-        plan, got = row.estimate, row.actual
-        if row.status not in _FINISHED or not plan or not got:
+    for status, plan, got in ledger.outcomes():  # newest first
+        if status not in _FINISHED or not plan or not got:
             continue
         key = (str(plan.get("provider")), str(plan.get("gpu")), str(plan.get("family")))
         if len(speed.setdefault(key, [])) >= RECENT_JOBS:

@@ -227,6 +227,17 @@ class Ledger:
             rows = c.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
             return [JobRow(*r) for r in rows.fetchall()]
 
+    def outcomes(self, limit: int = 1000) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+        """``(status, estimate, actual)`` of the newest jobs that have both, newest first: what
+        the estimator learns from (without reading every job's metrics)."""
+        with self._conn() as c:
+            rows = c.execute(
+                "SELECT status, estimate_json, actual_json FROM jobs WHERE estimate_json IS NOT"
+                " NULL AND actual_json IS NOT NULL ORDER BY created_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [(status, json.loads(plan), json.loads(got)) for status, plan, got in rows]
+
     def find_cached(self, cache_key: str) -> JobRow | None:
         with self._conn() as c:
             row = c.execute(
