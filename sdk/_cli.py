@@ -126,11 +126,23 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     from ._state.ledger import Ledger
 
     ledger = Ledger()
-    t = Table(
-        "job", "status", "provider", "gpu", "est $", "cost $", "est tok/s", "tok/s", "eval",
-        "adapter", title="jobs (estimate beside actual)",
-    )  # fmt: skip
-    for j in ledger.jobs():
+    jobs = ledger.jobs()
+    t = Table("job", "status", "provider", "gpu", "cost $", "adapter", title="jobs")
+    for j in jobs:
+        t.add_row(
+            *_plain(
+                j.id,
+                j.status,
+                j.provider or "",
+                j.gpu or "",
+                f"{j.cost_usd:.4f}",
+                j.adapter_path or "",
+            )
+        )
+    _out.print(t)
+    # What each job was estimated at beside what it measured (the estimator learns from it).
+    t = Table("job", "est $", "cost $", "est tok/s", "tok/s", "eval", title="estimate and actual")
+    for j in jobs:
         plan, got = j.estimate, j.actual
         ev = j.metrics.get("evaluation") or {}
         passed = ev.get("passed")
@@ -140,15 +152,11 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         t.add_row(
             *_plain(
                 j.id,
-                j.status,
-                j.provider or "",
-                j.gpu or "",
                 f"{plan['cost_usd']:.4f}" if plan.get("cost_usd") is not None else "-",
                 f"{j.cost_usd:.4f}",
                 f"{plan['tokens_per_s']:,.0f}" if plan.get("tokens_per_s") else "-",
                 f"{got['tokens_per_s']:,.0f}" if got.get("tokens_per_s") else "-",
                 verdict,
-                j.adapter_path or "",
             )
         )
     _out.print(t)
