@@ -6,8 +6,9 @@
    ``examples/outputs/tiny-model`` — no download needed;
 2. runs ``examples/quickstart.yaml`` on the local provider: bitsandbytes NF4 base weights,
    LoRA adapters, loss only on the assistant's answers;
-3. prints where the verified adapter is and the loss, and answers one question with
-   base + adapter.
+3. prints where the verified adapter is, the loss, base against tuned on the held-out rows
+   and where the run's report is (report.html beside the adapter), and answers one question
+   with base + adapter.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loraburst import JobResult
 
 HERE = Path(__file__).resolve().parent
 JOB_FILE = HERE / "quickstart.yaml"
@@ -34,13 +39,13 @@ def build_model() -> Path:
     return make_tiny_model(MODEL_DIR, texts, hidden_size=128, intermediate=256)
 
 
-def train() -> tuple[Path, dict[str, float]]:
-    """Run the job; returns the adapter folder and the metrics."""
+def train() -> JobResult:
+    """Run the job; returns its result (adapter folder, metrics, evaluation, report)."""
     from loraburst import Job
 
     result = Job.from_yaml(JOB_FILE).run(provider="local")
     assert result.adapter_path is not None, f"the job ended as {result.status}"
-    return result.adapter_path, result.metrics
+    return result
 
 
 def answer(adapter: Path, question: str) -> str:
@@ -84,13 +89,19 @@ def answer(adapter: Path, question: str) -> str:
 def main() -> None:
     t0 = time.time()
     build_model()
-    adapter, metrics = train()
+    result = train()
+    assert result.adapter_path is not None
+    adapter, metrics = result.adapter_path, result.metrics
     wall = time.time() - t0
     print(f"adapter:   {adapter}")
     print(
         f"loss:      {metrics['first_loss']:.2f} -> {metrics['final_loss']:.2f} "
         f"over {metrics['steps']} steps (eval loss {metrics.get('eval_loss', float('nan')):.2f})"
     )
+    ev = result.evaluation
+    if ev:
+        print(f"eval loss: base {ev['base_eval_loss']:.2f} -> tuned {ev['tuned_eval_loss']:.2f}")
+    print(f"report:    {result.report_path}")
     print(f"wall time: {wall:.0f}s (model build + training + checks)")
     print(f"Q: {QUESTION}\nA: {answer(adapter, QUESTION)}")
 

@@ -64,6 +64,7 @@ class Reporter:
         self.state = State(pid=os.getpid(), started_at=time.time())
         self._stop_source = stop_source
         self._echo = echo
+        self.telemetry: Any = None  # a telemetry.Telemetry while the agent samples the GPUs
 
     @property
     def stop_reason(self) -> str | None:
@@ -163,6 +164,9 @@ def run(workdir: Path) -> int:
     watchdog.start()
     code = 0
     try:
+        from . import telemetry
+
+        reporter.telemetry = telemetry.start(reporter)  # telemetry hook: GPU samples
         from .trainer import run as train
 
         train(workdir, reporter)
@@ -172,6 +176,8 @@ def run(workdir: Path) -> int:
         reporter.event("failed", error=error_dict(exc))
         code = 1
     finally:
+        if reporter.telemetry is not None:
+            reporter.telemetry.close()
         watchdog.close()
         sys.stdout.flush()
     watchdog.linger()

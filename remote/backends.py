@@ -119,6 +119,12 @@ def mlx_refusals(spec: Mapping[str, Any]) -> list[str]:
             'take; use packing: "auto" or false (rows are batched by length instead), '
             f"{torch_alt}"
         )
+    ev = spec.get("evaluation") or {}
+    if ev.get("enabled") is True or ev.get("tasks") or ev.get("min_loss_drop") is not None:
+        out.append(  # evaluation hook: remote/evaluate.py runs in the torch recipe only
+            "evaluation: base-against-tuned evaluation (enabled: true, tasks, min_loss_drop) "
+            f'runs in the torch recipe only; use evaluation.enabled: "auto", {torch_alt}'
+        )
     optim = str(train.get("optim", "adamw_torch"))
     if optim not in _MLX_OPTIMIZERS:
         out.append(

@@ -95,7 +95,17 @@ def missing_requirements(requirements: tuple[str, ...] | None = None) -> list[st
 
 
 # Phases in the order a healthy run walks through them.
-PHASES = ("preparing", "loading", "training", "saving", "exporting", "done", "failed", "stopped")
+PHASES = (
+    "preparing",
+    "loading",
+    "training",
+    "evaluating",
+    "saving",
+    "exporting",
+    "done",
+    "failed",
+    "stopped",
+)
 TERMINAL_PHASES = frozenset({"done", "failed", "stopped"})
 
 
@@ -118,6 +128,8 @@ class State:
     metrics: dict[str, float] | None = None
     error: dict[str, str] | None = None
     stop_reason: str | None = None
+    gpu_util: float | None = None  # mean GPU utilisation (%), newest sample (remote/telemetry.py)
+    gpu_mem_gb: float | None = None  # GPU memory in use, GiB
     pid: int | None = None
     started_at: float | None = None
     updated_at: float = 0.0
@@ -183,6 +195,8 @@ _STATE_TYPES = {
         v is None or (isinstance(v, dict) and all(isinstance(x, str) for x in v.values()))
     ),
     "stop_reason": _text,
+    "gpu_util": _num,
+    "gpu_mem_gb": _num,
     "pid": lambda v: v is None or _int(v),
     "started_at": _num,
     "updated_at": lambda v: _num(v) and v is not None,
@@ -487,6 +501,19 @@ class ObjectiveSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvaluationSpec:
+    """``evaluation:`` — base against tuned on the instance (see the client's
+    ``EvaluationConfig``; remote/evaluate.py)."""
+
+    enabled: bool | str = "auto"
+    samples: int = 4
+    max_new_tokens: int = 64
+    tasks: list[str] = dataclasses.field(default_factory=list)
+    limit: int | None = 50
+    min_loss_drop: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class JobSpecData:
     """``spec`` of spec.json: the job as the agent runs it (paths rewritten for the bundle)."""
 
@@ -508,6 +535,7 @@ class JobSpecData:
     # What to ship (remote/export.py reads these as given).
     exports: list[Any] = dataclasses.field(default_factory=lambda: [{"kind": "adapter"}])
     hub: dict[str, Any] | None = None
+    evaluation: EvaluationSpec = dataclasses.field(default_factory=EvaluationSpec)
     # Written by the bundler, not the user: names for exports and the model card.
     base_model: str | None = None
     dataset_name: str | None = None
@@ -550,6 +578,7 @@ _NESTED: dict[tuple[str, str], Any] = {
     ("JobSpecData", "objective"): ObjectiveSpec,
     ("JobSpecData", "train"): TrainSpec,
     ("JobSpecData", "quant"): QuantSpec,
+    ("JobSpecData", "evaluation"): EvaluationSpec,
 }
 
 

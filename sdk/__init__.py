@@ -16,6 +16,9 @@ from ._api.job import Job as Job
 from ._api.result import Attempt as Attempt
 from ._api.result import JobResult as JobResult
 from ._api.spec import (
+    EvaluationConfig as EvaluationConfig,
+)
+from ._api.spec import (
     HubConfig as HubConfig,
 )
 from ._api.spec import (
@@ -106,6 +109,7 @@ __all__ = [
     "Estimate",
     "EstimateError",
     "EstimateRow",
+    "EvaluationConfig",
     "ExportResult",
     "ExportRun",
     "HostKeyMismatchError",

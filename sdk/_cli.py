@@ -59,7 +59,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     _print_objective(result.metrics)
     _print_exports(result.exports, result.hub)
-    return 0 if result.exports_ok else 1
+    ok = _print_evaluation(result.evaluation)
+    if result.report_path is not None:
+        _out.print(f"report: {result.report_path}", highlight=False, markup=False)
+    return 0 if result.exports_ok and ok else 1
+
+
+def _print_evaluation(ev: dict[str, Any]) -> bool:
+    """The evaluation's verdict; False when it did not pass its threshold."""
+    if not ev:
+        return True
+    passed = ev.get("passed")
+    style = "" if passed is None else ("[green]" if passed else "[red]")
+    _out.print(f"{style}evaluation: {escape(str(ev.get('verdict', '')))}{'[/]' if style else ''}",
+               highlight=False)  # fmt: skip
+    return passed is not False
 
 
 def _print_objective(metrics: dict[str, Any] | None) -> None:
@@ -107,7 +121,9 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     from ._api.job import Job
 
     job = Job.from_yaml(args.job)
-    est = job.estimate(gpus=args.gpu or None, providers=args.provider or None)
+    est = job.estimate(
+        gpus=args.gpu or None, providers=args.provider or None, history=not args.no_history
+    )
     if args.json:
         print(json.dumps(est.to_dicts(), indent=2))
     else:
@@ -119,8 +135,9 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     from ._state.ledger import Ledger
 
     ledger = Ledger()
+    jobs = ledger.jobs()
     t = Table("job", "status", "provider", "gpu", "cost $", "adapter", title="jobs")
-    for j in ledger.jobs():
+    for j in jobs:
         t.add_row(
             *_plain(
                 j.id,
@@ -129,6 +146,26 @@ def _cmd_ls(args: argparse.Namespace) -> int:
                 j.gpu or "",
                 f"{j.cost_usd:.4f}",
                 j.adapter_path or "",
+            )
+        )
+    _out.print(t)
+    # What each job was estimated at beside what it measured (the estimator learns from it).
+    t = Table("job", "est $", "cost $", "est tok/s", "tok/s", "eval", title="estimate and actual")
+    for j in jobs:
+        plan, got = j.estimate, j.actual
+        ev = j.metrics.get("evaluation") or {}
+        passed = ev.get("passed")
+        verdict = "" if passed is None else ("passed" if passed else "NOT PASSING")
+        if not verdict and ev.get("tuned_eval_loss") is not None:
+            verdict = f"{ev['base_eval_loss']:.3f}->{ev['tuned_eval_loss']:.3f}"
+        t.add_row(
+            *_plain(
+                j.id,
+                f"{plan['cost_usd']:.4f}" if plan.get("cost_usd") is not None else "-",
+                f"{j.cost_usd:.4f}",
+                f"{plan['tokens_per_s']:,.0f}" if plan.get("tokens_per_s") else "-",
+                f"{got['tokens_per_s']:,.0f}" if got.get("tokens_per_s") else "-",
+                verdict,
             )
         )
     _out.print(t)
@@ -166,6 +203,18 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ._api.report import write_report
+
+    path = write_report(args.job, folder=args.output_dir)
+    _out.print(f"report: {path}", highlight=False, markup=False)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+    return 0
+
+
 def _cmd_attach(args: argparse.Namespace) -> int:
     from ._api.job import Job
 
@@ -194,6 +243,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     batch = Batch.from_yaml(args.batch)
     result = batch.run()
     _out.print(result.table())
+    if result.report_path is not None:
+        _out.print(f"report: {result.report_path}", highlight=False, markup=False)
     return 0 if result.all_ok else 1
 
 
@@ -247,9 +298,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu", action="append", default=[])
     s.add_argument("--provider", action="append", default=[])
     s.add_argument("--json", action="store_true", help="print the rows as a JSON list")
+    s.add_argument(
+        "--no-history",
+        action="store_true",
+        help="the raw model, without the correction learned from your finished jobs",
+    )
     s.set_defaults(fn=_cmd_estimate)
     s = sub.add_parser("ls", help="jobs and instances, state and cost")
     s.set_defaults(fn=_cmd_ls)
+    s = sub.add_parser(
+        "report", help="write (or redraw) a finished job's HTML report beside its adapter"
+    )
+    s.add_argument("job")
+    s.add_argument("--open", action="store_true", help="open it in the browser")
+    s.add_argument("--output-dir", type=Path, default=None, help="default: beside the adapter")
+    s.set_defaults(fn=_cmd_report)
     s = sub.add_parser("logs", help="a job's events and agent log")
     s.add_argument("job")
     s.set_defaults(fn=_cmd_logs)

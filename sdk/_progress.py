@@ -36,6 +36,7 @@ class ProgressView:
         self._task: TaskID | None = None
         self._label = label
         self._last_printed = -1
+        self._price_per_hour: float | None = None
 
     def __enter__(self) -> ProgressView:
         if self._live:
@@ -58,6 +59,10 @@ class ProgressView:
         if self._progress is not None:
             self._progress.stop()
 
+    def rate(self, price_per_hour: float) -> None:
+        """The price of the machine now running, shown as dollars per hour burned."""
+        self._price_per_hour = price_per_hour
+
     def message(self, text: str) -> None:
         if self.enabled:
             self._console.print(text, highlight=False, markup=False)
@@ -75,7 +80,12 @@ class ProgressView:
             parts.append(f"{state.tokens_per_s:,.0f} tok/s")
         if state.eta_s is not None and state.phase == "training":
             parts.append(f"ETA {state.eta_s:,.0f}s")
+        if state.gpu_util is not None:
+            idle = " (idle?)" if state.gpu_util < 30 and state.phase == "training" else ""
+            parts.append(f"GPU {state.gpu_util:.0f}%{idle}")
         parts.append(f"${spent_usd:.4f}")
+        if self._price_per_hour:
+            parts.append(f"${self._price_per_hour:.2f}/h")
         info = " | ".join(parts)
         if self._progress is not None and self._task is not None:
             self._progress.update(

@@ -9,8 +9,10 @@ settings    micro-batch, recompute and dequant cache planned on the loaded model
 train       Trainer over our batches; checkpoint every save_every_steps, resume from the
             newest; progress reported from a thread
 save        adapter/, metrics.json
+evaluate    base against tuned: held-out loss, samples, lm-eval tasks (remote/evaluate.py)
 export      merged weights, GGUF, hub push, each checked (remote/export.py)
-seal        manifest.json last (its presence means complete)
+seal        the run's timeline into metrics.json (remote/telemetry.py); manifest.json last
+            (its presence means complete)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import evaluate, telemetry
 from ..attention import register as register_attention
 from ..batching import choose_packing
 from ..protocol import ENV_ARTIFACTS, BundleSpec, JobSpecData
@@ -125,6 +128,10 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     metrics = _metrics(spec, trainer, output, stats, chosen, resume, stopped, tokens_before)
     if eval_loader is not None and stopped is None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        if evaluate.wanted(spec, len(eval_rows)):  # evaluation hook: base against tuned
+            metrics["evaluation"] = evaluate.run(spec, model, tokenizer, trainer, eval_rows,
+                                                 reporter, tuned_loss=metrics["eval_loss"])  # fmt: skip
+        reporter.update(phase="saving")
     outputs.save_adapter(workdir, model, tokenizer, metrics)
     steps = trainer.state.global_step
 
@@ -138,6 +145,7 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
         del trainer, model, callback
         outputs.free_memory()
         exported = export.run(workdir, dataclasses.asdict(bundle), path, reporter)
+    telemetry.record(workdir, metrics)  # report hook: the timeline rides in metrics.json
     outputs.seal(workdir, upload, exported)
     phase = "stopped" if stopped else "done"
     reporter.update(phase=phase, stop_reason=stopped, step=steps, eta_s=0.0)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import artifacts
+from .. import artifacts, telemetry
 
 if TYPE_CHECKING:
     from ..agent import Reporter
@@ -105,6 +105,7 @@ class ProgressWriter:
         entry = {"step": step, "loss": value, "tokens": tokens, "t": round(now, 4)}
         self.history.append(entry)
         self.trainer.state.log_history.append({"step": step, "loss": value, **metrics})
+        gpu = telemetry.latest(self.reporter)  # the newest GPU sample rides on the step
         self.reporter.update(
             step=step,
             loss=value,
@@ -112,6 +113,7 @@ class ProgressWriter:
             eta_s=round(eta, 1) if eta is not None else None,
             epoch=epoch,
             metrics=metrics or None,
+            **{k: v for k, v in gpu.items() if k in ("gpu_util", "gpu_mem_gb")},
         )
         self.reporter.event(
             "step",
@@ -122,6 +124,7 @@ class ProgressWriter:
             t=round(now, 4),
             tokens_per_s=round(tps, 1) if tps else None,
             **metrics,
+            **gpu,
         )
 
 

@@ -44,13 +44,18 @@ class BatchRow:
     cost_usd: float = 0.0
     adapter_path: str | None = None
     error: str | None = None
+    job_id: str | None = None  # the ledger's job (its report, estimate and evaluation)
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchResult:
+    """Every job's row, the budget and what was spent; ``report_path`` is the HTML page that
+    compares the jobs (loss, evaluation, estimate and cost, sortable)."""
+
     rows: tuple[BatchRow, ...]
     budget: float
     spent_usd: float
+    report_path: Path | None = None
 
     @property
     def all_ok(self) -> bool:
@@ -277,6 +282,7 @@ class Batch:
             reserved,
             r.cost_usd,
             str(r.adapter_path) if r.adapter_path else None,
+            job_id=r.job_id,
         )
 
     def run(self) -> BatchResult:
@@ -316,6 +322,20 @@ class Batch:
                         rows[running.pop(fut)] = fut.result()
                 time.sleep(0.01)
         ordered = tuple(rows[i] for i in sorted(rows))
-        return BatchResult(
+        result = BatchResult(
             rows=ordered, budget=self.budget, spent_usd=sum(r.cost_usd for r in ordered)
         )
+        return self._report(result)
+
+    def _report(self, result: BatchResult) -> BatchResult:
+        """The batch's comparison page, in the first job's output folder (report hook)."""
+        from .report import write_batch_report
+
+        folder = Path(self.jobs[0].spec.output_dir).expanduser() if self.jobs else Path(".")
+        name = time.strftime("batch-%Y%m%d-%H%M%S")
+        try:
+            path = write_batch_report(result, folder, name=name)
+        except OSError as exc:  # the jobs and their money are done; the page can wait
+            print(f"batch report not written: {exc}")
+            return result
+        return dataclasses.replace(result, report_path=path)

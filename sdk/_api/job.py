@@ -18,6 +18,7 @@ from .._data.bundle import init_adapter_files
 from .._data.dataset import PreparedDataset, prepare_dataset
 from .._exceptions import ConfigError
 from .spec import (
+    EvaluationConfig,
     HubConfig,
     JobSpec,
     LoraConfig,
@@ -64,6 +65,10 @@ class Job:
             ``JobResult.exports``.
         hub: ``{"repo": "user/name", "private": True}``: push the verified exports there with a
             model card (token from ``HF_TOKEN``).
+        evaluation: base against tuned on the instance before teardown (held-out loss,
+            samples, optional lm-eval ``tasks``, a ``min_loss_drop`` threshold); on whenever
+            there are held-out rows (see ``EvaluationConfig``); results in
+            ``JobResult.evaluation`` and the report.
 
     Raises:
         ConfigError: any invalid field, naming it and how to fix it.
@@ -89,6 +94,7 @@ class Job:
         model_revision: str | None = None,
         exports: Sequence[Any] | None = None,
         hub: HubConfig | Mapping[str, Any] | None = None,
+        evaluation: EvaluationConfig | Mapping[str, Any] | None = None,
     ) -> None:
         raw: dict[str, Any] = {
             "model": str(model),
@@ -109,7 +115,9 @@ class Job:
             raw["init_adapter"] = init_adapter
         if exports is not None:
             raw["exports"] = exports if isinstance(exports, str) else list(exports)
-        for key, section in (("lora", lora), ("train", train), ("quant", quant), ("hub", hub)):
+        sections = (("lora", lora), ("train", train), ("quant", quant), ("hub", hub),
+                    ("evaluation", evaluation))  # fmt: skip
+        for key, section in sections:
             if section is not None:
                 raw[key] = section.model_dump() if hasattr(section, "model_dump") else dict(section)
         self.spec = self._validate(raw)
@@ -232,14 +240,17 @@ class Job:
         providers: Sequence[str] | None = None,
         *,
         live: bool = True,
+        history: bool = True,
     ) -> Estimate:
         """Time, peak VRAM and dollars on every GPU of every provider, before renting.
 
         Live prices replace the dated snapshot for providers whose API key is configured.
+        With ``history`` (the default) each row is corrected by what your finished jobs
+        measured on the same provider, GPU and model family, and a note says so.
         """
         from .._cost.placement import estimate_job
 
-        return estimate_job(self, gpus=gpus, providers=providers, live=live)
+        return estimate_job(self, gpus=gpus, providers=providers, live=live, history=history)
 
     # -- run ------------------------------------------------------------------------------
     def run(

@@ -37,6 +37,8 @@ class JobResult:
         exports: each export of the spec (merged, GGUF), made and checked before teardown;
             a failed one says why while the adapter and the others still come back.
         hub: the hub push's outcome (repo, url, commit, ok, error) when the spec asks for one.
+        report_path: the job's HTML report beside the adapter (loss curves, GPU, phases,
+            dollars against the estimate, evaluation, samples); ``loraburst report`` redraws it.
     """
 
     job_id: str
@@ -50,6 +52,22 @@ class JobResult:
     attempts: tuple[Attempt, ...] = ()
     exports: tuple[ExportResult, ...] = ()
     hub: dict[str, Any] | None = None
+    report_path: Path | None = None
+
+    @property
+    def evaluation(self) -> dict[str, Any]:
+        """Base against tuned, measured on the instance before teardown: ``base_eval_loss``,
+        ``tuned_eval_loss``, ``samples``, ``tasks``, ``passed``, ``verdict`` (empty when the
+        job had no held-out rows)."""
+        ev = self.metrics.get("evaluation")
+        return ev if isinstance(ev, dict) else {}
+
+    @property
+    def passed(self) -> bool | None:
+        """The evaluation's verdict against ``evaluation.min_loss_drop``: None without a
+        threshold (or an evaluation); False marks the result, the adapter is still here."""
+        value = self.evaluation.get("passed")
+        return value if isinstance(value, bool) else None
 
     @property
     def ok(self) -> bool:

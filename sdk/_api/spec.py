@@ -26,6 +26,7 @@ from pydantic import (
 from .._exceptions import ConfigError
 
 __all__ = [
+    "EvaluationConfig",
     "HubConfig",
     "JobSpec",
     "LoraConfig",
@@ -247,6 +248,45 @@ class ObjectiveConfig(_Strict):
         return self.type in PREFERENCE_OBJECTIVES
 
 
+class EvaluationConfig(_Strict):
+    """Evaluation on the instance before teardown (remote/evaluate.py): base against tuned."""
+
+    enabled: bool | Literal["auto"] = Field(
+        "auto",
+        description='"auto": evaluate whenever there is an eval split (eval_dataset or '
+        "train.eval_fraction); true: require one; false: skip.",
+    )
+    samples: int = Field(
+        4, ge=0, le=64, description="Eval prompts answered by base and tuned, side by side."
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, le=4096, description="Token limit of each sample (greedy, stops at EOS)."
+    )
+    tasks: list[str] = Field(
+        default_factory=list,
+        description='lm-eval benchmark tasks run on base and tuned (e.g. ["arc_easy"]; needs '
+        "lm-eval on the instance and the task's data).",
+    )
+    limit: int | None = Field(
+        50, ge=1, le=1_000_000, description="Examples per lm-eval task (keeps them cheap)."
+    )
+    min_loss_drop: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="The tuned eval loss must be below the base's by at least this much, or the "
+        "result is marked not passing (the adapter still comes back).",
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, value: list[str]) -> list[str]:
+        bad = [t for t in value if not t or not t.replace("_", "").replace("-", "").isalnum()]
+        if bad:
+            raise ValueError(f"task names are lm-eval task ids such as 'arc_easy'; got {bad}")
+        return value
+
+
 class JobSpec(_Strict):
     """Everything that defines a fine-tuning job; serialised into the bundle as spec.json."""
 
@@ -287,6 +327,8 @@ class JobSpec(_Strict):
         "(f16, bf16, q8_0, q4_k_m, q5_k_m, ...).",
     )
     hub: HubConfig | None = Field(None, description="Push the verified exports to this repo.")
+    # -- evaluation before teardown (remote/evaluate.py) -----------------------------------
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)  # type: ignore[arg-type]
 
     @field_validator("exports", mode="before")
     @classmethod
@@ -339,6 +381,19 @@ class JobSpec(_Strict):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _evaluation_has_data(self) -> JobSpec:
+        if (
+            self.evaluation.enabled is True
+            and self.eval_dataset is None
+            and self.train.eval_fraction == 0
+        ):
+            raise ValueError(
+                "evaluation.enabled: true needs held-out rows: set eval_dataset or "
+                "train.eval_fraction (e.g. 0.1)"
+            )
+        return self
+
     @property
     def quantized(self) -> bool:
         """Whether base weights are loaded quantised (QLoRA / QDoRA)."""
@@ -351,6 +406,7 @@ _SECTION = {
     "QuantConfig": "quant.",
     "HubConfig": "hub.",
     "ObjectiveConfig": "objective.",
+    "EvaluationConfig": "evaluation.",
     "JobSpec": "",
 }
 

@@ -37,6 +37,7 @@ from .._api.export import export_cost
 from .._api.spec import JobSpec
 from .._exceptions import EstimateError
 from . import billing as billing
+from . import evaluation as evaluation
 from .gpus import (
     CATALOG,
     SNAPSHOT,
@@ -355,6 +356,7 @@ def estimate(
     offers: Sequence[Offer] | None = None,
     local_gpus: Sequence[tuple[str, float]] = (),
     lengths: Sequence[int] | None = None,
+    history: bool = False,
 ) -> Estimate:
     """Estimate ``spec`` on every offer (or the snapshot), cheapest feasible first.
 
@@ -370,6 +372,8 @@ def estimate(
         local_gpus: ``(name, vram GiB)`` of local cards, priced at 0.
         lengths: every row's token count, when the client counted them: the trainer's
             batching is replayed over them (else rows are taken as the mean row).
+        history: correct each row by what the user's finished jobs measured on the same
+            provider, GPU and model family (:mod:`.history`), saying so in a note.
 
     Raises:
         EstimateError: unknown GPU or model, or the job fits none of the GPUs considered
@@ -433,6 +437,7 @@ def estimate(
     export_note = export_cost(spec.exports, ms.params, ms.download_bytes).note
     if export_note:
         notes.append(export_note + "; included in time and cost")
+    notes += evaluation.notes(spec)  # evaluation hook
     if skipped:
         notes.append("skipped: " + "; ".join(skipped))
     steps = best.steps if best else 0
@@ -440,6 +445,10 @@ def estimate(
     est = Estimate(rows_out, ms.name, tokens_total, tokens_exact, steps, notes)
     if rows_out and not any(r.fits for r in rows_out):
         raise EstimateError(_no_fit_message(spec, ms, wl, rows_out, coeffs), estimate=est)
+    if history:  # estimates that learn (history.py): a bounded correction from finished jobs
+        from .history import apply
+
+        est = apply(est, ms)
     return est
 
 
@@ -513,6 +522,9 @@ def _row(
     pass_s = extra.data_passes * batches * step_s / extra.step_factor
     train_s = steps * t.grad_accum * step_s + first_s + saves * SAVE_S + pass_s
     exports = export_cost(spec.exports, ms.params, ms.download_bytes)  # exports hook
+    exports = evaluation.with_evaluation(  # evaluation hook: its time counts with the exports
+        spec, exports, ms.params, batches * mean_tokens, mean_tokens / step_s, s.gpu
+    )
     total_s = train_s + setup_s + exports.seconds
     notes = []
     if not fits:

@@ -113,8 +113,10 @@ def estimate_job(
     providers: Sequence[str] | None = None,
     live: bool = True,
     offers: Sequence[Offer] | None = None,
+    history: bool = True,
 ) -> Estimate:
-    """The estimate for ``job``; live offers from configured providers when ``live``."""
+    """The estimate for ``job``; live offers from configured providers when ``live``;
+    corrected by the user's finished jobs unless ``history`` is false."""
     from loraburst.providers.local import detect_gpus
 
     from .estimate import estimate
@@ -136,6 +138,7 @@ def estimate_job(
         offers=offers,
         local_gpus=detect_gpus(),
         lengths=st.lengths,
+        history=history,
     )
 
 

@@ -23,8 +23,10 @@ from loraburst.remote.backends import mlx_refusals
 from loraburst.remote.protocol import CHECKPOINT_DIR, ENV_ARTIFACTS
 
 from .._api.export import export_cost, read_results
+from .._api.report import finish as finish_report
 from .._api.result import Attempt as AttemptRow
 from .._api.result import JobResult, JobStatus
+from .._cost import history
 from .._data.bundle import Bundle, build_bundle
 from .._data.model_folder import local_model_dir
 from .._exceptions import (
@@ -121,6 +123,7 @@ def execute(
                 durations={"total": time.time() - t_start},
                 exports=exports,
                 hub=hub,
+                report_path=_existing_report(Path(hit.adapter_path)),
             )
 
     candidates = plan(
@@ -276,6 +279,8 @@ def _run_chain(
         )
         label = f"{cand.provider.name} {cand.offer.gpu}"
         ledger.update_job(job_id, status="running", provider=cand.provider.name, gpu=cand.offer.gpu)
+        history.record_planned(ledger, job_id, cand.provider.name, cand.row)  # history hook
+        view.rate(cand.offer.price_per_hour)  # the progress line's $/h
         outcome = "ok"
         try:
             view.message(f"launching on {label} (${cand.offer.price_per_hour:.2f}/h)")
@@ -349,6 +354,7 @@ def _run_chain(
             error=None,
         )
         view.message(f"adapter: {adapter} ({status}, ${spent:.4f})")
+        report_path = finish_report(ledger, job_id, metrics, durations, spent, view)
         exports, hub = read_results(adapter.parent)  # exports hook: made and checked remotely
         for e in exports:
             view.message(e.describe())
@@ -370,6 +376,7 @@ def _run_chain(
             attempts=tuple(attempts),
             exports=exports,
             hub=hub,
+            report_path=report_path,
         )
     ledger.update_job(job_id, status="failed")
     raise PlacementError(
@@ -384,6 +391,13 @@ def _collect_or_hold(run: Attempt, output_dir: Path) -> tuple[Path, dict[str, An
         return run.collect(output_dir)
     except LocalStorageError as exc:
         raise run.hold(exc) from exc
+
+
+def _existing_report(adapter: Path) -> Path | None:
+    from .._api.report import REPORT_FILE
+
+    report = adapter.parent / REPORT_FILE
+    return report if report.is_file() else None
 
 
 def _backend(requested: str, provider: Provider) -> str | None:
@@ -527,6 +541,8 @@ def attach(
         error=None,
     )
     exports, hub = read_results(adapter.parent)
+    durations = {**run.durations, "total": time.time() - t0}
+    report_path = finish_report(ledger, job_id, metrics, durations, cost, view)
     return JobResult(
         job_id=job_id,
         status=status,
@@ -535,9 +551,10 @@ def attach(
         provider=inst.provider,
         gpu=inst.gpu,
         cost_usd=cost,
-        durations={"total": time.time() - t0},
+        durations=durations,
         exports=exports,
         hub=hub,
+        report_path=report_path,
     )
 
 

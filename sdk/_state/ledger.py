@@ -55,7 +55,11 @@ CREATE INDEX IF NOT EXISTS jobs_cache ON jobs(cache_key);
 # only copy of an adapter this machine could not store, for `loraburst attach` (until held_until).
 OPEN_STATES = ("creating", "launched", "running", "held", "terminating", "teardown_failed")
 # Columns added after the first release, with their type: added to older ledgers on open.
-_ADDED_COLUMNS = {"instances": {"held_until": "REAL"}}
+_ADDED_COLUMNS = {
+    "instances": {"held_until": "REAL"},
+    # The estimate a job's offer was chosen on, and what it measured (sdk/_cost/history.py).
+    "jobs": {"estimate_json": "TEXT", "actual_json": "TEXT"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,10 +78,22 @@ class JobRow:
     error: str | None
     created_at: float
     updated_at: float
+    estimate_json: str | None = None
+    actual_json: str | None = None
 
     @property
     def metrics(self) -> dict[str, Any]:
         return json.loads(self.metrics_json) if self.metrics_json else {}
+
+    @property
+    def estimate(self) -> dict[str, Any]:
+        """The estimate the job's offer was chosen on (empty when none: the local CPU)."""
+        return json.loads(self.estimate_json) if self.estimate_json else {}
+
+    @property
+    def actual(self) -> dict[str, Any]:
+        """What the finished job measured: tokens/s, peak memory, phases, dollars."""
+        return json.loads(self.actual_json) if self.actual_json else {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +204,8 @@ class Ledger:
             "cost_usd",
             "error",
             "bundle_sha256",
+            "estimate_json",
+            "actual_json",
         }
         bad = set(fields) - allowed
         if bad:
@@ -208,6 +226,17 @@ class Ledger:
         with self._conn() as c:
             rows = c.execute("SELECT * FROM jobs ORDER BY created_at DESC LIMIT ?", (limit,))
             return [JobRow(*r) for r in rows.fetchall()]
+
+    def outcomes(self, limit: int = 1000) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+        """``(status, estimate, actual)`` of the newest jobs that have both, newest first: what
+        the estimator learns from (without reading every job's metrics)."""
+        with self._conn() as c:
+            rows = c.execute(
+                "SELECT status, estimate_json, actual_json FROM jobs WHERE estimate_json IS NOT"
+                " NULL AND actual_json IS NOT NULL ORDER BY created_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [(status, json.loads(plan), json.loads(got)) for status, plan, got in rows]
 
     def find_cached(self, cache_key: str) -> JobRow | None:
         with self._conn() as c:

@@ -60,6 +60,15 @@ def test_runpod_end_to_end(
     assert result.cost_usd > 0
     rows = Ledger().instances(job_id=result.job_id)
     assert [r.state for r in rows] == ["terminated"] and rows[0].provider_id == pod_id
+    # The estimate its offer was chosen on and what it measured, phase by phase, side by side
+    # in the ledger (what the next estimate learns from), and the report beside the adapter.
+    job = Ledger().job(result.job_id)
+    assert job is not None and job.estimate["provider"] == "runpod"
+    assert job.estimate["gpu"] == result.gpu and job.estimate["cost_usd"] > 0
+    phases = job.actual["phases"]
+    assert {"boot", "upload", "load", "train", "pull", "teardown"} <= set(phases)
+    assert all(v >= 0 for v in phases.values()) and job.actual["cost_usd"] == result.cost_usd
+    assert result.report_path is not None and result.report_path.is_file()
     # The per-job private key is gone after teardown.
     assert list(keys_dir().iterdir()) == []
     # No secret reached the ledger, bundles, run folders, the output, or the instance's files.

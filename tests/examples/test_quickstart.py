@@ -31,4 +31,8 @@ def test_quickstart_trains_and_answers(tmp_path: Path) -> None:
     first, final, steps = float(loss[1]), float(loss[2]), int(loss[3])
     assert steps == 300 and final < first / 4  # the loss visibly falls
     assert str(ex / "outputs" / "quickstart") in out  # the verified adapter's folder
+    evals = re.search(r"eval loss: base ([\d.]+) -> tuned ([\d.]+)", out)
+    assert evals and float(evals[2]) < float(evals[1])  # it helped, measured before teardown
+    report = re.search(r"report:\s+(\S+)", out)
+    assert report and Path(report[1]).is_file() and Path(report[1]).name == "report.html"
     assert "Tokyo" in out.split("A:", 1)[1]

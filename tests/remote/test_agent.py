@@ -61,6 +61,18 @@ def test_qlora_nf4_trains_and_writes_a_verified_adapter(tiny_model: Path, tmp_pa
     assert metrics["final_loss"] < metrics["first_loss"] == losses[0]
     assert math.isfinite(metrics["eval_loss"]) and metrics["train_tokens"] > 0
     assert metrics["quantized_bits"] == 4 and metrics["data"]["rows"] == 180
+    # Evaluation before teardown (an eval split: on by default): base against tuned.
+    ev = metrics["evaluation"]
+    assert ev["tuned_eval_loss"] == metrics["eval_loss"]
+    assert math.isfinite(ev["base_eval_loss"]) and ev["base_eval_loss"] > ev["tuned_eval_loss"]
+    assert ev["passed"] is None and len(ev["samples"]) == 4
+    assert all(s["prompt"] and s["reference"] for s in ev["samples"])
+    assert all(0 < s["tuned_tokens"] <= 64 for s in ev["samples"])
+    assert "evaluating" in kinds and "evaluated" in kinds
+    # The timeline for the report rides in the verified metrics.
+    assert [row[1] for row in metrics["timeline"]["steps"]] == list(range(1, 9))
+    assert {"loading", "training", "evaluating", "sealed"} <= set(metrics["timeline"]["phases"])
+    assert metrics["telemetry"]["off"]  # no NVML on this CPU machine, and it says so
 
     manifest = json.loads((workdir / MANIFEST_FILE).read_text())
     assert {"adapter/adapter_model.safetensors", "metrics.json"} <= set(manifest["files"])

@@ -185,3 +185,25 @@ def test_someone_elses_writable_home_is_refused(
     monkeypatch.setenv("LORABURST_HOME", str(root))
     with pytest.raises(ConfigError, match="belongs to another user"):
         home()
+
+
+def test_an_older_ledger_gains_the_estimate_and_actual_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute(  # the jobs table as the first release wrote it
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, name TEXT, status TEXT NOT NULL, provider TEXT,"
+        " gpu TEXT, cache_key TEXT, bundle_sha256 TEXT, spec_json TEXT NOT NULL, adapter_path"
+        " TEXT, metrics_json TEXT, cost_usd REAL NOT NULL DEFAULT 0, error TEXT, created_at REAL"
+        " NOT NULL, updated_at REAL NOT NULL)"
+    )
+    conn.execute("INSERT INTO jobs (id, status, spec_json, created_at, updated_at)"
+                 " VALUES ('old', 'succeeded', '{}', 1, 1)")  # fmt: skip
+    conn.commit()
+    conn.close()
+    ledger = Ledger(path)
+    old = ledger.job("old")
+    assert old is not None and old.estimate == {} and old.actual == {}
+    ledger.update_job("old", estimate_json='{"cost_usd": 1.5}', actual_json='{"cost_usd": 2}')
+    assert ledger.outcomes() == [("succeeded", {"cost_usd": 1.5}, {"cost_usd": 2})]

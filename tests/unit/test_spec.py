@@ -93,6 +93,7 @@ def test_the_agent_reads_the_same_spec_the_client_writes() -> None:
         (JobSpec.model_fields["train"].annotation, protocol.TrainSpec),
         (JobSpec.model_fields["quant"].annotation, protocol.QuantSpec),
         (JobSpec.model_fields["objective"].annotation, protocol.ObjectiveSpec),
+        (JobSpec.model_fields["evaluation"].annotation, protocol.EvaluationSpec),
     ]
     bundle_only = {
         "base_model",
@@ -111,9 +112,10 @@ def test_the_agent_reads_the_same_spec_the_client_writes() -> None:
                 "train",
                 "quant",
                 "objective",
+                "evaluation",
             ):
                 continue
-            if f.name in ("model", "dataset", "output_dir", "exports", "hub"):
+            if f.name in ("model", "dataset", "output_dir", "exports", "hub", "tasks"):
                 continue  # rewritten for the bundle, or built by a factory
             assert f.default == default, (agent.__name__, f.name)
     spec = JobSpec(model="m", dataset="d.jsonl", train={"max_steps": 3, "packing": False})
