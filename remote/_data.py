@@ -21,6 +21,7 @@ from typing import Any
 
 from .columns import LAYOUTS, Columns, detect_layout, normalise, with_system
 from .protocol import CHATML_SPECIAL_TOKENS, DEFAULT_CHAT_TEMPLATE
+from .templates import apply_template
 
 __all__ = [
     "IGNORE_INDEX",
@@ -87,13 +88,16 @@ def normalise_row(
         raise DataError(f"the row has no field {exc} (its fields: {sorted(row)})") from None
 
 
-def ensure_chat_template(tokenizer: Any) -> list[str]:
-    """Give a tokenizer without a chat template the ChatML default.
+def ensure_chat_template(tokenizer: Any, template: str | None = None) -> list[str]:
+    """Give the tokenizer the spec's ``chat_template`` (a name or Jinja, :mod:`.templates`), or,
+    when the spec names none and the tokenizer has none, the ChatML default.
 
     Returns:
         The special tokens that had to be added (the caller resizes the embeddings and makes
         those rows trainable).
     """
+    if template is not None:
+        return apply_template(tokenizer, template)
     if tokenizer.chat_template:
         return []
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE

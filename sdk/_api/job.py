@@ -14,14 +14,24 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import ValidationError
 
-from .._data.dataset import PreparedDataset, prepare_dataset
+from .._data.dataset import PreparedDataset
 from .._exceptions import ConfigError
-from .spec import HubConfig, JobSpec, LoraConfig, QuantConfig, TrainConfig, spec_error
+from .spec import (
+    DataChecks,
+    DataSource,
+    HubConfig,
+    JobSpec,
+    LoraConfig,
+    QuantConfig,
+    TrainConfig,
+    spec_error,
+)
 
 if TYPE_CHECKING:
     from loraburst.providers import Provider
 
     from .._cost.estimate import Estimate
+    from .._data.report import DataReport
     from .result import JobResult
 
 __all__ = ["Job"]
@@ -39,7 +49,11 @@ class Job:
     Args:
         model: a hub id or a local folder with config.json (shipped inside the bundle).
         dataset: a JSONL/JSON/CSV/Parquet file, a ``save_to_disk`` folder, a list of dicts, or a
-            hub id (loaded on the instance).
+            hub id (loaded on the instance); or a source, ``{"path": ..., "columns":
+            {"prompt": "instruction", "response": "response"}, "max_rows": 2000}`` (see
+            ``DataSource``), or a list of sources (a mix, with optional ``weight`` shares).
+        eval_dataset: the same, held out for evaluation.
+        chat_template, system_prompt, data_checks: see ``JobSpec``.
         method: ``"qlora"`` (4-bit NF4 base, the default), ``"lora"`` (bf16 base) or ``"dora"``.
         lora, train, quant: sections of the spec, as dicts or config objects.
         output_dir: where the verified adapter lands (``<output_dir>/<job id>/adapter``).
@@ -58,9 +72,9 @@ class Job:
     def __init__(
         self,
         model: str,
-        dataset: str | Path | list[dict[str, Any]],
+        dataset: str | Path | DataSource | Mapping[str, Any] | Sequence[Any],
         *,
-        eval_dataset: str | Path | list[dict[str, Any]] | None = None,
+        eval_dataset: str | Path | DataSource | Mapping[str, Any] | Sequence[Any] | None = None,
         method: Literal["qlora", "lora", "dora"] = "qlora",
         lora: LoraConfig | Mapping[str, Any] | None = None,
         train: TrainConfig | Mapping[str, Any] | None = None,
@@ -73,11 +87,16 @@ class Job:
         model_revision: str | None = None,
         exports: Sequence[Any] | None = None,
         hub: HubConfig | Mapping[str, Any] | None = None,
+        chat_template: str | None = None,
+        system_prompt: str | None = None,
+        data_checks: DataChecks | Mapping[str, Any] | None = None,
     ) -> None:
         raw: dict[str, Any] = {
+            "chat_template": chat_template,
+            "system_prompt": system_prompt,
             "model": str(model),
-            "dataset": str(dataset) if isinstance(dataset, Path) else dataset,
-            "eval_dataset": str(eval_dataset) if isinstance(eval_dataset, Path) else eval_dataset,
+            "dataset": _dataset_value(dataset),
+            "eval_dataset": _dataset_value(eval_dataset),
             "method": method,
             "output_dir": str(output_dir),
             "max_cost": max_cost,
@@ -88,11 +107,16 @@ class Job:
         }
         if exports is not None:
             raw["exports"] = exports if isinstance(exports, str) else list(exports)
-        for key, section in (("lora", lora), ("train", train), ("quant", quant), ("hub", hub)):
+        sections = (
+            ("lora", lora), ("train", train), ("quant", quant), ("hub", hub),
+            ("data_checks", data_checks),
+        )  # fmt: skip
+        for key, section in sections:
             if section is not None:
                 raw[key] = section.model_dump() if hasattr(section, "model_dump") else dict(section)
         self.spec = self._validate(raw)
         self._prepared: tuple[PreparedDataset, PreparedDataset | None] | None = None
+        self.report: DataReport | None = None
 
     @staticmethod
     def _validate(raw: Mapping[str, Any], source: str | Path | None = None) -> JobSpec:
@@ -106,6 +130,7 @@ class Job:
         job = cls.__new__(cls)
         job.spec = spec
         job._prepared = None
+        job.report = None
         return job
 
     @classmethod
@@ -123,12 +148,10 @@ class Job:
             )
         base = path.resolve().parent
         for key in ("dataset", "eval_dataset", "model", "output_dir"):
-            value = raw.get(key)
-            if isinstance(value, str) and value and not Path(value).is_absolute():
-                candidate = base / value
-                looks_local = value.startswith(".") or candidate.exists() or key == "output_dir"
-                if looks_local or Path(value).suffix in {".jsonl", ".json", ".csv", ".parquet"}:
-                    raw[key] = str(candidate)
+            if key in raw:
+                raw[key] = _relative_to(base, raw[key], key)
+            for source in _source_dicts(raw.get(key)):
+                source["path"] = _relative_to(base, source.get("path"), key)
         return cls.from_spec(cls._validate(raw, path))
 
     def to_yaml(self) -> str:
@@ -138,21 +161,34 @@ class Job:
 
     # -- data -----------------------------------------------------------------------------
     def prepare(self) -> tuple[PreparedDataset, PreparedDataset | None]:
-        """Validate every row of the datasets (cached). Raises DatasetError naming file:line."""
+        """Validate every row of the datasets (cached) and build the data report
+        (``self.report``, kept even when rows fail).
+
+        Raises:
+            DatasetError: rows that fail their checks (naming file:line), or a
+                ``data_checks`` threshold the report exceeds.
+        """
         if self._prepared is None:
+            from .._data.mix import prepare_field
+            from .._data.report import ReportBuilder
+
             s = self.spec
-            tok = s.model
-            train = prepare_dataset(
-                s.dataset, max_seq_len=s.train.max_seq_len, tokenizer=tok, field="dataset"
-            )
-            ev = None
-            if s.eval_dataset is not None:
-                ev = prepare_dataset(
-                    s.eval_dataset,
-                    max_seq_len=s.train.max_seq_len,
-                    tokenizer=tok,
-                    field="eval_dataset",
-                )
+            builder = ReportBuilder(s.train.max_seq_len, s.data_checks)
+            common: dict[str, Any] = {
+                "max_seq_len": s.train.max_seq_len,
+                "tokenizer": s.model,
+                "chat_template": s.chat_template,
+                "system_prompt": s.system_prompt,
+                "observer": builder,
+            }
+            try:
+                train = prepare_field(s.dataset, field="dataset", **common)
+                ev = None
+                if s.eval_dataset is not None:
+                    ev = prepare_field(s.eval_dataset, field="eval_dataset", **common)
+            finally:
+                self.report = builder.finish()
+            self.report.enforce()
             self._prepared = (train, ev)
         return self._prepared
 
@@ -333,6 +369,40 @@ def load_yaml_file(path: Path, what: str) -> Any:
     except RecursionError:
         # PyYAML recurses once per nesting level: a few thousand "[" exhaust the stack.
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
+
+
+def _dataset_value(value: Any) -> Any:
+    """A dataset argument as the spec takes it: paths as strings, sources as they are."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping) and not isinstance(value, DataSource):
+        return dict(value)
+    if isinstance(value, (list, tuple)):
+        return [_dataset_value(v) if isinstance(v, (Path, Mapping)) else v for v in value]
+    return value
+
+
+def _relative_to(base: Path, value: Any, key: str) -> Any:
+    """A relative local path in a job file, made relative to the file's folder (a hub id, or
+    anything that is not a string, is left as it is)."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return value
+    candidate = base / value
+    looks_local = value.startswith(".") or candidate.exists() or key == "output_dir"
+    if looks_local or Path(value).suffix in {".jsonl", ".json", ".csv", ".parquet"}:
+        return str(candidate)
+    return value
+
+
+def _source_dicts(value: Any) -> list[dict[str, Any]]:
+    """The source mappings (``{path: ...}``) of a dataset value: itself, or its list items."""
+    items = value if isinstance(value, list) else [value]
+    fields = set(DataSource.model_fields)
+    return [
+        v
+        for v in items
+        if isinstance(v, dict) and isinstance(v.get("path"), str) and set(v) <= fields
+    ]
 
 
 def _short(value: object) -> str:

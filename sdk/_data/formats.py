@@ -35,6 +35,7 @@ LAYOUT_NAMES = {
     "query_response": "query/response",
     "prompt_completion": "prompt/completion",
     "text": "text",
+    "columns": "mapped columns",
 }
 _KNOWN = (
     "'messages', 'conversations', 'instruction'+'output' (or +'response'), 'prompt'+'response', "
@@ -175,6 +176,28 @@ def _check_text(row: Mapping[str, Any], cols: Columns) -> _Checked:
     return (None, [problem]) if problem else ({"text": row[cols.text]}, [])
 
 
+def _blank(value: Any) -> bool:
+    return isinstance(value, str) and not value.strip()
+
+
+def _blank_answer(row: Mapping[str, Any], cols: Columns) -> bool:
+    """Whether the row's answer (its response, completion or any assistant turn) is an empty
+    or whitespace-only string."""
+    if cols.messages is not None:
+        turns = row.get(cols.messages)
+        names = cols.role_names
+        if not isinstance(turns, list):
+            return False
+        for t in turns:
+            role = t.get(cols.role, t.get("role")) if isinstance(t, dict) else None
+            assistant = isinstance(role, str) and names.get(role) == "assistant"
+            if assistant and _blank(t.get(cols.content, t.get("content"))):
+                return True
+        return False
+    answer = cols.response if cols.response is not None else cols.completion
+    return answer is not None and _blank(row.get(answer))
+
+
 def _normalise(row: Mapping[str, Any], cols: Columns) -> dict[str, Any]:
     from loraburst.remote.columns import normalise
 
@@ -199,6 +222,8 @@ class RowChecker:
         self.columns = columns
         self.format: str | None = layout if columns is not None else None
         self.problems: list[str] = []
+        # Whether the latest rejected row's answer is blank (the data report counts them).
+        self.empty_answer = False
         self._first = ""
         self._mapping_checked = columns is None
 
@@ -241,6 +266,7 @@ class RowChecker:
                 self._check_mapping(where, row, cols)
         normalised, row_problems = self._check(row, cols, layout)
         self.problems += [f"{where}: {p}" for p in row_problems]
+        self.empty_answer = bool(row_problems) and _blank_answer(row, cols)
         return normalised
 
     def _check_mapping(self, where: str, row: dict[str, Any], cols: Columns) -> None:

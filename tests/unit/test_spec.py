@@ -83,6 +83,7 @@ def test_the_agent_reads_the_same_spec_the_client_writes() -> None:
     import dataclasses
 
     from loraburst import JobSpec
+    from loraburst._api.spec import DataSource
     from loraburst._data.bundle import _bundle_spec
     from loraburst._data.dataset import prepare_dataset
     from loraburst.remote import protocol
@@ -92,11 +93,14 @@ def test_the_agent_reads_the_same_spec_the_client_writes() -> None:
         (JobSpec.model_fields["lora"].annotation, protocol.LoraSpec),
         (JobSpec.model_fields["train"].annotation, protocol.TrainSpec),
         (JobSpec.model_fields["quant"].annotation, protocol.QuantSpec),
+        (JobSpec.model_fields["data_checks"].annotation, protocol.DataChecksSpec),
+        (DataSource, protocol.SourceSpec),
     ]
     bundle_only = {
         "base_model",
         "dataset_name",
         "export_prompt",
+        "kind",
     }  # the bundler writes them for the instance
     for client, agent in pairs:
         fields = {f.name for f in dataclasses.fields(agent)} - bundle_only
@@ -105,9 +109,9 @@ def test_the_agent_reads_the_same_spec_the_client_writes() -> None:
             if f.name in bundle_only:
                 continue
             default = client.model_fields[f.name].get_default(call_default_factory=True)
-            if dataclasses.is_dataclass(f.type) or f.name in ("lora", "train", "quant"):
+            if f.name in ("lora", "train", "quant", "data_checks"):
                 continue
-            if f.name in ("model", "dataset", "output_dir", "exports", "hub"):
+            if f.name in ("model", "dataset", "output_dir", "exports", "hub", "path", "columns"):
                 continue  # rewritten for the bundle, or built by a factory
             assert f.default == default, (agent.__name__, f.name)
     spec = JobSpec(model="m", dataset="d.jsonl", train={"max_steps": 3, "packing": False})
