@@ -40,10 +40,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         # The report says what it found even when rows fail (the errors follow it).
         if args.report and job.report is not None:
             for line in job.report.lines():
-                _out.print(line, markup=False, highlight=False)
+                _out.print(line, markup=False, highlight=False, soft_wrap=True)
     _out.print(f"[green]valid[/]: {escape(str(args.job))}: {escape(train.stats.describe())}")
     if job.report is not None and not args.report:
-        _out.print(job.report.summary() + " (--report for details)", markup=False, highlight=False)
+        _out.print(
+            job.report.summary() + " (--report for details)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     return 0
 
 

@@ -234,7 +234,8 @@ class DataSource(_Strict):
     def _readable(self) -> DataSource:
         mapping = self.columns.model_dump(exclude_none=True) if self.columns else None
         try:
-            columns_for(self.format, mapping)
+            if self.format is not None or mapping is not None:
+                columns_for(self.format, mapping)
             _, start, stop = parse_split(self.split)
         except ValueError as exc:
             raise ValueError(str(exc)) from None
