@@ -21,6 +21,7 @@ from loraburst.remote.mix import mix_counts
 
 from .._api.spec import DataSource
 from .._exceptions import ConfigError
+from .formats import LAYOUT_NAMES
 from .dataset import DatasetStats, PreparedDataset, Reading, RowObserver, is_hub_id, prepare_dataset
 
 __all__ = ["prepare_field"]
@@ -161,7 +162,8 @@ def _mix(
         k == p.stats.rows for p, k in zip(local, counts, strict=True)
     )
     taken = ", ".join(
-        f"{Path(p.source).name} {k:,} of {p.stats.rows:,}"
+        f"{Path(p.source).name} ({LAYOUT_NAMES.get(p.stats.format, p.stats.format)}) "
+        f"{k:,} of {p.stats.rows:,}"
         for p, k in zip(local, counts, strict=True)
     )
     hub = [p.hub_id for p in parts if p.kind == "hub"]

@@ -31,8 +31,13 @@ def test_a_mix_of_public_layouts_trains_with_a_named_template(
         ],
         chat_template="llama-3",
         system_prompt="You are a helpful assistant.",
-        train={"max_steps": 3, "micro_batch_size": 2, "max_seq_len": 128,
-               "learning_rate": 3e-3, "save_every_steps": None},  # fmt: skip
+        train={
+            "max_steps": 3,
+            "micro_batch_size": 2,
+            "max_seq_len": 128,
+            "learning_rate": 3e-3,
+            "save_every_steps": None,
+        },  # fmt: skip
         output_dir=tmp_path / "out",
         name="mix",
     )

@@ -172,7 +172,10 @@ def test_a_weighted_two_source_mix_counts_its_proportions(tmp_path: Path) -> Non
     assert train.kind == "mix" and [p.kind for p in train.parts] == ["messages", "text"]
     assert train.stats.rows == 50  # 40 : 10 is 80 : 20, so every row is used
     train, _ = job([{"path": str(a), "weight": 1}, {"path": str(b), "weight": 1}]).prepare()
-    assert train.stats.rows == 20 and "a.jsonl 10 of 40, b.jsonl 10 of 10" in train.stats.describe()
+    assert (
+        train.stats.rows == 20
+        and "a.jsonl (question/answer) 10 of 40, b.jsonl (text) 10 of 10" in train.stats.describe()
+    )
     # Estimated tokens are the parts' in proportion.
     parts = train.parts
     expected = round(parts[0].stats.tokens * 10 / 40) + parts[1].stats.tokens  # type: ignore[operator]
@@ -275,3 +278,16 @@ def test_validate_report_prints_findings_with_lines(
     out = capsys.readouterr().out
     assert "exact duplicate rows (training data): 1 (14.3% of 7)" in out
     assert f"{train}:3: same as {train}:1" in out and "over 128" in out
+
+
+def test_the_readme_mapping_example_is_a_valid_spec() -> None:
+    import yaml
+    from loraburst import JobSpec
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Data as you have it", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    spec = JobSpec.model_validate(yaml.safe_load(block))
+    assert spec.chat_template == "llama-3" and isinstance(spec.dataset, list)
+    assert spec.dataset[1].columns is not None and spec.dataset[1].columns.prompt == "task"
+    assert spec.dataset[2].split == "train[:2000]"
