@@ -21,8 +21,8 @@ from loraburst.remote.mix import mix_counts
 
 from .._api.spec import DataSource
 from .._exceptions import ConfigError
-from .formats import LAYOUT_NAMES
 from .dataset import DatasetStats, PreparedDataset, Reading, RowObserver, is_hub_id, prepare_dataset
+from .formats import LAYOUT_NAMES
 
 __all__ = ["prepare_field"]
 
