@@ -474,6 +474,7 @@ class DataChecksSpec:
     max_echo_share: float | None = None
     max_damaged_share: float | None = None
     near_duplicate_similarity: float = 0.8
+    near_duplicates: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -277,6 +277,11 @@ class DataChecks(_Strict):
     near_duplicate_similarity: float = Field(
         0.8, ge=0.5, le=1, description="Word 5-gram Jaccard similarity that counts as near."
     )
+    near_duplicates: bool = Field(
+        True,
+        description="Look for near duplicates (MinHash; most of the report's time on millions "
+        "of rows). Exact duplicates are always found.",
+    )
 
 
 def _source(value: Any, where: str) -> DataSource:

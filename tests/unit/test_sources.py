@@ -291,3 +291,42 @@ def test_the_readme_mapping_example_is_a_valid_spec() -> None:
     assert spec.chat_template == "llama-3" and isinstance(spec.dataset, list)
     assert spec.dataset[1].columns is not None and spec.dataset[1].columns.prompt == "task"
     assert spec.dataset[2].split == "train[:2000]"
+
+
+_REPORT_PROBE = """
+import json, sys
+def peak_kb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+from loraburst import Job
+import loraburst._data.mix, loraburst._data.report, loraburst._data.tokens, sqlite3
+before = peak_kb()
+job = Job("org/model", sys.argv[1])
+job.prepare()
+print(json.dumps({"grew_kb": peak_kb() - before, "rows": job.report.sources[0]["rows"]}))
+"""
+
+
+@pytest.mark.slow
+def test_the_report_keeps_client_memory_flat(tmp_path: Path) -> None:
+    """Four times the rows (and bytes) through the checks and the report: the peak RSS grows by
+    far less than the extra data (the hashes live in SQLite on disk)."""
+    import random
+    import subprocess
+    import sys
+
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(5000)]
+    grew, sizes = [], []
+    for n in (1500, 6000):
+        path = tmp_path / f"d{n}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for i in range(n):
+                answer = " ".join(rng.choice(words) for _ in range(250))
+                f.write(json.dumps({"instruction": f"q{i}", "response": answer}) + "\n")
+        out = subprocess.run([sys.executable, "-c", _REPORT_PROBE, str(path)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        probe = json.loads(out.stdout)
+        assert probe["rows"] == n
+        grew.append(probe["grew_kb"] * 1024)
+        sizes.append(path.stat().st_size)
+    assert grew[1] - grew[0] < (sizes[1] - sizes[0]) / 4, (grew, sizes)
