@@ -51,9 +51,9 @@ class Bundle:
 
 def _bundle_spec(spec: JobSpec, train: PreparedDataset, eval_ds: PreparedDataset | None) -> bytes:
     data = spec.model_dump(mode="json")
-    data["dataset"] = _bundled(train, "train")
+    data["dataset"] = _bundled(train, "train", train.kind)
     if eval_ds is not None:
-        data["eval_dataset"] = _bundled(eval_ds, "eval")
+        data["eval_dataset"] = _bundled(eval_ds, "eval", train.kind)
     if local_model_dir(spec.model) is not None:
         data["model"] = "model"
         data["base_model"] = Path(spec.model).name  # names exports and the model card
@@ -73,18 +73,21 @@ def _bundle_spec(spec: JobSpec, train: PreparedDataset, eval_ds: PreparedDataset
     return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode()
 
 
-def _sources(ds: PreparedDataset) -> tuple[PreparedDataset, ...] | None:
-    """A dataset that travels as a list of sources (a mix, or a hub source with settings), or
-    None for one plain file or hub id."""
+def _sources(ds: PreparedDataset, data_format: str) -> tuple[PreparedDataset, ...] | None:
+    """A dataset that travels as a list of sources (a mix, a hub source with settings, or a
+    file whose kind is not the bundle's ``data_format``, such as the eval file of a mixed
+    job), or None for one plain file or hub id."""
     if ds.kind == "mix":
         return ds.parts
-    return (ds,) if ds.options else None
+    if ds.options or ds.kind not in ("hub", data_format):
+        return (ds,)
+    return None
 
 
-def _bundled(ds: PreparedDataset, name: str) -> str | list[dict[str, Any]] | None:
+def _bundled(ds: PreparedDataset, name: str, data_format: str) -> str | list[dict[str, Any]] | None:
     """spec.json's ``dataset``/``eval_dataset``: the bundled file or hub id, or the sources
     (``protocol.SourceSpec``): a local one as its normalised file, a hub one with its settings."""
-    parts = _sources(ds)
+    parts = _sources(ds, data_format)
     if parts is None:
         return ds.hub_id if ds.kind == "hub" else f"data/{name}.jsonl"
     return [
@@ -95,10 +98,12 @@ def _bundled(ds: PreparedDataset, name: str) -> str | list[dict[str, Any]] | Non
     ]
 
 
-def _data_members(ds: PreparedDataset | None, name: str) -> list[tuple[str, bytes | Path]]:
+def _data_members(
+    ds: PreparedDataset | None, name: str, data_format: str
+) -> list[tuple[str, bytes | Path]]:
     if ds is None:
         return []
-    parts = _sources(ds)
+    parts = _sources(ds, data_format)
     if parts is None:
         return [(f"data/{name}.jsonl", ds.jsonl_path)] if ds.jsonl_path is not None else []
     return [
@@ -121,7 +126,8 @@ def _members(
 ) -> list[tuple[str, bytes | Path]]:
     members: list[tuple[str, bytes | Path]] = [("spec.json", _bundle_spec(spec, train, eval_ds))]
     # The normalised rows are already on disk (content-addressed): streamed like model files.
-    members += _data_members(train, "train") + _data_members(eval_ds, "eval")
+    members += _data_members(train, "train", train.kind)
+    members += _data_members(eval_ds, "eval", train.kind)
     # A package marker so `python -m loraburst.remote.agent` resolves to the bundled code.
     members.append(("code/loraburst/__init__.py", b'"""Bundled loraburst agent code."""\n'))
     members.extend(_code_files())

@@ -204,6 +204,13 @@ def test_a_mix_travels_as_sources_in_the_bundle(tmp_path: Path) -> None:
     assert [m[0] for m in _members(j.spec, train, None) if m[0].startswith("data/")] == [
         "data/train-0.jsonl"
     ]
+    # A plain eval file beside a mix travels as a source of its own kind.
+    ev = write_jsonl(tmp_path / "ev.jsonl", [{"text": "t"}])
+    j = job([{"path": str(a), "weight": 2}, {"path": str(a), "weight": 1}], eval_dataset=ev)
+    train, evald = j.prepare()
+    doc = BundleSpec.from_dict(json.loads(_bundle_spec(j.spec, train, evald)))
+    assert doc.spec.eval_dataset == [{"path": "data/eval-0.jsonl", "kind": "text"}]
+    assert "data/eval-0.jsonl" in [m[0] for m in _members(j.spec, train, evald)]
 
 
 # --- the data report -------------------------------------------------------------------------
