@@ -406,7 +406,12 @@ def _source_dicts(value: Any) -> list[dict[str, Any]]:
 
 
 def _short(value: object) -> str:
-    return f"<{len(value)} rows>" if isinstance(value, list) else repr(value)
+    if isinstance(value, DataSource):
+        return repr(value.path)
+    if isinstance(value, list):
+        sources = all(isinstance(v, DataSource) for v in value)
+        return f"<{len(value)} {'sources' if sources else 'rows'}>"
+    return repr(value)
 
 
 def new_job_id(name: str | None) -> str:
