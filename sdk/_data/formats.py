@@ -13,6 +13,8 @@ a question, teaches nothing or teaches the model to stop mid-dialogue.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -105,6 +107,10 @@ def _check_turns(row: Mapping[str, Any], cols: Columns) -> _Checked:
     role_key, content_key = cols.role, cols.content
     roles = cols.role_names
     shape = f"a list of {{{role_key!r}, {content_key!r}}} objects"
+    if isinstance(turns, str) and turns.lstrip().startswith("["):
+        # A CSV cell of a mapped conversation column (read.py parses only the usual names).
+        with contextlib.suppress(json.JSONDecodeError):
+            turns = json.loads(turns)
     if not isinstance(turns, list):
         return None, [f"{field!r} must be {shape}, got {_type(turns)}"]
     if not turns:

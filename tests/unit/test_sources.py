@@ -93,6 +93,14 @@ def test_a_conversation_mapping_with_role_names(tmp_path: Path) -> None:
     assert [m["role"] for m in rows_of(train.jsonl_path)[0]["messages"]] == ["user", "assistant"]
 
 
+def test_a_mapped_conversation_column_in_csv_is_json(tmp_path: Path) -> None:
+    turns = json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
+    path = tmp_path / "d.csv"
+    path.write_text('dialog\n"' + turns.replace('"', '""') + '"\n', encoding="utf-8")
+    train, _ = job({"path": str(path), "columns": {"messages": "dialog"}}).prepare()
+    assert rows_of(train.jsonl_path)[0]["messages"][1] == {"role": "assistant", "content": "Yo"}
+
+
 def test_a_mapping_that_names_a_missing_field_says_did_you_mean(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Q", "response": "A"}] * 3)
     with pytest.raises(ConfigError) as e:
