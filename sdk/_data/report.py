@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import operator
@@ -36,6 +37,7 @@ from typing import Any
 
 from .._api.spec import DataChecks
 from .._exceptions import DatasetError
+from .._state.disk import local_io, storage_error
 from .._state.home import home
 
 __all__ = ["REPORT_FILE", "DataReport", "Finding", "ReportBuilder"]
@@ -257,17 +259,10 @@ class ReportBuilder:
     def __init__(self, max_seq_len: int, checks: DataChecks | None = None) -> None:
         self.max_seq_len = max_seq_len
         self.checks = checks or DataChecks.model_validate({})
-        folder = home() / "tmp"
-        folder.mkdir(parents=True, exist_ok=True)
-        self._dir = tempfile.TemporaryDirectory(dir=folder, prefix="report-")
-        self._db = sqlite3.connect(Path(self._dir.name) / "hashes.db")
-        self._db.executescript(
-            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
-            "CREATE TABLE exact (hash BLOB PRIMARY KEY, at TEXT);"
-            "CREATE TABLE sig (id INTEGER PRIMARY KEY, at TEXT, sig BLOB);"
-            "CREATE TABLE band (key INTEGER, id INTEGER);"
-            "CREATE INDEX band_key ON band (key);"
-        )
+        # The hash store is opened with the first row: a dataset that fails before it (a
+        # missing file, a full disk under the spill) never creates it.
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self._conn: sqlite3.Connection | None = None
         self.sources: list[dict[str, Any]] = []
         self._current: dict[str, Any] | None = None
         self._eval = False
@@ -333,7 +328,34 @@ class ReportBuilder:
                 self.findings["truncated"].add(f"{where}: {n:,} tokens")
 
     # -- duplicates ------------------------------------------------------------------------
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            folder = home() / "tmp"
+            with local_io(folder):
+                folder.mkdir(parents=True, exist_ok=True)
+                self._dir = tempfile.TemporaryDirectory(dir=folder, prefix="report-")
+            self._conn = sqlite3.connect(Path(self._dir.name) / "hashes.db")
+            self._conn.executescript(
+                "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;"
+                "CREATE TABLE exact (hash BLOB PRIMARY KEY, at TEXT);"
+                "CREATE TABLE sig (id INTEGER PRIMARY KEY, at TEXT, sig BLOB);"
+                "CREATE TABLE band (key INTEGER, id INTEGER);"
+                "CREATE INDEX band_key ON band (key);"
+            )
+        return self._conn
+
     def _dedupe(self, where: str, row: dict[str, Any]) -> None:
+        try:
+            self._store(where, row)
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if "disk is full" not in text and "disk I/O error" not in text:
+                raise
+            full = OSError(errno.ENOSPC, f"the data report's hash store: {exc}")
+            raise storage_error(full, home() / "tmp") from exc
+
+    def _store(self, where: str, row: dict[str, Any]) -> None:
         db = self._db
         digest = hashlib.blake2b(json.dumps(row, sort_keys=True).encode(), digest_size=16).digest()
         hit = db.execute("SELECT at FROM exact WHERE hash = ?", (digest,)).fetchone()
@@ -410,9 +432,14 @@ class ReportBuilder:
 
     def close(self) -> None:
         """Delete the temporary hash store."""
-        with contextlib.suppress(sqlite3.Error):
-            self._db.close()
-        self._dir.cleanup()
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+        if self._dir is not None:
+            with contextlib.suppress(OSError):
+                self._dir.cleanup()
+            self._dir = None
 
     def __enter__(self) -> ReportBuilder:
         return self
