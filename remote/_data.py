@@ -19,7 +19,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .columns import LAYOUTS, Columns, detect_layout, normalise, with_system
 from .protocol import CHATML_SPECIAL_TOKENS, DEFAULT_CHAT_TEMPLATE
+from .templates import apply_template
 
 __all__ = [
     "IGNORE_INDEX",
@@ -32,13 +34,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-_SHAREGPT_ROLES = {
-    "system": "system",
-    "human": "user",
-    "gpt": "assistant",
-    "user": "user",
-    "assistant": "assistant",
-}
 
 
 class DataError(ValueError):
@@ -65,46 +60,44 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def normalise_row(row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Detect a hub row's format and normalise it like the client does for local files.
+def normalise_row(
+    row: Mapping[str, Any], columns: Columns | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Read a hub row through ``columns`` (or its detected layout), like the client does for
+    local files (:mod:`.columns`).
 
     Returns:
         ``(data_format, row)`` with ``data_format`` one of messages / prompt_completion / text.
 
     Raises:
-        DataError: the row has none of the known keys.
+        DataError: the row's layout is unknown, or it lacks a field its columns name.
     """
-    if row.get("messages") is not None:
-        return "messages", {"messages": list(row["messages"])}
-    if row.get("conversations") is not None:
-        turns = [
-            {"role": _SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t["value"]}
-            for t in row["conversations"]
-        ]
-        return "messages", {"messages": turns}
-    if row.get("instruction") is not None and row.get("output") is not None:
-        user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        messages = [{"role": "user", "content": user}]
-        return "messages", {
-            "messages": [*messages, {"role": "assistant", "content": row["output"]}]
-        }
-    if row.get("prompt") is not None and row.get("completion") is not None:
-        return "prompt_completion", {"prompt": row["prompt"], "completion": row["completion"]}
-    if row.get("text") is not None:
-        return "text", {"text": row["text"]}
-    raise DataError(
-        f"unknown row format with keys {sorted(row)}; expected 'messages', 'conversations', "
-        "'instruction'+'output', 'prompt'+'completion' or 'text'"
-    )
+    if columns is None:
+        layout = detect_layout(row)
+        columns = LAYOUTS[layout] if layout is not None else None
+        if columns is None or any(row.get(f) is None for f in columns.required):
+            raise DataError(
+                f"unknown row format with keys {sorted(row)}; expected 'messages', "
+                "'conversations', 'instruction'+'output'/'response', 'prompt'+'response', "
+                "'question'+'answer', 'query'+'response', 'prompt'+'completion' or 'text' "
+                "(or give the source a column mapping: columns: {prompt: ..., response: ...})"
+            )
+    try:
+        return columns.kind, normalise(row, columns)
+    except KeyError as exc:
+        raise DataError(f"the row has no field {exc} (its fields: {sorted(row)})") from None
 
 
-def ensure_chat_template(tokenizer: Any) -> list[str]:
-    """Give a tokenizer without a chat template the ChatML default.
+def ensure_chat_template(tokenizer: Any, template: str | None = None) -> list[str]:
+    """Give the tokenizer the spec's ``chat_template`` (a name or Jinja, :mod:`.templates`), or,
+    when the spec names none and the tokenizer has none, the ChatML default.
 
     Returns:
         The special tokens that had to be added (the caller resizes the embeddings and makes
         those rows trainable).
     """
+    if template is not None:
+        return apply_template(tokenizer, template)
     if tokenizer.chat_template:
         return []
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
@@ -224,11 +217,15 @@ def encode_rows(
     max_seq_len: int,
     loss_on: str = "assistant",
     source: str = "data",
+    columns: Columns | None = None,
+    system_prompt: str | None = None,
 ) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
     """Tokenise, mask and truncate every row to ``max_seq_len`` tokens.
 
-    ``data_format="hub"`` detects each row's format. Rows left without any loss token after
-    truncation are dropped (they would teach nothing) and counted.
+    ``data_format="hub"`` reads each row through ``columns`` (or its detected layout).
+    ``system_prompt`` becomes the first turn of every conversation that has no system turn.
+    Rows left without any loss token after truncation are dropped (they would teach nothing)
+    and counted.
 
     Returns:
         The encoded rows and stats: ``rows``, ``tokens``, ``loss_tokens``, ``truncated``,
@@ -274,7 +271,11 @@ def encode_rows(
 
     for n, row in enumerate(rows, start=1):
         try:
-            fmt, norm = normalise_row(row) if data_format == "hub" else (data_format, row)
+            fmt, norm = (
+                normalise_row(row, columns) if data_format == "hub" else (data_format, dict(row))
+            )
+            if system_prompt and fmt == "messages":
+                norm = with_system(norm, system_prompt)
             pending.append(_prepare(norm, fmt, tokenizer))
         except (DataError, KeyError, TypeError) as exc:
             raise DataError(f"{source} row {n}: {exc}") from exc

@@ -514,12 +514,60 @@ class EvaluationSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataChecksSpec:
+    """``data_checks:`` — the data report's thresholds (the client enforces them before
+    renting; the instance re-checks what only it can measure, for hub data)."""
+
+    max_duplicate_share: float | None = None
+    max_near_duplicate_share: float | None = None
+    max_eval_overlap_share: float | None = None
+    max_truncated_share: float | None = None
+    max_echo_share: float | None = None
+    max_damaged_share: float | None = None
+    near_duplicate_similarity: float = 0.8
+    near_duplicates: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """One entry of a list-valued ``dataset``/``eval_dataset`` in spec.json: a source of a mix
+    (see the client's ``DataSource``). A local file travels normalised in the bundle as
+    ``data/<name>-<i>.jsonl`` with ``kind`` set; a hub dataset keeps its id and options."""
+
+    path: str
+    format: str | None = None
+    columns: dict[str, Any] | None = None
+    weight: float | None = None
+    max_rows: int | None = None
+    config: str | None = None
+    split: str = "train"
+    streaming: bool | str = "auto"
+    # Written by the bundler: messages / prompt_completion / text for a normalised local file.
+    kind: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> SourceSpec:
+        """Parse one source.
+
+        Raises:
+            ValueError: an unknown key, or a source that is not an object.
+        """
+        source: SourceSpec = _typed(cls, raw, "dataset.")
+        return source
+
+
+@dataclasses.dataclass(frozen=True)
 class JobSpecData:
     """``spec`` of spec.json: the job as the agent runs it (paths rewritten for the bundle)."""
 
     model: str
-    dataset: str = ""  # none for `loraburst export`, which trains nothing
-    eval_dataset: str | None = None
+    # A bundled file or hub id, or a list of sources (SourceSpec dicts); none for `loraburst
+    # export`, which trains nothing.
+    dataset: str | list[dict[str, Any]] = ""
+    eval_dataset: str | list[dict[str, Any]] | None = None
+    chat_template: str | None = None  # a name of templates.TEMPLATES or Jinja
+    system_prompt: str | None = None
+    data_checks: DataChecksSpec = dataclasses.field(default_factory=DataChecksSpec)
     method: str = "qlora"
     objective: ObjectiveSpec = dataclasses.field(default_factory=ObjectiveSpec)
     init_adapter: str | None = None  # "init_adapter": the bundled starting adapter
@@ -579,6 +627,7 @@ _NESTED: dict[tuple[str, str], Any] = {
     ("JobSpecData", "train"): TrainSpec,
     ("JobSpecData", "quant"): QuantSpec,
     ("JobSpecData", "evaluation"): EvaluationSpec,
+    ("JobSpecData", "data_checks"): DataChecksSpec,
 }
 
 

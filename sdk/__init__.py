@@ -16,6 +16,9 @@ from ._api.job import Job as Job
 from ._api.result import Attempt as Attempt
 from ._api.result import JobResult as JobResult
 from ._api.spec import (
+    DataSource as DataSource,
+)
+from ._api.spec import (
     EvaluationConfig as EvaluationConfig,
 )
 from ._api.spec import (
@@ -105,6 +108,7 @@ __all__ = [
     "BudgetExceededError",
     "CapacityError",
     "ConfigError",
+    "DataSource",
     "DatasetError",
     "Estimate",
     "EstimateError",

@@ -34,8 +34,21 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from ._api.job import Job
 
     job = Job.from_yaml(args.job)
-    train = job.validate()
+    try:
+        train = job.validate()
+    finally:
+        # The report says what it found even when rows fail (the errors follow it).
+        if args.report and job.report is not None:
+            for line in job.report.lines():
+                _out.print(line, markup=False, highlight=False, soft_wrap=True)
     _out.print(f"[green]valid[/]: {escape(str(args.job))}: {escape(train.stats.describe())}")
+    if job.report is not None and not args.report:
+        _out.print(
+            job.report.summary() + " (--report for details)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
     return 0
 
 
@@ -262,6 +275,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("validate", help="check a job file and every dataset row")
     s.add_argument("job", type=Path)
+    s.add_argument(
+        "--report",
+        action="store_true",
+        help="print the data report: rows and tokens per source, lengths, duplicates, empty "
+        "answers, echoes, encoding damage, each with file:line examples",
+    )
     s.set_defaults(fn=_cmd_validate)
     s = sub.add_parser("run", help="run a job")
     s.add_argument("job", type=Path)

@@ -164,7 +164,9 @@ def _encode(
     eval file. Rows come two by two: chosen, rejected."""
     spec, train = bundle.spec, bundle.spec.train
 
-    def one(source: str) -> tuple[data.Rows, dict[str, int]]:
+    def one(source: str | list[dict[str, Any]]) -> tuple[data.Rows, dict[str, int]]:
+        if isinstance(source, list):  # the client refuses this before renting (Job.prepare)
+            raise ValueError("preference pairs come from one file or hub dataset, not a mix")
         raw, _ = data.read_source(workdir, source, bundle.data_format)
         return encode_pairs(raw, tokenizer, max_seq_len=train.max_seq_len,
                             max_prompt_len=spec.objective.max_prompt_len, source=source)  # fmt: skip

@@ -13,28 +13,34 @@ from .._data import encode_rows, read_jsonl
 from ..batching import BatchPlan, epoch_batches, plan_batches
 from ..collate import collate
 from ..protocol import BUNDLE_DIR, BundleSpec, JobSpecData
+from . import sources
 
 __all__ = ["Rows", "batch_plan", "encode", "layout", "loader", "read_source"]
 
 Rows = list[dict[str, list[int]]]
 
 
-def encode(workdir: Path, bundle: BundleSpec, tokenizer: Any) -> tuple[Rows, Rows, dict[str, int]]:
+def encode(workdir: Path, bundle: BundleSpec, tokenizer: Any) -> tuple[Rows, Rows, dict[str, Any]]:
     """Encode train (and eval) rows; hold out ``eval_fraction`` when there is no eval file.
+    A list of sources is read and mixed by :mod:`.sources`.
 
     Raises:
         loraburst.remote._data.DataError: a row cannot be used (names the file and row).
     """
     spec, train = bundle.spec, bundle.spec.train
 
-    def one(source: str, fmt: str) -> tuple[Rows, dict[str, int]]:
+    def one(source: str | list[dict[str, Any]], fmt: str) -> tuple[Rows, dict[str, Any]]:
+        if isinstance(source, list):
+            return sources.encode_sources(workdir, source, spec, tokenizer)
         rows, fmt = read_source(workdir, source, fmt)
         return encode_rows(
             rows, fmt, tokenizer, max_seq_len=train.max_seq_len, loss_on=train.loss_on,
-            source=source,
+            source=source, system_prompt=spec.system_prompt,
         )  # fmt: skip
 
     rows, stats = one(spec.dataset, bundle.data_format)
+    sources.check_truncation(spec.data_checks, stats, "dataset")
+    stats["chat_template"] = sources.template_used(spec, tokenizer)
     eval_rows: Rows = []
     if spec.eval_dataset:
         eval_rows, _ = one(spec.eval_dataset, bundle.data_format)

@@ -88,11 +88,12 @@ def quiet() -> None:
 
 
 def load_tokenizer(spec: JobSpecData, path: str) -> tuple[Any, list[str]]:
-    """The model's tokenizer with a chat template and a pad token; and the tokens we added."""
+    """The model's tokenizer with a chat template (the spec's, else its own, else ChatML) and a
+    pad token; and the tokens we added."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, revision=_revision(spec, path))
-    added = ensure_chat_template(tokenizer)
+    added = ensure_chat_template(tokenizer, spec.chat_template)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, added

@@ -15,9 +15,11 @@ import yaml
 from pydantic import ValidationError
 
 from .._data.bundle import init_adapter_files
-from .._data.dataset import PreparedDataset, prepare_dataset
+from .._data.dataset import PreparedDataset
 from .._exceptions import ConfigError
 from .spec import (
+    DataChecks,
+    DataSource,
     EvaluationConfig,
     HubConfig,
     JobSpec,
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from loraburst.providers import Provider
 
     from .._cost.estimate import Estimate
+    from .._data.report import DataReport
     from .result import JobResult
 
 __all__ = ["Job"]
@@ -49,7 +52,11 @@ class Job:
     Args:
         model: a hub id or a local folder with config.json (shipped inside the bundle).
         dataset: a JSONL/JSON/CSV/Parquet file, a ``save_to_disk`` folder, a list of dicts, or a
-            hub id (loaded on the instance).
+            hub id (loaded on the instance); or a source, ``{"path": ..., "columns":
+            {"prompt": "instruction", "response": "response"}, "max_rows": 2000}`` (see
+            ``DataSource``), or a list of sources (a mix, with optional ``weight`` shares).
+        eval_dataset: the same, held out for evaluation.
+        chat_template, system_prompt, data_checks: see ``JobSpec``.
         method: ``"qlora"`` (4-bit NF4 base, the default), ``"lora"`` (bf16 base) or ``"dora"``.
         objective: ``"sft"`` (the default), ``"dpo"`` or ``"orpo"``, or a mapping with ``type``
             and options (``beta``, ``loss_type``, ``reference``, ``max_prompt_len``); dpo/orpo
@@ -77,9 +84,9 @@ class Job:
     def __init__(
         self,
         model: str,
-        dataset: str | Path | list[dict[str, Any]],
+        dataset: str | Path | DataSource | Mapping[str, Any] | Sequence[Any],
         *,
-        eval_dataset: str | Path | list[dict[str, Any]] | None = None,
+        eval_dataset: str | Path | DataSource | Mapping[str, Any] | Sequence[Any] | None = None,
         method: Literal["qlora", "lora", "dora"] = "qlora",
         objective: str | ObjectiveConfig | Mapping[str, Any] | None = None,
         init_adapter: str | Path | Any = None,
@@ -95,11 +102,16 @@ class Job:
         exports: Sequence[Any] | None = None,
         hub: HubConfig | Mapping[str, Any] | None = None,
         evaluation: EvaluationConfig | Mapping[str, Any] | None = None,
+        chat_template: str | None = None,
+        system_prompt: str | None = None,
+        data_checks: DataChecks | Mapping[str, Any] | None = None,
     ) -> None:
         raw: dict[str, Any] = {
+            "chat_template": chat_template,
+            "system_prompt": system_prompt,
             "model": str(model),
-            "dataset": str(dataset) if isinstance(dataset, Path) else dataset,
-            "eval_dataset": str(eval_dataset) if isinstance(eval_dataset, Path) else eval_dataset,
+            "dataset": _dataset_value(dataset),
+            "eval_dataset": _dataset_value(eval_dataset),
             "method": method,
             "output_dir": str(output_dir),
             "max_cost": max_cost,
@@ -115,13 +127,16 @@ class Job:
             raw["init_adapter"] = init_adapter
         if exports is not None:
             raw["exports"] = exports if isinstance(exports, str) else list(exports)
-        sections = (("lora", lora), ("train", train), ("quant", quant), ("hub", hub),
-                    ("evaluation", evaluation))  # fmt: skip
+        sections = (
+            ("lora", lora), ("train", train), ("quant", quant), ("hub", hub),
+            ("evaluation", evaluation), ("data_checks", data_checks),
+        )  # fmt: skip
         for key, section in sections:
             if section is not None:
                 raw[key] = section.model_dump() if hasattr(section, "model_dump") else dict(section)
         self.spec = self._validate(raw)
         self._prepared: tuple[PreparedDataset, PreparedDataset | None] | None = None
+        self.report: DataReport | None = None
 
     @staticmethod
     def _validate(raw: Mapping[str, Any], source: str | Path | None = None) -> JobSpec:
@@ -135,6 +150,7 @@ class Job:
         job = cls.__new__(cls)
         job.spec = spec
         job._prepared = None
+        job.report = None
         return job
 
     @classmethod
@@ -152,12 +168,10 @@ class Job:
             )
         base = path.resolve().parent
         for key in ("dataset", "eval_dataset", "model", "output_dir", "init_adapter"):
-            value = raw.get(key)
-            if isinstance(value, str) and value and not Path(value).is_absolute():
-                candidate = base / value
-                looks_local = value.startswith(".") or candidate.exists() or key == "output_dir"
-                if looks_local or Path(value).suffix in {".jsonl", ".json", ".csv", ".parquet"}:
-                    raw[key] = str(candidate)
+            if key in raw:
+                raw[key] = _relative_to(base, raw[key], key)
+            for source in _source_dicts(raw.get(key)):
+                source["path"] = _relative_to(base, source.get("path"), key)
         return cls.from_spec(cls._validate(raw, path))
 
     def to_yaml(self) -> str:
@@ -167,27 +181,41 @@ class Job:
 
     # -- data -----------------------------------------------------------------------------
     def prepare(self) -> tuple[PreparedDataset, PreparedDataset | None]:
-        """Validate every row of the datasets (cached). Raises DatasetError naming file:line."""
+        """Validate every row of the datasets (cached) and build the data report
+        (``self.report``, kept even when rows fail).
+
+        Raises:
+            DatasetError: rows that fail their checks (naming file:line), or a
+                ``data_checks`` threshold the report exceeds.
+        """
         if self._prepared is None:
+            from .._data.mix import prepare_field
+            from .._data.report import ReportBuilder
+
             s = self.spec
-            tok = s.model
-            pairs = s.objective.preference
-            train = prepare_dataset(
-                s.dataset,
-                max_seq_len=s.train.max_seq_len,
-                tokenizer=tok,
-                field="dataset",
-                pairs=pairs,
-            )
-            ev = None
-            if s.eval_dataset is not None:
-                ev = prepare_dataset(
-                    s.eval_dataset,
-                    max_seq_len=s.train.max_seq_len,
-                    tokenizer=tok,
-                    field="eval_dataset",
-                    pairs=pairs,
+            mix = isinstance(s.dataset, list) and any(isinstance(v, DataSource) for v in s.dataset)
+            if s.objective.preference and mix:
+                raise ConfigError(
+                    f"objective: {s.objective.type} trains on pairs from one dataset; dataset: is "
+                    "a mix of sources. Give one file (or hub dataset) of prompt/chosen/rejected"
                 )
+            builder = ReportBuilder(s.train.max_seq_len, s.data_checks)
+            common: dict[str, Any] = {
+                "max_seq_len": s.train.max_seq_len,
+                "tokenizer": s.model,
+                "chat_template": s.chat_template,
+                "system_prompt": s.system_prompt,
+                "observer": builder,
+                "pairs": s.objective.preference,
+            }
+            try:
+                train = prepare_field(s.dataset, field="dataset", **common)
+                ev = None
+                if s.eval_dataset is not None:
+                    ev = prepare_field(s.eval_dataset, field="eval_dataset", **common)
+            finally:
+                self.report = builder.finish()
+            self.report.enforce()
             init_adapter_files(s)  # a missing starting adapter fails here, before renting
             self._prepared = (train, ev)
         return self._prepared
@@ -376,8 +404,47 @@ def load_yaml_file(path: Path, what: str) -> Any:
         raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
 
 
+def _dataset_value(value: Any) -> Any:
+    """A dataset argument as the spec takes it: paths as strings, sources as they are."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping) and not isinstance(value, DataSource):
+        return dict(value)
+    if isinstance(value, (list, tuple)):
+        return [_dataset_value(v) if isinstance(v, (Path, Mapping)) else v for v in value]
+    return value
+
+
+def _relative_to(base: Path, value: Any, key: str) -> Any:
+    """A relative local path in a job file, made relative to the file's folder (a hub id, or
+    anything that is not a string, is left as it is)."""
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        return value
+    candidate = base / value
+    looks_local = value.startswith(".") or candidate.exists() or key == "output_dir"
+    if looks_local or Path(value).suffix in {".jsonl", ".json", ".csv", ".parquet"}:
+        return str(candidate)
+    return value
+
+
+def _source_dicts(value: Any) -> list[dict[str, Any]]:
+    """The source mappings (``{path: ...}``) of a dataset value: itself, or its list items."""
+    items = value if isinstance(value, list) else [value]
+    fields = set(DataSource.model_fields)
+    return [
+        v
+        for v in items
+        if isinstance(v, dict) and isinstance(v.get("path"), str) and set(v) <= fields
+    ]
+
+
 def _short(value: object) -> str:
-    return f"<{len(value)} rows>" if isinstance(value, list) else repr(value)
+    if isinstance(value, DataSource):
+        return repr(value.path)
+    if isinstance(value, list):
+        sources = all(isinstance(v, DataSource) for v in value)
+        return f"<{len(value)} {'sources' if sources else 'rows'}>"
+    return repr(value)
 
 
 def new_job_id(name: str | None) -> str:

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from loraburst.remote.backends import mlx_refusals
+from loraburst.remote.columns import LAYOUTS, columns_for, parse_split
+from loraburst.remote.templates import TEMPLATES, check_template
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -26,6 +28,9 @@ from pydantic import (
 from .._exceptions import ConfigError
 
 __all__ = [
+    "ColumnMap",
+    "DataChecks",
+    "DataSource",
     "EvaluationConfig",
     "HubConfig",
     "JobSpec",
@@ -287,14 +292,176 @@ class EvaluationConfig(_Strict):
         return value
 
 
+class ColumnMap(_Strict):
+    """``columns:`` of a dataset source: which field of a row holds what (as LLaMA-Factory's
+    ``columns``/``tags`` and Axolotl's ``field_*`` say it). Name a conversation, a pair, raw
+    prompt + completion, or text."""
+
+    messages: str | None = Field(None, description="The field holding the list of turns.")
+    role: str | None = Field(None, description='Key of a turn holding its role ("from").')
+    content: str | None = Field(None, description='Key of a turn holding its text ("value").')
+    roles: dict[str, Literal["system", "user", "assistant"]] | None = Field(
+        None, description="The dataset's role names, e.g. {bot: assistant, human: user}."
+    )
+    prompt: str | None = Field(None, description="The field holding the prompt/instruction.")
+    input: str | None = Field(None, description="Optional field appended to the prompt.")
+    response: str | None = Field(None, description="The field holding the answer to learn.")
+    system: str | None = Field(None, description="Optional field holding a system prompt.")
+    completion: str | None = Field(None, description="With prompt: raw prompt + completion.")
+    text: str | None = Field(None, description="The field holding raw text.")
+
+
+_LAYOUT = Literal[
+    "messages",
+    "sharegpt",
+    "alpaca",
+    "instruction_response",
+    "prompt_completion",
+    "prompt_response",
+    "question_answer",
+    "query_response",
+    "text",
+]
+# Keys that only rows have: a list holding them is rows, not sources.
+_ROW_FIELDS = {f for cols in LAYOUTS.values() for f in cols.required}
+
+
+class DataSource(_Strict):
+    """One dataset of a job: a file, a folder or a hub id, with how to read it and how much of
+    it goes into the mix."""
+
+    path: str = Field(min_length=1, description="A .jsonl/.json/.csv/.parquet file, a "
+                      "save_to_disk folder, or a hub dataset id.")  # fmt: skip
+    format: _LAYOUT | None = Field(
+        None, description="The row layout; detected from the rows when left out."
+    )
+    columns: ColumnMap | None = Field(None, description="Which field holds what.")
+    weight: float | None = Field(
+        None,
+        gt=0,
+        le=1e6,
+        description="Share of the mix (relative to the other sources' weights); every source "
+        "or none has one. The mix takes rows in these proportions without repeating one.",
+    )
+    max_rows: int | None = Field(None, ge=1, le=10**10, description="Use at most this many rows.")
+    config: str | None = Field(None, min_length=1, description="A hub dataset's config name.")
+    split: str = Field(
+        "train", description='A split expression: "train", "train[:2000]", "test[10%:]".'
+    )
+    streaming: bool | Literal["auto"] = Field(
+        "auto",
+        description="Read a hub dataset as a stream on the instance (no full download); "
+        '"auto" streams when only the first rows are used (max_rows, or a split slice).',
+    )
+
+    @model_validator(mode="after")
+    def _readable(self) -> DataSource:
+        mapping = self.columns.model_dump(exclude_none=True) if self.columns else None
+        try:
+            if self.format is not None or mapping is not None:
+                columns_for(self.format, mapping)
+            _, start, stop = parse_split(self.split)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+        percent = any(b and b.endswith("%") for b in (start, stop))
+        if percent and self.streaming is True:
+            raise ValueError(
+                f"split {self.split!r}: a streamed dataset cannot be sliced by percent (its "
+                "size is unknown until read); use row numbers ('train[:2000]') or max_rows"
+            )
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """The settings the instance needs to read the source (the rest is defaults)."""
+        return self.model_dump(mode="json", exclude_defaults=True, exclude={"path"})
+
+
+class DataChecks(_Strict):
+    """``data_checks:``: thresholds that turn the data report's findings into errors, checked
+    before anything is rented (each a share of the rows, 0..1; unset = reported only)."""
+
+    max_duplicate_share: float | None = Field(
+        None, ge=0, le=1, description="Exact duplicate rows within the training data."
+    )
+    max_near_duplicate_share: float | None = Field(
+        None, ge=0, le=1, description="Near-duplicate rows (see near_duplicate_similarity)."
+    )
+    max_eval_overlap_share: float | None = Field(
+        None, ge=0, le=1, description="Eval rows that (nearly) duplicate a training row."
+    )
+    max_truncated_share: float | None = Field(
+        None, ge=0, le=1, description="Rows longer than train.max_seq_len (cut short)."
+    )
+    max_echo_share: float | None = Field(
+        None, ge=0, le=1, description="Answers that repeat the prompt."
+    )
+    max_damaged_share: float | None = Field(
+        None, ge=0, le=1, description="Rows with control characters or encoding damage."
+    )
+    near_duplicate_similarity: float = Field(
+        0.8, ge=0.5, le=1, description="Word 5-gram Jaccard similarity that counts as near."
+    )
+    near_duplicates: bool = Field(
+        True,
+        description="Look for near duplicates (MinHash; most of the report's time on millions "
+        "of rows). Exact duplicates are always found.",
+    )
+
+
+def _source(value: Any, where: str) -> DataSource:
+    try:
+        return DataSource.model_validate(value)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(msg if "unknown key" in msg or not loc else f"{loc}: {msg}")
+        raise ValueError(f"{where}: " + "; ".join(lines)) from None
+
+
+def _as_sources(value: Any) -> Any:
+    """A mapping with ``path`` is a source; a list of them is a mix; anything else is left as
+    it is (a path, a hub id, or a list of rows)."""
+    if isinstance(value, dict) and "path" in value:
+        return _source(value, "source")
+    if (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(v, DataSource)
+            or (isinstance(v, dict) and "path" in v and not _ROW_FIELDS & set(v))
+            for v in value
+        )
+    ):
+        return [v if isinstance(v, DataSource) else _source(v, f"source {i + 1}")
+                for i, v in enumerate(value)]  # fmt: skip
+    return value
+
+
+DatasetValue = str | DataSource | list[DataSource] | list[dict[str, Any]]
+
+
 class JobSpec(_Strict):
     """Everything that defines a fine-tuning job; serialised into the bundle as spec.json."""
 
     model: str = Field(
         min_length=1, description="Hub id (e.g. meta-llama/Llama-3.1-8B) or local folder."
     )
-    dataset: str | list[dict[str, Any]] = Field(description="File, folder, hub id or rows.")
-    eval_dataset: str | list[dict[str, Any]] | None = None
+    dataset: DatasetValue = Field(
+        description="File, folder, hub id or rows; or a source ({path, format, columns, "
+        "weight, max_rows, config, split, streaming}), or a list of sources (a mix)."
+    )
+    eval_dataset: DatasetValue | None = None
+    chat_template: str | None = Field(
+        None,
+        description=f"The chat template to train with: {', '.join(TEMPLATES)}, or a Jinja "
+        "string. Unset: the model's own, else chatml. Saved with the adapter.",
+    )
+    system_prompt: str | None = Field(
+        None, description="System turn given to every conversation that has none."
+    )
+    data_checks: DataChecks = Field(default_factory=DataChecks)  # type: ignore[arg-type]
     method: Literal["qlora", "lora", "dora"] = "qlora"
     objective: ObjectiveConfig = Field(
         default_factory=ObjectiveConfig,  # type: ignore[arg-type]
@@ -329,6 +496,18 @@ class JobSpec(_Strict):
     hub: HubConfig | None = Field(None, description="Push the verified exports to this repo.")
     # -- evaluation before teardown (remote/evaluate.py) -----------------------------------
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)  # type: ignore[arg-type]
+
+    @field_validator("dataset", "eval_dataset", mode="before")
+    @classmethod
+    def _sources(cls, value: Any) -> Any:
+        return _as_sources(value)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_template(value)
+        return value
 
     @field_validator("exports", mode="before")
     @classmethod
@@ -407,6 +586,9 @@ _SECTION = {
     "HubConfig": "hub.",
     "ObjectiveConfig": "objective.",
     "EvaluationConfig": "evaluation.",
+    "ColumnMap": "columns.",
+    "DataSource": "",
+    "DataChecks": "data_checks.",
     "JobSpec": "",
 }
 

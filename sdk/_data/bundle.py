@@ -26,7 +26,7 @@ from typing import IO, Any
 import loraburst.remote as _remote_pkg
 from loraburst.remote.protocol import PROTOCOL_VERSION, safe_extract
 
-from .._api.spec import JobSpec
+from .._api.spec import DataSource, JobSpec
 from .._exceptions import ConfigError
 from .._state.home import home
 from .dataset import PreparedDataset
@@ -53,14 +53,17 @@ class Bundle:
 
 def _bundle_spec(spec: JobSpec, train: PreparedDataset, eval_ds: PreparedDataset | None) -> bytes:
     data = spec.model_dump(mode="json")
-    data["dataset"] = train.hub_id if train.kind == "hub" else "data/train.jsonl"
+    data["dataset"] = _bundled(train, "train", train.kind)
     if eval_ds is not None:
-        data["eval_dataset"] = eval_ds.hub_id if eval_ds.kind == "hub" else "data/eval.jsonl"
+        data["eval_dataset"] = _bundled(eval_ds, "eval", train.kind)
     if local_model_dir(spec.model) is not None:
         data["model"] = "model"
         data["base_model"] = Path(spec.model).name  # names exports and the model card
     if isinstance(spec.dataset, str) and train.kind != "hub":
         data["dataset_name"] = Path(spec.dataset).name  # for the model card
+    elif train.kind == "mix" or isinstance(spec.dataset, DataSource):
+        parts = train.parts or (train,)
+        data["dataset_name"] = " + ".join(p.hub_id or Path(p.source).name for p in parts)
     if spec.init_adapter:
         data["init_adapter"] = INIT_ADAPTER
     # output_dir is a client-side path; it has no meaning on the instance.
@@ -72,6 +75,46 @@ def _bundle_spec(spec: JobSpec, train: PreparedDataset, eval_ds: PreparedDataset
         "spec": data,
     }
     return (json.dumps(doc, sort_keys=True, indent=2) + "\n").encode()
+
+
+def _sources(ds: PreparedDataset, data_format: str) -> tuple[PreparedDataset, ...] | None:
+    """A dataset that travels as a list of sources (a mix, a hub source with settings, or a
+    file whose kind is not the bundle's ``data_format``, such as the eval file of a mixed
+    job), or None for one plain file or hub id."""
+    if ds.kind == "mix":
+        return ds.parts
+    if ds.options or ds.kind not in ("hub", data_format):
+        return (ds,)
+    return None
+
+
+def _bundled(ds: PreparedDataset, name: str, data_format: str) -> str | list[dict[str, Any]] | None:
+    """spec.json's ``dataset``/``eval_dataset``: the bundled file or hub id, or the sources
+    (``protocol.SourceSpec``): a local one as its normalised file, a hub one with its settings."""
+    parts = _sources(ds, data_format)
+    if parts is None:
+        return ds.hub_id if ds.kind == "hub" else f"data/{name}.jsonl"
+    return [
+        {**p.options, "path": p.hub_id}
+        if p.kind == "hub"
+        else {**p.options, "path": f"data/{name}-{i}.jsonl", "kind": p.kind}
+        for i, p in enumerate(parts)
+    ]
+
+
+def _data_members(
+    ds: PreparedDataset | None, name: str, data_format: str
+) -> list[tuple[str, bytes | Path]]:
+    if ds is None:
+        return []
+    parts = _sources(ds, data_format)
+    if parts is None:
+        return [(f"data/{name}.jsonl", ds.jsonl_path)] if ds.jsonl_path is not None else []
+    return [
+        (f"data/{name}-{i}.jsonl", p.jsonl_path)
+        for i, p in enumerate(parts)
+        if p.jsonl_path is not None
+    ]
 
 
 def _code_files() -> Iterator[tuple[str, Path]]:
@@ -87,10 +130,8 @@ def _members(
 ) -> list[tuple[str, bytes | Path]]:
     members: list[tuple[str, bytes | Path]] = [("spec.json", _bundle_spec(spec, train, eval_ds))]
     # The normalised rows are already on disk (content-addressed): streamed like model files.
-    if train.jsonl_path is not None:
-        members.append(("data/train.jsonl", train.jsonl_path))
-    if eval_ds is not None and eval_ds.jsonl_path is not None:
-        members.append(("data/eval.jsonl", eval_ds.jsonl_path))
+    members += _data_members(train, "train", train.kind)
+    members += _data_members(eval_ds, "eval", train.kind)
     # A package marker so `python -m loraburst.remote.agent` resolves to the bundled code.
     members += [(f"{INIT_ADAPTER}/{rel}", p) for rel, p in init_adapter_files(spec)]
     members.append(("code/loraburst/__init__.py", b'"""Bundled loraburst agent code."""\n'))

@@ -22,23 +22,34 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
+
+from loraburst.remote.columns import Columns, with_system
 
 from .._exceptions import ConfigError, DatasetError
 from .._state.disk import local_io
 from .._state.home import home
-from .formats import KIND_OF_FORMAT, RowChecker
+from .formats import KIND_OF_FORMAT, LAYOUT_NAMES, RowChecker
 from .preference import PreferenceChecker
 from .read import DATA_SUFFIXES, Located, read_path, read_rows
 from .tokens import TokenTally, count_tokens
 
-__all__ = ["DatasetStats", "PreparedDataset", "count_tokens", "is_hub_id", "prepare_dataset"]
+__all__ = [
+    "DatasetStats",
+    "PreparedDataset",
+    "Reading",
+    "RowObserver",
+    "count_tokens",
+    "is_hub_id",
+    "prepare_dataset",
+]
 
 # org/name or name, as the Hugging Face Hub spells repository ids.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -68,6 +79,7 @@ class DatasetStats:
     over_max_seq_len: int | None
     chars: int
     max_seq_len: int = 2048
+    detail: str = ""
     lengths: Sequence[int] | None = dataclasses.field(default=None, repr=False, compare=False)
     """Every row's token count, in file order (None for a hub dataset)."""
 
@@ -78,8 +90,9 @@ class DatasetStats:
         approx = "" if self.tokens_exact else "~"
         how = "exact" if self.tokens_exact else "estimated"
         unit = "pairs" if self.format == "preference" else "rows"
+        layout = LAYOUT_NAMES.get(self.format, self.format)
         line = (
-            f"{self.rows:,} {unit} ({self.format}), {approx}{self.tokens:,} tokens ({how}), "
+            f"{self.rows:,} {unit} ({layout}), {approx}{self.tokens:,} tokens ({how}), "
             f"longest {approx}{self.max_tokens or 0:,}"
         )
         if self.over_max_seq_len:
@@ -88,7 +101,7 @@ class DatasetStats:
                 f"; {self.over_max_seq_len:,} {unit} over {over} {self.max_seq_len:,} "
                 "will be truncated"
             )
-        return line
+        return line + self.detail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +118,12 @@ class PreparedDataset:
         hub_id: the hub id when ``kind == "hub"``, else None.
         stats: rows, tokens and lengths.
         jsonl_path: ``$LORABURST_HOME/datasets/<sha256>.jsonl`` (None for a hub dataset).
-        sha256: hex digest of that file's bytes (None for a hub dataset).
+        sha256: hex digest of that file's bytes (None for a hub dataset; for a mix, of its
+            parts' digests and options).
         size: that file's size in bytes (0 for a hub dataset).
+        options: how the instance reads it, for a source with settings (a hub dataset's
+            config, split, columns; a weight in a mix); empty for a plain file.
+        parts: a mix's sources (``kind == "mix"``), each a PreparedDataset of its own.
     """
 
     source: str
@@ -116,6 +133,8 @@ class PreparedDataset:
     jsonl_path: Path | None = None
     sha256: str | None = None
     size: int = 0
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    parts: tuple[PreparedDataset, ...] = ()
 
     def open(self) -> IO[bytes]:
         """The normalised JSONL for reading (empty for a hub dataset); close it when done.
@@ -177,6 +196,42 @@ class _Spill:
         self.tmp.unlink(missing_ok=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """How to read a source's rows (a ``DataSource``'s settings, resolved).
+
+    Attributes:
+        columns: the columns to read (a mapping or a forced layout); None detects the layout.
+        layout: the name ``validate`` reports for ``columns``.
+        start, stop: the rows of the file to read (a split slice such as ``train[:2000]``).
+        max_rows: keep at most this many rows.
+        chat_template: the spec's template, for exact token counts.
+        system_prompt: the spec's default system turn, given to conversations without one.
+    """
+
+    columns: Columns | None = None
+    layout: str | None = None
+    start: int | None = None
+    stop: int | None = None
+    max_rows: int | None = None
+    chat_template: str | None = None
+    system_prompt: str | None = None
+
+
+class RowObserver(Protocol):
+    """Sees every row as it is checked (the data report, ``report.py``)."""
+
+    def row(self, where: str, row: dict[str, Any], counted: bool) -> None:
+        """A normalised row that passed its checks; ``counted`` when its token count will
+        follow (rows after the dataset's first problem are checked but not counted)."""
+
+    def rejected(self, where: str, empty_answer: bool) -> None:
+        """A row that failed its checks; ``empty_answer`` when its answer is blank."""
+
+    def counts(self, counts: list[int]) -> None:
+        """Token counts of the latest rows passed to ``row``, in order."""
+
+
 def is_hub_id(text: str) -> bool:
     """Whether a string that is not an existing path should be read as a hub dataset id."""
     return bool(_HUB_ID.fullmatch(text)) and Path(text).suffix.lower() not in DATA_SUFFIXES
@@ -203,6 +258,8 @@ def prepare_dataset(
     tokenizer: str | None = None,
     field: str = "dataset",
     pairs: bool = False,
+    reading: Reading | None = None,
+    observer: RowObserver | None = None,
 ) -> PreparedDataset:
     """Read, check, normalise and measure a dataset.
 
@@ -214,6 +271,8 @@ def prepare_dataset(
             anything else (or None) gives estimates.
         field: the spec field being prepared, used in error messages (``eval_dataset``).
         pairs: rows are preference pairs (``objective: dpo``/``orpo``; see ``preference``).
+        reading: a source's column mapping, row window and template (default: detect).
+        observer: sees every row (the data report).
 
     Returns:
         The normalised rows and their stats.
@@ -241,20 +300,41 @@ def prepare_dataset(
         raise ConfigError(
             f"{field}: expected a path, a hub id or a list of row dicts, got {type(source).__name__}"
         )
-    return _stream(located, name, max_seq_len, tokenizer, pairs)
+    reading = reading or Reading()
+    if reading.start is not None or reading.stop is not None:
+        located = itertools.islice(located, reading.start or 0, reading.stop)
+    return _stream(located, name, max_seq_len, tokenizer, reading, observer, pairs)
 
 
 def _stream(
-    located: Located, name: str, max_seq_len: int, tokenizer: str | None, pairs: bool = False
+    located: Located,
+    name: str,
+    max_seq_len: int,
+    tokenizer: str | None,
+    reading: Reading,
+    observer: RowObserver | None,
+    pairs: bool = False,
 ) -> PreparedDataset:
     """Check, normalise, spill and count in one pass over ``located``."""
-    checker: RowChecker | PreferenceChecker = PreferenceChecker() if pairs else RowChecker()
+    checker: RowChecker | PreferenceChecker = (
+        PreferenceChecker() if pairs else RowChecker(reading.columns, reading.layout)
+    )
     tally: TokenTally | None = None
     rows = 0
     spill = _Spill()
     try:
         for where, row in located:
+            if reading.max_rows is not None and rows >= reading.max_rows:
+                break
+            before = len(checker.problems)
             normalised = checker.check(where, row)
+            if normalised is not None and reading.system_prompt:
+                normalised = with_system(normalised, reading.system_prompt)
+            if observer is not None:
+                if normalised is not None:
+                    observer.row(where, normalised, not checker.problems)
+                elif len(checker.problems) > before:
+                    observer.rejected(where, checker.empty_answer)
             # After the first problem the job will not run: keep checking, stop the rest.
             if normalised is None or checker.problems:
                 continue
@@ -262,7 +342,14 @@ def _stream(
                 assert checker.format is not None
                 # A pair is two sequences of up to max_seq_len each (counted together).
                 limit = max_seq_len * (2 if pairs else 1)
-                tally = TokenTally(KIND_OF_FORMAT[checker.format], tokenizer, limit)
+                kind = reading.columns.kind if reading.columns else KIND_OF_FORMAT[checker.format]
+                tally = TokenTally(
+                    kind,
+                    tokenizer,
+                    limit,
+                    chat_template=reading.chat_template,
+                    on_counts=observer.counts if observer is not None else None,
+                )
             spill.write(normalised)
             tally.add(normalised)
             rows += 1

@@ -35,6 +35,7 @@ class PreferenceChecker:
     def __init__(self) -> None:
         self.format: str | None = None
         self.problems: list[str] = []
+        self.empty_answer = False  # what the data report asks of a rejected row (RowChecker)
         self._shape: tuple[str, str] | None = None  # (text | conversation, first row's where)
 
     def check(self, where: str, row: Any) -> dict[str, Any] | None:

@@ -149,7 +149,19 @@ def _read_jsonl(path: Path, name: str) -> Iterator[tuple[str, Any]]:
 
 
 # Keys that mark a JSON object as one row rather than a wrapper such as {"data": [...]}.
-_ROW_KEYS = ("messages", "conversations", "instruction", "output", "prompt", "completion", "text")
+_ROW_KEYS = (
+    "messages",
+    "conversations",
+    "instruction",
+    "output",
+    "response",
+    "question",
+    "answer",
+    "query",
+    "prompt",
+    "completion",
+    "text",
+)
 
 
 def _read_json(path: Path, name: str) -> Located:

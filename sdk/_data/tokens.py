@@ -18,7 +18,7 @@ import array
 import dataclasses
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,13 +113,16 @@ def _ids(encoding: Any) -> list[Any]:
     return list(encoding["input_ids"] if hasattr(encoding, "keys") else encoding)
 
 
-def _exact(rows: Sequence[dict[str, Any]], kind: str, tok: Any) -> list[int]:
+def _exact(
+    rows: Sequence[dict[str, Any]], kind: str, tok: Any, chat_template: str | None = None
+) -> list[int]:
     if kind == PREFERENCE_FORMAT:  # each pair is two sequences: count both, sum per pair
         sub, _ = pair_sequences(rows[0]) if rows else ("text", [])
-        counts = _exact([s for r in rows for s in pair_sequences(r)[1]], sub, tok)
+        counts = _exact([s for r in rows for s in pair_sequences(r)[1]], sub, tok, chat_template)
         return [a + b for a, b in zip(counts[::2], counts[1::2], strict=True)]
     if kind == "messages":
-        template = getattr(tok, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        template = _template(chat_template) or getattr(tok, "chat_template", None)
+        template = template or DEFAULT_CHAT_TEMPLATE
         texts = [
             tok.apply_chat_template(r["messages"], chat_template=template, tokenize=False)
             for r in rows
@@ -151,6 +154,16 @@ def _exact(rows: Sequence[dict[str, Any]], kind: str, tok: Any) -> list[int]:
             for (i, _), ids in zip(batch, encoded, strict=True):
                 counts[i] += len(ids)
     return counts
+
+
+def _template(value: str | None) -> str | None:
+    """The Jinja of the spec's ``chat_template`` (a name or Jinja), or None."""
+    if value is None:
+        return None
+    from loraburst.remote.templates import TEMPLATES
+
+    named = TEMPLATES.get(value)
+    return named.jinja if named else value
 
 
 def _batches(items: list[tuple[int, str]]) -> Iterator[list[tuple[int, str]]]:
@@ -239,10 +252,25 @@ class TokenTally:
         kind: ``"messages"``, ``"prompt_completion"`` or ``"text"``.
         tokenizer: a local folder, a hub id in the local cache, a loaded tokenizer, or None.
         max_seq_len: rows longer than this are counted in ``over``.
+        chat_template: the spec's ``chat_template`` (a name or Jinja), rendered instead of the
+            tokenizer's own.
+        on_counts: called with each row's count, in row order (exact counts come a batch at
+            a time; estimates where the counts are estimates).
     """
 
-    def __init__(self, kind: str, tokenizer: str | Any | None, max_seq_len: int) -> None:
+    def __init__(
+        self,
+        kind: str,
+        tokenizer: str | Any | None,
+        max_seq_len: int,
+        *,
+        chat_template: str | None = None,
+        on_counts: Callable[[list[int]], None] | None = None,
+    ) -> None:
         self.kind = kind
+        self.chat_template = chat_template
+        self._notify = on_counts or (lambda counts: None)
+        self._pending_est: list[int] = []
         self.chars = 0
         self.estimate = TokenSums(max_seq_len)
         wanted = tokenizer is not None and (not isinstance(tokenizer, str) or _on_disk(tokenizer))
@@ -255,9 +283,13 @@ class TokenTally:
     def add(self, row: dict[str, Any]) -> None:
         chars = row_chars(row)
         self.chars += chars
-        self.estimate.add(_estimate(row))
-        if self.exact is not None:
+        estimate = _estimate(row)
+        self.estimate.add(estimate)
+        if self.exact is None:
+            self._notify([estimate])
+        else:
             self._pending.append(row)
+            self._pending_est.append(estimate)
             self._pending_chars += chars
             # Bounded by characters as well as rows: 1024 rows of a megabyte each are a GB.
             if len(self._pending) >= _BATCH or self._pending_chars >= _BATCH_CHARS:
@@ -265,24 +297,30 @@ class TokenTally:
 
     def _flush(self) -> None:
         rows, self._pending = self._pending, []
+        estimates, self._pending_est = self._pending_est, []
         self._pending_chars = 0
         if self.exact is None or not rows:
+            if estimates:
+                self._notify(estimates)
             return
         if self._loaded is None:
             tok = self._tokenizer
             self._loaded = load_tokenizer(tok) if isinstance(tok, str) else tok
             if self._loaded is None:
                 self.exact = None
+                self._notify(estimates)
                 return
         try:
-            counts = _exact(rows, self.kind, self._loaded)
+            counts = _exact(rows, self.kind, self._loaded, self.chat_template)
         # See count_tokens: a template may reject a conversation; the estimate still stands.
         except Exception as e:
             log.warning("exact token count failed (%s); falling back to the estimate", e)
             self.exact = None
+            self._notify(estimates)
             return
         for c in counts:
             self.exact.add(c)
+        self._notify(counts)
 
     def result(self) -> tuple[TokenSums, bool]:
         """``(sums, exact)``: the exact sums when every row was counted exactly, else the

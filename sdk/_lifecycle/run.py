@@ -164,6 +164,9 @@ def execute(
         f"job {job_id}: bundle {bundle.sha256[:12]} ({bundle.size / 1e6:.1f} MB), "
         f"{train.stats.describe()}"
     )
+    if job.report is not None:  # the data report, kept with the run (runs/<job>/data_report.json)
+        job.report.save(runs_dir() / job_id)
+        view.message(job.report.summary())
     env = _agent_env(job.spec.artifacts, job_id, env, hub=job.spec.hub is not None)
     with view, _sigterm_as_interrupt():
         return _guarded(

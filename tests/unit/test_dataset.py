@@ -252,8 +252,9 @@ def test_row_not_an_object(tmp_path: Path) -> None:
 
 
 def test_unknown_fields() -> None:
-    problem = one_problem([{"question": "q", "answer": "a"}])
-    assert problem.startswith("<rows>:row 1: no known fields (found: 'answer', 'question')")
+    problem = one_problem([{"frage": "q", "antwort": "a"}])
+    assert problem.startswith("<rows>:row 1: no known fields (found: 'antwort', 'frage')")
+    assert "columns: {prompt: <field>, response: <field>}" in problem
 
 
 @pytest.mark.parametrize(

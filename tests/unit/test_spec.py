@@ -83,6 +83,7 @@ def test_the_agent_reads_the_same_spec_the_client_writes() -> None:
     import dataclasses
 
     from loraburst import JobSpec
+    from loraburst._api.spec import DataSource
     from loraburst._data.bundle import _bundle_spec
     from loraburst._data.dataset import prepare_dataset
     from loraburst.remote import protocol
@@ -94,11 +95,14 @@ def test_the_agent_reads_the_same_spec_the_client_writes() -> None:
         (JobSpec.model_fields["quant"].annotation, protocol.QuantSpec),
         (JobSpec.model_fields["objective"].annotation, protocol.ObjectiveSpec),
         (JobSpec.model_fields["evaluation"].annotation, protocol.EvaluationSpec),
+        (JobSpec.model_fields["data_checks"].annotation, protocol.DataChecksSpec),
+        (DataSource, protocol.SourceSpec),
     ]
     bundle_only = {
         "base_model",
         "dataset_name",
         "export_prompt",
+        "kind",
     }  # the bundler writes them for the instance
     for client, agent in pairs:
         fields = {f.name for f in dataclasses.fields(agent)} - bundle_only
@@ -113,9 +117,11 @@ def test_the_agent_reads_the_same_spec_the_client_writes() -> None:
                 "quant",
                 "objective",
                 "evaluation",
+                "data_checks",
             ):
                 continue
-            if f.name in ("model", "dataset", "output_dir", "exports", "hub", "tasks"):
+            if f.name in ("model", "dataset", "output_dir", "exports", "hub", "tasks", "path",
+                          "columns"):  # fmt: skip
                 continue  # rewritten for the bundle, or built by a factory
             assert f.default == default, (agent.__name__, f.name)
     spec = JobSpec(model="m", dataset="d.jsonl", train={"max_steps": 3, "packing": False})
