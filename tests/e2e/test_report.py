@@ -235,7 +235,8 @@ def _drawn(image: Any, box: dict[str, float]) -> bool:
     """The chart's area in the screenshot holds a drawing: many colours, much non-white."""
     crop = image.crop((int(box["x"]), int(box["y"]), int(box["x"] + box["w"]),
                        int(box["y"] + box["h"])))  # fmt: skip
-    pixels = list(crop.getdata())
+    raw = crop.tobytes()  # RGB, 3 bytes a pixel (Image.getdata is deprecated in Pillow 12)
+    pixels = [tuple(raw[i : i + 3]) for i in range(0, len(raw), 3)]
     inked = sum(1 for p in pixels if min(p) < 235) / max(1, len(pixels))
     return len(set(pixels)) > 20 and inked > 0.02
 
