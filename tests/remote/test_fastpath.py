@@ -79,7 +79,7 @@ def _loss_and_grads(model: Any, x: Any) -> tuple[float, dict[str, Any]]:
     loss = model(input_ids=x, labels=x).loss
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return float(loss), grads
+    return float(loss.detach()), grads
 
 
 def _apply(model: Any, **kw: Any) -> Any:
@@ -134,7 +134,7 @@ def test_grouped_projections_match_peft_with_padding(arch: str, quantised: bool)
         model.zero_grad(set_to_none=True)
         loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
         loss.backward()
-        return float(loss), {
+        return float(loss.detach()), {
             n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
         }
 
@@ -210,7 +210,7 @@ def test_training_steps_change_every_adapter_and_track_reference() -> None:
             loss.backward()
             opt.step()
             opt.zero_grad()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         curves.append(losses)
     assert curves[1][-1] < curves[1][0]
     assert abs(curves[1][-1] - curves[0][-1]) / curves[0][-1] < 1e-3

@@ -72,7 +72,7 @@ def _per_row_reference(model: Any, rows: list[dict[str, list[int]]]) -> tuple[An
         y = torch.tensor([row["labels"]])
         loss = model(input_ids=x, labels=y, num_items_in_batch=torch.tensor(1)).loss
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return total, grads
 
@@ -82,7 +82,7 @@ def _check(model: Any, batch: dict[str, Any], ref: tuple[float, dict[str, Any]])
     loss = _summed_loss(model, batch)
     loss.backward()
     ref_loss, ref_grads = ref
-    assert abs(float(loss) - ref_loss) / ref_loss < 1e-5
+    assert abs(float(loss.detach()) - ref_loss) / ref_loss < 1e-5
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
