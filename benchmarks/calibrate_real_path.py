@@ -23,9 +23,7 @@ import argparse
 import datetime
 import json
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -103,17 +101,10 @@ def main() -> None:
         if time.time() > t_end:
             print(f"budget spent before {key}", flush=True)
             break
-        out = Path(tempfile.mkdtemp()) / "run.json"
-        t0 = time.time()
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--one", key, "--out", str(out)],
-                                  capture_output=True, text=True,
-                                  timeout=max(60, t_end - time.time() + 150))  # fmt: skip
-            log = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            log = f"timed out: {exc.stdout!r} {exc.stderr!r}"
-        raw = json.loads(out.read_text()) if out.is_file() else {"error": log[-4000:], "key": key}
-        raw["elapsed_s"] = round(time.time() - t0, 1)
+        from benchmarks.common import run_child
+
+        raw = run_child(__file__, key, t_end, grace_s=150)
+        raw.setdefault("key", key)
         doc["runs"][key] = raw
         doc["date"] = datetime.date.today().isoformat()
         RESULTS.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")

@@ -356,3 +356,26 @@ def profile_steps(model: Any, batches: list[Any], *, lr: float, top: int = 25) -
             for us, n, name in kernels[:top]
         ],
     }
+
+
+def run_child(script: str, key: str, t_end: float, grace_s: float = 120) -> dict[str, Any]:
+    """Run ``script --one key`` in its own process (a fresh CUDA context and allocator per run)
+    and return the JSON it wrote, or ``{"error": ...}``; it may run ``grace_s`` past ``t_end``.
+    ``elapsed_s`` is added."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    out = Path(tempfile.mkdtemp()) / "run.json"
+    t0 = time.time()
+    try:
+        proc = subprocess.run([sys.executable, script, "--one", key, "--out", str(out)],
+                              capture_output=True, text=True,
+                              timeout=max(60, t_end - time.time() + grace_s))  # fmt: skip
+        log = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        log = f"timed out: {exc.stdout!r} {exc.stderr!r}"
+    raw: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {"error": log[-4000:]}
+    raw["elapsed_s"] = round(time.time() - t0, 1)
+    return raw

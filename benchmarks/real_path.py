@@ -270,16 +270,9 @@ def main() -> None:
         if time.time() > t_end:
             print(f"budget spent before {key}", flush=True)
             break
-        out = Path(tempfile.mkdtemp()) / "run.json"
-        t0 = time.time()
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--one", key, "--out", str(out)],
-                                  capture_output=True, text=True, timeout=max(60, t_end - time.time() + 120))  # fmt: skip
-            log = proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as exc:
-            log = f"timed out: {exc.stdout!r} {exc.stderr!r}"
-        raw = json.loads(out.read_text()) if out.is_file() else {"error": log[-4000:]}
-        raw["elapsed_s"] = round(time.time() - t0, 1)
+        from benchmarks.common import run_child
+
+        raw = run_child(__file__, key, t_end)
         doc["runs"][key] = raw
         doc["entries"] = _entries(doc["runs"])
         doc["date"] = datetime.date.today().isoformat()

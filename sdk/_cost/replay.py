@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -257,8 +256,3 @@ class Planner:
         copies = 2 * s.layers * tokens * s.hidden * 2 / 1e9 if offload else 0.0
         host = s.layers * coeffs.layer_s + coeffs.step_s + copies * coeffs.offload_s_per_gb
         return (compute + dequant + host) * coeffs.arch_time.get(self.model_type, 1.0)
-
-
-def median_length(wl: Workload) -> float:
-    """The median row, for notes."""
-    return float(statistics.median(wl.lengths)) if wl.lengths else 0.0
