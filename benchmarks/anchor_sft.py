@@ -11,9 +11,10 @@ losses, peak memory and the time from process start to the end of the first step
 
 Tokens are counted from what the model is actually given: a forward pre-hook on the trained model
 adds each gradient-enabled call's non-padding tokens (``attention_mask.sum()``, or every position
-of a padding-free row). The trainer's own ``num_input_tokens_seen`` is kept beside it as
-``trainer_step_tokens``: under Unsloth 2026.10.9 it counted every token twice (16.4K a step from
-micro-batches of 4 x 2,048 positions), which had doubled the anchor's tokens/s.
+of a padding-free row), and the trainer's own ``num_input_tokens_seen`` is kept beside it as
+``trainer_step_tokens``, a cross-check. ``first_inputs`` records the shapes of the first call.
+(On the H200 both agreed: Unsloth's SFT path feeds two padding-free micro-batches of 4 x 2,048
+positions per optimizer step.)
 
     python benchmarks/anchor_sft.py --stack unsloth --model /tmp/models/llama-3-8b \\
         --data rows.jsonl --steps 30 --micro-batch 4 --packing --grad-ckpt off
