@@ -21,6 +21,7 @@ from .memory import Shape, micro_batch_score, param_counts
 
 __all__ = [
     "CE_CHUNK_ELEMENTS",
+    "LEAN_LOSS_CHUNK",
     "LOSS_BYTES_PER_ELEMENT",
     "UNVERIFIED_MARGIN",
     "VERIFIED_ARCHITECTURES",
@@ -40,6 +41,10 @@ CE_CHUNK_ELEMENTS = 1 << 28
 # their plan, and Llama-3.2-3B under a 16 GiB cap ran out of memory by one chunk
 # (benchmarks/results/real_path_calibration.json).
 LOSS_BYTES_PER_ELEMENT = 14
+# The smallest loss chunk the planner uses (tokens), for the leanest settings: at Llama-3's
+# 128K vocabulary 1,024 tokens hold ~1.7 GiB of logits and their gradient, more than a layer's
+# recomputed activations; 512 halves that at a few percent of the lm_head's speed.
+LEAN_LOSS_CHUNK = 512
 
 # Model types whose predicted peak was within 10% of the measured one on the H200
 # (benchmarks/planner_accuracy.py, benchmarks/real_path.py): Llama-3-8B -3.6%, Llama-3.2-3B
@@ -106,8 +111,10 @@ def plan_memory(
     ckpt_layer = tokens * hidden * 2
     cache_layer = float(probe.get("cache_bytes", 0)) if ok else 0.0
     best: dict[str, Any] | None = None
-    # The loss's logits chunk: ~1 GiB of fp32 by default; 1,024 tokens when memory is short.
-    for loss_chunk in (None, 1024) if policy != "offload" else (1024,):
+    # The loss's logits chunk: ~1 GiB of fp32 by default; 1,024 tokens when memory is short,
+    # LEAN_LOSS_CHUNK when it is shorter still (and always in the leanest, offloaded setting).
+    chunks = (None, 1024, LEAN_LOSS_CHUNK) if policy != "offload" else (LEAN_LOSS_CHUNK,)
+    for loss_chunk in chunks:
         chunk = min(tokens, loss_chunk or max(128, CE_CHUNK_ELEMENTS // vocab))
         loss_mem = chunk * vocab * LOSS_BYTES_PER_ELEMENT if chunked else 0
         fixed = base_bytes + trainable * 12 + outside_bytes + max(transient, loss_mem)
