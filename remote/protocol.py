@@ -56,6 +56,9 @@ ENV_MODEL_DIR = "LORABURST_MODEL_DIR"
 # What train.backend: auto resolved to on the client, when the provider knows its machine (the
 # local provider on a Mac: "mlx"); absent, the instance resolves "auto" itself.
 ENV_BACKEND = "LORABURST_BACKEND"
+# GPUs of the instance that train (the offer's gpu_count): above 1 the agent starts the trainer
+# under torchrun, one process per GPU. Unset: the agent counts the CUDA GPUs itself.
+ENV_GPUS = "LORABURST_GPUS"
 
 # What the trainer needs on the instance; installed by the bootstrap only where missing.
 TRAINER_REQUIREMENTS = (

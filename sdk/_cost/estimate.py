@@ -341,13 +341,17 @@ def _slots(
                     g.vram_gb,
                 )
             )
-    for name, vram in local_gpus:
+    cards: dict[tuple[str, float], int] = {}
+    for card in local_gpus:  # per card model: one of them, and all (torchrun) where several
+        cards[card] = cards.get(card, 0) + 1
+    for (name, vram), count in cards.items():
         try:
             g = resolve_gpu(name)
         except EstimateError:
             g = GPUSpec(name, vram, 100.0, 900)  # unknown local card: a mid-range guess
             skipped.append(f"local {name}: not in the catalog, speed guessed as 100 TFLOP/s")
-        slots.append(_Slot("local", g, 1, 0.0, "local (free)", 1, True, vram))
+        for n in sorted({1, count}):
+            slots.append(_Slot("local", g, n, 0.0, "local (free)", 1, True, vram))
     return slots
 
 
