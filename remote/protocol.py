@@ -37,6 +37,10 @@ STATE_FILE = "state.json"
 EVENTS_FILE = "events.jsonl"
 HEARTBEAT_FILE = "heartbeat"
 CONTROL_FILE = "control.json"
+# The agent's word to the trainer's ranks (torchrun: separate processes): the reason to stop,
+# written once the watchdog has one. Rank 0 reads it each step and all ranks agree on it.
+RANK_STOP_FILE = "rank_stop"
+ENV_AGENT_PID = "LORABURST_AGENT_PID"  # the agent that started torchrun: gone => stop
 MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.json"
 ADAPTER_DIR = "adapter"
@@ -478,6 +482,7 @@ class TrainSpec:
     save_every_steps: int | None = 50
     gradient_checkpointing: bool | str = "auto"
     max_gpu_memory_gib: float | None = None
+    distributed: str = "auto"
     backend: str = "auto"
     loss_on: str = "assistant"
     weight_decay: float = 0.0

@@ -197,7 +197,8 @@ class Planner:
         if gpus <= 1:
             return self._replay(vram_gib, None, **kw)  # type: ignore[arg-type]
         found: Replay | None = None
-        for strategy in STRATEGIES:
+        asked = self.spec.train.distributed
+        for strategy in STRATEGIES if asked == "auto" else (asked,):
             lay = layout(self.shape, strategy=strategy, gpus=gpus, bits=self.bits,
                          double_quant=self.spec.quant.double_quant, trainable=self.lora)  # fmt: skip
             found = self._replay(vram_gib, lay, **kw)  # type: ignore[arg-type]
@@ -246,8 +247,10 @@ class Planner:
             )  # fmt: skip
 
         mbs = t.micro_batch_size
-        if mbs == "auto":
-            candidates: tuple[int, ...] = (1, 2, 4, 8) if self.wl.packing else (1, 2, 4, 8, 16, 32)
+        if mbs == "auto" and lay is not None and not lay.fast_path:
+            candidates: tuple[int, ...] = (1,)  # the trainer's FSDP choice (training/settings.py)
+        elif mbs == "auto":
+            candidates = (1, 2, 4, 8) if self.wl.packing else (1, 2, 4, 8, 16, 32)
         else:
             candidates = (int(mbs),)
         pick = choose(candidates, self.batches, memory_for, layers=s.layers,
