@@ -128,6 +128,8 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
         processing_class=tokenizer,
         loaders=(train_loader, eval_loader),
     )
+    if strategy is not None:
+        distributed.check_engine(trainer, strategy)
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our events already say it, once

@@ -38,6 +38,7 @@ __all__ = [
     "CHECKED_STEPS",
     "Context",
     "DistributedTrainingError",
+    "check_engine",
     "check_quant_storage",
     "choose_strategy",
     "current",
@@ -97,6 +98,13 @@ def choose_strategy(spec: JobSpecData, model_path: str, world: int, *, cuda: boo
         ``strategy``, ``gpus``, ``per_gpu_gib`` (predicted, when planned), ``host_ram_gib``.
     """
     asked = spec.train.distributed
+    if asked.startswith("fsdp") and not cuda:
+        # accelerate turns FSDP on only for GPU process groups: on CPU, Trainer would run DDP
+        # under an FSDP request without a word. Refused, so what runs is what was asked.
+        raise DistributedTrainingError(
+            f"train.distributed: {asked} needs CUDA GPUs (accelerate runs FSDP on GPUs only; on "
+            "CPU the run would silently be DDP); use train.distributed: ddp or auto here"
+        )
     if asked != "auto" or not cuda:
         strategy = asked if asked != "auto" else "ddp"
         return {"strategy": strategy, "gpus": world, "planned": False}
@@ -187,6 +195,20 @@ def training_kwargs(
             "activation_checkpointing": checkpointing,
         },
     }
+
+
+def check_engine(trainer: Any, strategy: str) -> None:
+    """Refuse a Trainer whose engine is not the strategy asked for (FSDP asked, DDP built).
+
+    Raises:
+        DistributedTrainingError: naming what was asked and what accelerate set up.
+    """
+    fsdp = bool(getattr(trainer, "is_fsdp_enabled", False))
+    if strategy.startswith("fsdp") != fsdp:
+        raise DistributedTrainingError(
+            f"asked for {strategy}, but accelerate set up "
+            f"{trainer.accelerator.distributed_type} (FSDP {'on' if fsdp else 'off'})"
+        )
 
 
 def check_quant_storage(model: Any, dtype: Any) -> None:
