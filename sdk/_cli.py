@@ -30,8 +30,11 @@ _err = Console(stderr=True)
 _out = Console()
 
 
-_GPU_HELP = ("a GPU to allow (any spelling: 'RTX 3090', '3090'), optionally with a count: "
-             "'2x RTX 3090' (two per instance); repeat for several")
+_GPU_HELP = (
+    "a GPU to allow (any spelling: 'RTX 3090', '3090'), optionally with a count: "
+    "'2x RTX 3090' (two per instance); repeat for several"
+)
+
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from ._api.job import Job

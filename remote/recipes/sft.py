@@ -123,8 +123,9 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
                                   shuffle=False)  # fmt: skip
     trainer = hf.trainer_class()(
         model=model,
-        args=hf.training_args(spec, workdir, mb, dtype, grad_accum=grad_accum,
-                              distributed=strategy_args),  # fmt: skip
+        args=hf.training_args(
+            spec, workdir, mb, dtype, grad_accum=grad_accum, distributed=strategy_args
+        ),  # fmt: skip
         processing_class=tokenizer,
         loaders=(train_loader, eval_loader),
     )

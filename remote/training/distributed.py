@@ -86,7 +86,9 @@ def is_main() -> bool:
     return current().main
 
 
-def choose_strategy(spec: JobSpecData, model_path: str, world: int, *, cuda: bool) -> dict[str, Any]:
+def choose_strategy(
+    spec: JobSpecData, model_path: str, world: int, *, cuda: bool
+) -> dict[str, Any]:
     """DDP, FSDP or FSDP with offload for ``world`` GPUs, and the per-GPU plan behind it.
 
     ``train.distributed`` other than "auto" is taken as given. On "auto" the model's
@@ -145,7 +147,9 @@ def choose_strategy(spec: JobSpecData, model_path: str, world: int, *, cuda: boo
 def _hub_config(spec: JobSpecData, model: str) -> dict[str, Any]:
     from transformers import AutoConfig
 
-    config: dict[str, Any] = AutoConfig.from_pretrained(model, revision=spec.model_revision).to_dict()
+    config: dict[str, Any] = AutoConfig.from_pretrained(
+        model, revision=spec.model_revision
+    ).to_dict()
     return config
 
 

@@ -561,8 +561,10 @@ def _row(
         what = "MLX" if s.gpu.apple else f"{spec.objective.type} (preference tuning)"
         notes.append(f"{what} trains on one GPU: uses 1 of {s.count}")
     elif gpus > 1 and fits:
-        notes.append(f"{strategy} on {gpus} GPUs (torchrun), {peak:.1f} GiB each"
-                     + (f", host RAM {host_ram:.0f} GiB" if strategy == "fsdp+offload" else ""))
+        notes.append(
+            f"{strategy} on {gpus} GPUs (torchrun), {peak:.1f} GiB each"
+            + (f", host RAM {host_ram:.0f} GiB" if strategy == "fsdp+offload" else "")
+        )
     if not s.gpu.bf16:
         notes.append("no bf16: trains in fp16")
     if not s.available:

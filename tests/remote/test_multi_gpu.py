@@ -71,7 +71,9 @@ def test_ddp_on_two_ranks_matches_one_process_on_the_same_global_batch(
     (plan,) = [e for e in events(two) if e["kind"] == "distributed"]
     assert plan["strategy"] == "ddp" and plan["gpus"] == 2
     # grad_accum 2 split over 2 ranks: the global batch is the one process's.
-    assert plan["grad_accum_per_rank"] == 1 and plan["global_batch"] == 2 * TRAIN["micro_batch_size"]
+    assert (
+        plan["grad_accum_per_rank"] == 1 and plan["global_batch"] == 2 * TRAIN["micro_batch_size"]
+    )
     assert "launching" not in [e["kind"] for e in events(one)]
     a, b = _losses(two), _losses(one)
     assert len(a) == len(b) == 4 and all(math.isfinite(x) for x in a)
@@ -106,7 +108,9 @@ def _rank_pids(workdir: Path) -> dict[int, int]:
             if b"loraburst.remote.rank" not in cmd or str(workdir).encode() not in cmd:
                 continue
             env = dict(
-                kv.split(b"=", 1) for kv in (entry / "environ").read_bytes().split(b"\0") if b"=" in kv
+                kv.split(b"=", 1)
+                for kv in (entry / "environ").read_bytes().split(b"\0")
+                if b"=" in kv
             )
             found[int(env[b"RANK"])] = int(entry.name)
         except (OSError, KeyError, ValueError):
