@@ -62,7 +62,7 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     cuda = torch.cuda.is_available()
     ranks = distributed.current()
     multi: dict[str, Any] = {}
-    if ranks.world > 1:
+    if ranks.engaged(spec):
         multi = distributed.choose_strategy(spec, path, ranks.world, cuda=cuda)
     strategy = multi.get("strategy")
     sharded = bool(strategy and strategy.startswith("fsdp"))
@@ -89,7 +89,7 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
             "warning", message="the memory plan says even the smallest setting may not fit"
         )
     grad_accum, strategy_args = spec.train.grad_accum, None
-    if ranks.world > 1:
+    if strategy is not None:
         grad_accum = rank_grad_accum(spec.train.grad_accum, ranks.world)
         strategy_args = distributed.training_kwargs(
             str(strategy), model, checkpointing=bool(chosen["gradient_checkpointing"]), cuda=cuda

@@ -64,10 +64,16 @@ class Context:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun (its environment is set)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def engaged(self, spec: JobSpecData) -> bool:
+        """Whether the multi-GPU path runs: more than one rank, or one rank under torchrun with
+        a strategy named (a rehearsal of FSDP or DDP on one GPU: benchmarks/multi_gpu_h200.py)."""
+        return self.world > 1 or (self.launched and spec.train.distributed != "auto")
 
 
 def current() -> Context:
@@ -76,7 +82,7 @@ def current() -> Context:
     env = os.environ
     try:
         return Context(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
-                       int(env.get("LOCAL_RANK", 0)))  # fmt: skip
+                       int(env.get("LOCAL_RANK", 0)), "WORLD_SIZE" in env)  # fmt: skip
     except ValueError:
         return Context()
 

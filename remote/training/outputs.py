@@ -88,7 +88,7 @@ def finish(
     ctx = distributed.current()
     trainer, model = held["trainer"], held["model"]
     steps = trainer.state.global_step
-    if ctx.world > 1:
+    if ctx.world > 1 or getattr(trainer, "is_fsdp_enabled", False):
         # A collective under FSDP (the full state dict); Trainer writes on rank 0 only.
         trainer.save_model(str(workdir / ADAPTER_DIR))
         distributed.barrier()
