@@ -173,3 +173,52 @@ def test_fsdp_on_cpu_is_refused_not_run_as_ddp(tiny_model: Path, tmp_path: Path)
     assert "needs CUDA GPUs" in st.error["message"]
     assert "train.distributed: ddp" in st.error["message"]
     assert not any(e["kind"] == "step" for e in events(workdir))
+
+
+def _wait_for_steps(workdir: Path, proc: Any, n: int = 1) -> None:
+    deadline = time.monotonic() + 300
+    while not (workdir / "events.jsonl").is_file() or (
+        sum(e["kind"] == "step" for e in events(workdir)) < n
+    ):
+        assert proc.poll() is None and time.monotonic() < deadline, log(workdir)
+        time.sleep(0.3)
+
+
+def test_a_stop_reaches_every_rank_at_one_step(tiny_model: Path, tmp_path: Path) -> None:
+    """SIGTERM to the agent (a cancelled job): both ranks stop at the same step, rank 0 saves
+    a checkpoint and the partial adapter, and nothing is left running."""
+    workdir = make_workdir(tmp_path, tiny_model, train={**TRAIN, "max_steps": 100000})
+    proc = start_agent(workdir, {"LORABURST_GPUS": "2"})
+    try:
+        _wait_for_steps(workdir, proc, 2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=180) == 0, log(workdir)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    st = state(workdir)
+    assert st.phase == "stopped" and st.stop_reason == "signal"
+    kinds = [e["kind"] for e in events(workdir)]
+    assert kinds.count("stopping") == 1 and kinds[-1] == "stopped"
+    (stop,) = [e for e in events(workdir) if e["kind"] == "stopping"]
+    assert (workdir / "checkpoints" / f"checkpoint-{stop['step']}").is_dir()
+    assert verify_manifest(workdir, json.loads((workdir / MANIFEST_FILE).read_text())) == []
+    assert _rank_pids(workdir) == {}
+
+
+def test_ranks_stop_when_the_agent_is_gone(tiny_model: Path, tmp_path: Path) -> None:
+    workdir = make_workdir(tmp_path, tiny_model, train={**TRAIN, "max_steps": 100000})
+    proc = start_agent(workdir, {"LORABURST_GPUS": "2"})
+    try:
+        _wait_for_steps(workdir, proc, 1)
+        assert set(_rank_pids(workdir)) == {0, 1}
+        proc.kill()  # no handler runs: the ranks notice the agent is gone
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 120
+        while _rank_pids(workdir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _rank_pids(workdir) == {}
+    assert state(workdir).stop_reason == "agent gone"
