@@ -694,6 +694,9 @@ def _no_fit_message(
     ]
     if bigger:
         fixes.append(f"a larger GPU: {', '.join(bigger[:4])}")
+    if not spec.objective.preference and all(r.gpu_count <= 1 for r in rows):
+        card = max(rows, key=lambda r: r.vram_gb).gpu
+        fixes.append(f"several GPUs of one instance, sharded (FSDP): gpu='2x {card}' or more")
     if bits > 4:
         fixes.append("quant.bits: 4")
     lines = [

@@ -87,3 +87,9 @@ def test_preference_objectives_train_on_one_gpu_of_many() -> None:
     est = estimate(spec, tokens=10**6, rows=1000, tokens_exact=True, gpus=["2x RTX 4090"])
     (row,) = est.rows
     assert row.strategy == "1 GPU" and "uses 1 of 2" in row.note
+
+
+def test_a_job_no_single_card_holds_is_pointed_at_several() -> None:
+    with pytest.raises(EstimateError, match=r"gpu='2x RTX 3090' or more"):
+        estimate(JobSpec(**SEED), tokens=10**6, rows=1000, tokens_exact=True,
+                 gpus=["1x RTX 3090"])  # fmt: skip
