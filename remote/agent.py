@@ -4,8 +4,8 @@ It owns the run's wire files (``state.json``, ``events.jsonl``; see :mod:`.proto
 the :class:`~.watchdog.Watchdog`, runs the trainer, and reports any failure as
 ``{"type", "message"}``. On an instance of several GPUs (:func:`trainer_processes`) the trainer
 runs as one process per GPU under ``torchrun`` (:mod:`.rank`): the agent passes the watchdog's
-stop reason on in a file, and ends torchrun's process group with the job. After training it stays only as long as the watchdog may still have to
-terminate the instance. Standard library only: the trainer's imports happen inside
+stop reason on in a file, and ends torchrun's process group with the job. After training it
+stays only as long as the watchdog may still have to terminate the instance. Standard library only: the trainer's imports happen inside
 :func:`loraburst.remote.trainer.run`, so a missing dependency becomes a ``failed`` state, not a
 crash without one.
 """
@@ -196,18 +196,16 @@ def _run_ranks(workdir: Path, n: int, watchdog: Watchdog, reporter: Reporter) ->
             time.sleep(0.5)
     finally:
         _end_group(proc)
+    state = _read_state(workdir)
+    if state is not None:
+        reporter.state = state  # the ranks' last word (step, loss), for what the agent writes
     if proc.returncode != 0:
-        state = _read_state(workdir)
         if state is not None and state.phase == "failed":
-            reporter.state = state  # rank 0 said why
-            raise _RanksFailed(None)
+            raise _RanksFailed(None)  # rank 0 said why
         raise _RanksFailed(
             f"a training rank failed: torchrun exited with {proc.returncode} and ended every "
             "rank (see agent.log for the rank's traceback)"
         )
-    state = _read_state(workdir)
-    if state is not None:
-        reporter.state = state  # the ranks' last word, for what the agent writes after
 
 
 class _RanksFailed(RuntimeError):

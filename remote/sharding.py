@@ -20,7 +20,11 @@ The strategies, tried in this order (the first whose per-GPU plan fits is used):
 ``fsdp+offload``  as ``fsdp``, with the sharded parameters (and so their gradients and the
                   optimizer step) kept in host memory: a GPU holds only the unsharded units in
                   flight and the activations. The host needs the whole quantised model plus the
-                  adapters' training state in RAM (:attr:`Layout.host_ram_bytes`).
+                  adapters' training state in RAM while training.
+
+Under either FSDP strategy every rank quantises the whole model in host memory while loading
+(then FSDP moves its shard to its GPU), so the host needs N quantised copies at that moment:
+:attr:`Layout.host_ram_bytes` is the larger of the two peaks.
 """
 
 from __future__ import annotations
@@ -62,8 +66,7 @@ HOST_LINK_GBS = 12.0
 # rows and the data loader.
 HOST_PROCESS_BYTES = 3.0 * GIB
 # Bytes of the checkpoint a rank reads at once while loading (one safetensors shard of the
-# hub's usual 5 GB): with RAM-efficient loading rank 0 alone reads the weights, one shard at a
-# time, and the others build the model on the meta device.
+# hub's usual 5 GB).
 LOAD_SHARD_BYTES = 5.0e9
 
 
@@ -100,8 +103,10 @@ class Layout:
             what :func:`..planning.plan_memory` takes as its ``base_bytes``.
         trainable: trainable parameters whose fp32 gradient and AdamW moments live on each GPU
             (:func:`..planning.plan_memory`'s ``trainable``; 0 when offloaded to the host).
-        host_ram_bytes: host memory the job needs in all (every rank's process, loading, and
-            under offload the sharded weights and the adapters' training state).
+        host_ram_bytes: host memory the job needs at its peak, every rank together: under FSDP
+            each rank quantises the whole model into host memory before FSDP moves its shard
+            to its GPU (training/loading.py), so N quantised copies while loading; under
+            offload, while training, the sharded weights and the adapters' training state.
         comm_bytes_per_pass: bytes each GPU moves per pass over the layers (FSDP's all-gathers
             and, under offload, the host-to-device copies), for the step time.
         fast_path: whether the CUDA fast path (remote/fastpath/) can run under it.
@@ -157,10 +162,12 @@ def layout(
     shard = 1.0 / gpus
     in_flight = 2 * per_layer  # the layer computed and the one prefetched, all-gathered
     gathered = linear * (gpus - 1) * shard  # bytes each GPU receives per pass over the layers
+    # Each rank quantises the whole model in host memory, reading one checkpoint shard at a time.
+    sharded_loading = gpus * (model_bytes + loading)
     if strategy == "fsdp":
         base = linear * shard + in_flight + root + adapters * shard + small
-        return Layout(strategy, gpus, base, math.ceil(trainable * shard), processes + loading,
-                      gathered, FSDP_LINK_GBS, False)  # fmt: skip
+        return Layout(strategy, gpus, base, math.ceil(trainable * shard),
+                      processes + sharded_loading, gathered, FSDP_LINK_GBS, False)  # fmt: skip
     # fsdp+offload: the shards, their gradients and the optimizer's state live in host memory;
     # each pass copies every rank's shard in (at the host link's rate) before the all-gather.
     host_state = linear + root + trainable * 16.0  # fp32 weights, gradients, two moments
@@ -168,5 +175,5 @@ def layout(
     # The copy in over PCIe and the all-gather between the GPUs, as one equivalent rate.
     moved = gathered + linear * shard
     rate = moved / (gathered / FSDP_LINK_GBS + linear * shard / HOST_LINK_GBS)
-    return Layout(strategy, gpus, base, 0, processes + loading + host_state, moved, rate,
-                  False)  # fmt: skip
+    host = processes + max(sharded_loading, host_state)
+    return Layout(strategy, gpus, base, 0, host, moved, rate, False)  # fmt: skip

@@ -119,8 +119,11 @@ def load_model(
     internally, and recompute is its decision.
 
     With ``sharded`` (FSDP), 4-bit weights are stored in the compute dtype
-    (``bnb_4bit_quant_storage``) so that FSDP can flatten and shard them with the rest; under
-    torchrun each rank loads onto its own GPU (``LOCAL_RANK``).
+    (``bnb_4bit_quant_storage``) so that FSDP can flatten and shard them with the rest, and each
+    rank quantises into host memory: FSDP then moves only its shard to its GPU, so a model larger
+    than one card never has to fit one (accelerate's own RAM-efficient loading, rank 0 reading
+    and the others on the meta device, is skipped for 4-bit weights). Otherwise, under torchrun,
+    each rank loads onto its own GPU (``LOCAL_RANK``).
 
     Returns:
         ``(peft_model, tokenizer)``, ready to train, on CUDA when present, else CPU.
@@ -148,7 +151,7 @@ def load_model(
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", 0))  # torchrun: one GPU per rank
         torch.cuda.set_device(local)
-        device = local
+        device = "cpu" if sharded else local
     model = AutoModelForCausalLM.from_pretrained(
         path,
         revision=_revision(spec, path),

@@ -563,7 +563,7 @@ def _row(
     elif gpus > 1 and fits:
         notes.append(
             f"{strategy} on {gpus} GPUs (torchrun), {peak:.1f} GiB each"
-            + (f", host RAM {host_ram:.0f} GiB" if strategy == "fsdp+offload" else "")
+            + (f", host RAM {host_ram:.0f} GiB" if strategy.startswith("fsdp") else "")
         )
     if not s.gpu.bf16:
         notes.append("no bf16: trains in fp16")

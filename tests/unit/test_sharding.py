@@ -28,8 +28,9 @@ def test_seed_row_70b_on_two_rtx_3090s_is_feasible_with_its_host_ram_stated() ->
     assert not one.fits and one.strategy == "1 GPU"
     assert two.feasible and two.strategy == "fsdp+offload"
     assert two.peak_vram_gb <= 24
-    # The host keeps the whole NF4 model (about 35 GiB for 70B) and the processes.
-    assert 35 < two.host_ram_gb < 80
+    # Each rank quantises the whole NF4 model (about 36 GiB for 70B) in host memory while
+    # loading, before FSDP moves its shard to its GPU; offload then keeps the shards there.
+    assert 2 * 35 < two.host_ram_gb < 120
     assert "host RAM" in two.note and "fsdp+offload on 2 GPUs" in two.note
     assert est.cheapest() == two
 
@@ -58,7 +59,10 @@ def test_fsdp_per_gpu_memory_falls_with_the_gpu_count() -> None:
     off = layout(shape, strategy="fsdp+offload", gpus=2, **kw)
     assert ddp.base_bytes > f2.base_bytes > f8.base_bytes > off.base_bytes
     assert f8.trainable == f2.trainable // 4
-    assert off.trainable == 0 and off.host_ram_bytes > f2.host_ram_bytes + 30 * 1024**3
+    assert off.trainable == 0 and off.host_ram_bytes >= f2.host_ram_bytes
+    nf4 = 35 * 1024**3  # a 70B model's quantised weights, about
+    assert f2.host_ram_bytes > 2 * nf4 and f8.host_ram_bytes > 8 * nf4  # N copies while loading
+    assert ddp.host_ram_bytes < nf4  # DDP loads onto the GPUs
     assert ddp.fast_path and not f2.fast_path
     with pytest.raises(ValueError, match="unknown strategy"):
         layout(shape, strategy="zero3", gpus=2, **kw)
