@@ -18,6 +18,7 @@ from typing import Any
 
 from .batching import BatchPlan
 from .memory import Shape, micro_batch_score, param_counts
+from .sharding import bytes_per_linear_param
 
 __all__ = [
     "CE_CHUNK_ELEMENTS",
@@ -259,11 +260,6 @@ def base_bytes(shape: Shape, *, bits: int, double_quant: bool, trainable: int) -
     """Bytes allocated before the first step: quantised linears, bf16 embeddings and head,
     fp32 adapters (Llama-3-8B NF4: predicted 5.47 GiB, measured 5.53)."""
     counts = param_counts(shape)
-    if bits == 4:
-        per = 0.5 + (1 / 64 + 4 / (64 * 256) if double_quant else 4 / 64)
-    elif bits == 8:
-        per = 1.0 + 4 / 4096
-    else:
-        per = 2.0
+    per = bytes_per_linear_param(bits, double_quant)
     rest = counts["embed"] + counts["lm_head"] + counts["other"]
     return counts["linear"] * per + rest * 2.0 + trainable * 4.0 + 0.03 * GIB
