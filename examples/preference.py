@@ -35,7 +35,7 @@ def build_model() -> Path:
     """The tiny model the job tunes (the quickstart's; built once, reused after)."""
     if (MODEL_DIR / "config.json").is_file():
         return MODEL_DIR
-    from loraburst._tiny import make_tiny_model
+    from loraburst.testing import make_tiny_model
 
     lines = (HERE / "data" / "chat.jsonl").read_text().splitlines()
     texts = [m["content"] for line in lines if line.strip() for m in json.loads(line)["messages"]]

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
-from loraburst._exceptions import AuthError, CapacityError, ProviderAPIError, ProviderError
+from loraburst._exceptions import (
+    AuthError,
+    CapacityError,
+    ConfigError,
+    ProviderAPIError,
+    ProviderError,
+)
 from pydantic import SecretStr
 
 from ._base import (
@@ -79,6 +85,15 @@ def _lambda_message(body: Any) -> str:
     return ""
 
 
+def _env_port(var: str, default: int) -> int:
+    value = os.environ.get(var, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise ConfigError(f"{var}={value!r} is not a TCP port: set it to a number 1-65535")
+    return int(value)
+
+
 class LambdaProvider:
     """On-demand Lambda Cloud instances.
 
@@ -87,7 +102,9 @@ class LambdaProvider:
         base_url: API root (``.../api/v1``).
         client: the ``httpx.Client`` to send requests with.
         python: interpreter on the instance when it does not set ``LORABURST_REMOTE_PYTHON``.
-        ssh_user / ssh_port: how instances are reached (Lambda: ``ubuntu`` on port 22).
+        ssh_user / ssh_port: how instances are reached; else ``LORABURST_LAMBDA_SSH_USER`` /
+            ``LORABURST_LAMBDA_SSH_PORT`` (for a gateway or an emulator of the API), else
+            Lambda's own: ``ubuntu`` on port 22.
         launch_interval_s: minimum spacing of launches (Lambda's limit is 1 per 12 s).
         connect_timeout_s: how long ``connect`` waits for sshd once the instance is active.
         max_attempts / backoff_s: retry policy for 429/5xx/timeouts.
@@ -111,8 +128,8 @@ class LambdaProvider:
         base_url: str | None = None,
         client: httpx.Client | None = None,
         python: str = "python3",
-        ssh_user: str = "ubuntu",
-        ssh_port: int = 22,
+        ssh_user: str | None = None,
+        ssh_port: int | None = None,
         launch_interval_s: float = 12.0,
         connect_timeout_s: float = 300.0,
         max_attempts: int = 6,
@@ -126,8 +143,8 @@ class LambdaProvider:
         )
         self.base_url = base_url.rstrip("/")
         self.python = python
-        self.ssh_user = ssh_user
-        self.ssh_port = ssh_port
+        self.ssh_user = ssh_user or os.environ.get("LORABURST_LAMBDA_SSH_USER") or "ubuntu"
+        self.ssh_port = ssh_port or _env_port("LORABURST_LAMBDA_SSH_PORT", 22)
         self.launch_interval_s = launch_interval_s
         self.connect_timeout_s = connect_timeout_s
         self._key_error: AuthError | None = None
