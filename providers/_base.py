@@ -29,7 +29,9 @@ __all__ = [
     "SSHEndpoint",
 ]
 
+# A feature a provider may lack, the key of ``Provider.unsupported`` (with the reason why).
 Feature = Literal["spot", "multi_gpu", "self_terminate", "stop", "ssh", "gpu"]
+# An instance's state as the runner sees it, whatever the provider's own words for it.
 MachineStatus = Literal["pending", "running", "stopping", "terminated", "preempted", "unknown"]
 
 
