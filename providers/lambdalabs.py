@@ -114,7 +114,7 @@ class LambdaProvider:
     """
 
     name: ClassVar[str] = "lambda"
-    capabilities: Capabilities = Capabilities(self_terminates=True)
+    capabilities: Capabilities = Capabilities(self_terminates=True, credentials=ENV_KEYS)
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "Lambda Cloud has no spot or interruptible instances",
         "stop": "Lambda Cloud instances cannot be stopped, only terminated",

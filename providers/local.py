@@ -229,6 +229,8 @@ class LocalProvider:
         installs_packages=False,
         self_terminates=False,
         gpu_counts=(0, 1),  # the CPU, or one of this machine's GPUs
+        needs_credentials=False,  # always there: the last resort of provider="auto"
+        billed=False,
     )
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "a local machine cannot be preempted or bid on",

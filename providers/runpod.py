@@ -116,7 +116,7 @@ class RunPodProvider:
     """
 
     name: ClassVar[str] = "runpod"
-    capabilities: Capabilities = Capabilities(self_terminates=True)
+    capabilities: Capabilities = Capabilities(self_terminates=True, credentials=ENV_KEYS)
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "spot pods (podRentInterruptable) are not implemented yet",
         "multi_gpu": "one GPU per pod for now (QLoRA fits one GPU)",

@@ -62,7 +62,8 @@ class SSHProvider:
 
     name: ClassVar[str] = "ssh"
     # Your own box over SSH: a per-job key, missing packages installed, never terminated.
-    capabilities: Capabilities = Capabilities(self_terminates=False)
+    # Your own host: given explicitly (never "auto"), not rented, never terminated.
+    capabilities: Capabilities = Capabilities(self_terminates=False, billed=False)
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "a host you bring is not rented, so it cannot be preempted or bid on",
         "self_terminate": "loraburst never shuts down a host it does not rent",
