@@ -39,7 +39,7 @@ from ._base import (
     SelfTermination,
     SSHEndpoint,
 )
-from ._http import ApiClient, resolve_key
+from ._http import client_or_error
 from ._ssh import SSHHost
 
 __all__ = ["GPU_NAMES", "LambdaProvider"]
@@ -137,7 +137,6 @@ class LambdaProvider:
         self_terminate: bool = False,
     ) -> None:
         self.self_terminate = self_terminate
-        self._key: SecretStr | None = None
         base_url = base_url or os.environ.get(
             "LORABURST_LAMBDA_BASE_URL", "https://cloud.lambda.ai/api/v1"
         )
@@ -147,35 +146,27 @@ class LambdaProvider:
         self.ssh_port = ssh_port or _env_port("LORABURST_LAMBDA_SSH_PORT", 22)
         self.launch_interval_s = launch_interval_s
         self.connect_timeout_s = connect_timeout_s
-        self._key_error: AuthError | None = None
-        self._api: ApiClient | None = None
-        try:
-            key = resolve_key(self.name, api_key, ENV_KEYS)
-        except AuthError as exc:
-            self._key_error = exc  # raised on first use: constructing must not need a key
-            return
-        self._key = key
-        self._api = ApiClient(
-            provider=self.name,
+        self._api, self._key_error = client_or_error(
+            self.name,
+            api_key,
+            ENV_KEYS,
             base_url=self.base_url,
-            api_key=key,
             client=client,
             error_message=_lambda_message,
             capacity_markers=CAPACITY_MARKERS,
             max_attempts=max_attempts,
             backoff_s=backoff_s,
-            key_hint=f"Check {ENV_KEYS[0]} (or {ENV_KEYS[1]}).",
         )
 
     def self_termination(self, machine: Machine) -> SelfTermination | None:
         """Lambda's terminate call with this account's key (opt-in only: Lambda keys are
         account-wide, so a user must choose to hand one to the instance)."""
-        if not self.self_terminate or self._key is None:
+        if not self.self_terminate or self._api is None:
             return None
         return SelfTermination(
             url=f"{self.base_url}/instance-operations/terminate",
             body=json.dumps({"instance_ids": [machine.id]}),
-            token=self._key.get_secret_value(),
+            token=self._api.key.get_secret_value(),
         )
 
     def __repr__(self) -> str:

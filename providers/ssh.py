@@ -61,8 +61,8 @@ class SSHProvider:
     """
 
     name: ClassVar[str] = "ssh"
-    # Your own box over SSH: a per-job key, missing packages installed, never terminated.
-    # Your own host: given explicitly (never "auto"), not rented, never terminated.
+    # Your own box over SSH: a per-job key, missing packages installed; given explicitly
+    # (never "auto"), not rented (no orphans for cleanup), never terminated.
     capabilities: Capabilities = Capabilities(self_terminates=False, billed=False)
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "a host you bring is not rented, so it cannot be preempted or bid on",
