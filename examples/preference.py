@@ -19,27 +19,15 @@ it is trained further and is its own reference.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 from pathlib import Path
 from typing import Any
 
+from quickstart import build_model, load_tuned  # beside this file: the same tiny model
+
 HERE = Path(__file__).resolve().parent
 JOB_FILE = HERE / "preference.yaml"
-MODEL_DIR = HERE / "outputs" / "tiny-model"
 QUESTION = "What is the capital of Japan?"
 ANSWERS = ("The capital of Japan is Tokyo.", "The capital of Japan is Madrid.")
-
-
-def build_model() -> Path:
-    """The tiny model the job tunes (the quickstart's; built once, reused after)."""
-    if (MODEL_DIR / "config.json").is_file():
-        return MODEL_DIR
-    from loraburst._tiny import make_tiny_model
-
-    lines = (HERE / "data" / "chat.jsonl").read_text().splitlines()
-    texts = [m["content"] for line in lines if line.strip() for m in json.loads(line)["messages"]]
-    return make_tiny_model(MODEL_DIR, texts, hidden_size=128, intermediate=256)
 
 
 def train(from_adapter: str | None) -> Any:
@@ -58,28 +46,9 @@ def train(from_adapter: str | None) -> Any:
 def answer_logps(adapter: Path | None) -> list[float]:
     """Log-probability of each of ``ANSWERS`` to ``QUESTION``: base (+ adapter), NF4 as in
     training (the adapter learned to correct that base)."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    cuda = torch.cuda.is_available()
-    nf4 = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
-    )
-    device = "cuda" if cuda else "cpu"
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        MODEL_DIR, quantization_config=nf4, device_map={"": device}
-    )
-    tokenizer = AutoTokenizer.from_pretrained(adapter or MODEL_DIR)
-    if adapter is not None:
-        model.resize_token_embeddings(len(tokenizer))
-        model = PeftModel.from_pretrained(model, adapter)
+    model, tokenizer, device = load_tuned(adapter)
     out = []
     prompt = [{"role": "user", "content": QUESTION}]
     head = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from loraburst import JobResult
@@ -48,11 +48,12 @@ def train() -> JobResult:
     return result
 
 
-def answer(adapter: Path, question: str) -> str:
-    """Greedy answer from base + adapter (the adapter folder carries the chat template).
+def load_tuned(adapter: Path | None) -> tuple[Any, Any, str]:
+    """Base (+ ``adapter``) as trained, its tokenizer and device.
 
     The base is loaded in NF4 as in training: the adapter learned to correct *that* base, and
-    on a tiny random model the rounding of NF4 matters.
+    on a tiny random model the rounding of NF4 matters. The adapter folder carries the chat
+    template (and any tokens training added).
     """
     # An optional CPU kernel from the hub that bitsandbytes looks for; the built-in path works.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -62,19 +63,27 @@ def answer(adapter: Path, question: str) -> str:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
+    cuda = torch.cuda.is_available()
     nf4 = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+        bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
     )
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = AutoModelForCausalLM.from_pretrained(
+    device = "cuda" if cuda else "cpu"
+    model: Any = AutoModelForCausalLM.from_pretrained(
         MODEL_DIR, quantization_config=nf4, device_map={"": device}
     )
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
-    model = PeftModel.from_pretrained(base, adapter)
+    tokenizer = AutoTokenizer.from_pretrained(adapter or MODEL_DIR)
+    if adapter is not None:
+        model.resize_token_embeddings(len(tokenizer))
+        model = PeftModel.from_pretrained(model, adapter)
+    return model, tokenizer, device
+
+
+def answer(adapter: Path, question: str) -> str:
+    """Greedy answer from base + adapter."""
+    model, tokenizer, device = load_tuned(adapter)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": question}],
         add_generation_prompt=True,

@@ -42,6 +42,7 @@ __all__ = [
     "SelfTermination",
     "available_providers",
     "get_provider",
+    "provider_class",
 ]
 
 GROUP = "loraburst.providers"
@@ -59,6 +60,17 @@ def get_provider(name: str, **kwargs: Any) -> Provider:
         ConfigError: no provider has that name (the message lists the installed ones), or its
             optional dependencies are missing (the message says what to install).
     """
+    provider: Provider = provider_class(name)(**kwargs)
+    return provider
+
+
+def provider_class(name: str) -> type[Provider]:
+    """The class registered as ``name``, imported now: its declared ``capabilities`` say what
+    it needs and does before any object is built.
+
+    Raises:
+        ConfigError: as :func:`get_provider`.
+    """
     matches = [ep for ep in entry_points(group=GROUP) if ep.name == name]
     if not matches:
         names = available_providers()
@@ -74,5 +86,4 @@ def get_provider(name: str, **kwargs: Any) -> Provider:
             f"provider {name!r} could not be imported ({exc}); install its dependencies, "
             f"e.g. `pip install 'loraburst[{name}]'` or the plugin's package."
         ) from exc
-    provider: Provider = cls(**kwargs)
-    return provider
+    return cls  # type: ignore[no-any-return]

@@ -29,7 +29,9 @@ __all__ = [
     "SSHEndpoint",
 ]
 
+# A feature a provider may lack, the key of ``Provider.unsupported`` (with the reason why).
 Feature = Literal["spot", "multi_gpu", "self_terminate", "stop", "ssh", "gpu"]
+# An instance's state as the runner sees it, whatever the provider's own words for it.
 MachineStatus = Literal["pending", "running", "stopping", "terminated", "preempted", "unknown"]
 
 
@@ -50,6 +52,15 @@ class Capabilities:
         gpu_counts: GPUs an instance can have (offers with other counts are refused).
         backend: the training backend its machines run for ``train.backend: auto``
             (``"torch"``, ``"mlx"``); None: the instance decides (MLX on a Mac).
+        credentials: environment variables that hold its credentials (an API key, a host),
+            any one enough: with one set, it is configured and joins ``provider="auto"``.
+        needs_credentials: False for a provider that works with none (this machine): it is
+            always configured. True with no ``credentials``: it must be passed explicitly.
+        billed: its instances are rented machines that cost money while they exist, so
+            ``loraburst cleanup`` looks for its orphans (your own host has none to end).
+
+    Declare it on the class (a subclass may refine it per object): the core reads it from the
+    registered class to know which providers are configured, before building any.
     """
 
     ssh: bool = True
@@ -58,6 +69,9 @@ class Capabilities:
     self_terminates: bool = False
     gpu_counts: tuple[int, ...] = (1,)
     backend: str | None = None
+    credentials: tuple[str, ...] = ()
+    needs_credentials: bool = True
+    billed: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

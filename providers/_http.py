@@ -54,6 +54,20 @@ def resolve_key(
     return SecretStr(api_key)
 
 
+def client_or_error(
+    provider: str, api_key: str | SecretStr | None, env_vars: Sequence[str], **options: Any
+) -> tuple[ApiClient | None, AuthError | None]:
+    """The provider's :class:`ApiClient` when a key is found (argument, else ``env_vars``);
+    else the AuthError for the provider to raise on first use, since building a provider
+    must not need a key. ``options`` go to ``ApiClient``."""
+    try:
+        key = resolve_key(provider, api_key, env_vars)
+    except AuthError as exc:
+        return None, exc
+    hint = f"Check {env_vars[0]}" + (f" (or {env_vars[1]})." if len(env_vars) > 1 else ".")
+    return ApiClient(provider=provider, api_key=key, key_hint=hint, **options), None
+
+
 class ApiClient:
     """JSON over HTTP with one error mapping (see the module docstring).
 
@@ -98,6 +112,11 @@ class ApiClient:
 
     def __repr__(self) -> str:
         return f"ApiClient(provider={self.provider!r}, base_url={self.base_url!r})"
+
+    @property
+    def key(self) -> SecretStr:
+        """The API key it sends (a ``SecretStr``: never printed)."""
+        return self._key
 
     def request(self, method: str, path: str, *, json: Any = None, idempotent: bool = True) -> Any:
         """Send one request; return the parsed JSON body of a 2xx reply (None when empty).

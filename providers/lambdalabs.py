@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
-from loraburst._exceptions import AuthError, CapacityError, ProviderAPIError, ProviderError
+from loraburst._exceptions import (
+    AuthError,
+    CapacityError,
+    ConfigError,
+    ProviderAPIError,
+    ProviderError,
+)
 from pydantic import SecretStr
 
 from ._base import (
@@ -33,7 +39,7 @@ from ._base import (
     SelfTermination,
     SSHEndpoint,
 )
-from ._http import ApiClient, resolve_key
+from ._http import client_or_error
 from ._ssh import SSHHost
 
 __all__ = ["GPU_NAMES", "LambdaProvider"]
@@ -80,6 +86,15 @@ def _lambda_message(body: Any) -> str:
     return ""
 
 
+def _env_port(var: str, default: int) -> int:
+    value = os.environ.get(var, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise ConfigError(f"{var}={value!r} is not a TCP port: set it to a number 1-65535")
+    return int(value)
+
+
 class LambdaProvider:
     """On-demand Lambda Cloud instances.
 
@@ -88,7 +103,9 @@ class LambdaProvider:
         base_url: API root (``.../api/v1``).
         client: the ``httpx.Client`` to send requests with.
         python: interpreter on the instance when it does not set ``LORABURST_REMOTE_PYTHON``.
-        ssh_user / ssh_port: how instances are reached (Lambda: ``ubuntu`` on port 22).
+        ssh_user / ssh_port: how instances are reached; else ``LORABURST_LAMBDA_SSH_USER`` /
+            ``LORABURST_LAMBDA_SSH_PORT`` (for a gateway or an emulator of the API), else
+            Lambda's own: ``ubuntu`` on port 22.
         launch_interval_s: minimum spacing of launches (Lambda's limit is 1 per 12 s).
         connect_timeout_s: how long ``connect`` waits for sshd once the instance is active.
         max_attempts / backoff_s: retry policy for 429/5xx/timeouts.
@@ -99,7 +116,9 @@ class LambdaProvider:
 
     name: ClassVar[str] = "lambda"
     # gpu_1x_, gpu_2x_, gpu_4x_ and gpu_8x_ types: torchrun over the instance's GPUs.
-    capabilities: Capabilities = Capabilities(self_terminates=True, gpu_counts=GPU_COUNTS)
+    capabilities: Capabilities = Capabilities(
+        self_terminates=True, gpu_counts=GPU_COUNTS, credentials=ENV_KEYS
+    )
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "Lambda Cloud has no spot or interruptible instances",
         "stop": "Lambda Cloud instances cannot be stopped, only terminated",
@@ -112,8 +131,8 @@ class LambdaProvider:
         base_url: str | None = None,
         client: httpx.Client | None = None,
         python: str = "python3",
-        ssh_user: str = "ubuntu",
-        ssh_port: int = 22,
+        ssh_user: str | None = None,
+        ssh_port: int | None = None,
         launch_interval_s: float = 12.0,
         connect_timeout_s: float = 300.0,
         max_attempts: int = 6,
@@ -121,45 +140,36 @@ class LambdaProvider:
         self_terminate: bool = False,
     ) -> None:
         self.self_terminate = self_terminate
-        self._key: SecretStr | None = None
         base_url = base_url or os.environ.get(
             "LORABURST_LAMBDA_BASE_URL", "https://cloud.lambda.ai/api/v1"
         )
         self.base_url = base_url.rstrip("/")
         self.python = python
-        self.ssh_user = ssh_user
-        self.ssh_port = ssh_port
+        self.ssh_user = ssh_user or os.environ.get("LORABURST_LAMBDA_SSH_USER") or "ubuntu"
+        self.ssh_port = ssh_port or _env_port("LORABURST_LAMBDA_SSH_PORT", 22)
         self.launch_interval_s = launch_interval_s
         self.connect_timeout_s = connect_timeout_s
-        self._key_error: AuthError | None = None
-        self._api: ApiClient | None = None
-        try:
-            key = resolve_key(self.name, api_key, ENV_KEYS)
-        except AuthError as exc:
-            self._key_error = exc  # raised on first use: constructing must not need a key
-            return
-        self._key = key
-        self._api = ApiClient(
-            provider=self.name,
+        self._api, self._key_error = client_or_error(
+            self.name,
+            api_key,
+            ENV_KEYS,
             base_url=self.base_url,
-            api_key=key,
             client=client,
             error_message=_lambda_message,
             capacity_markers=CAPACITY_MARKERS,
             max_attempts=max_attempts,
             backoff_s=backoff_s,
-            key_hint=f"Check {ENV_KEYS[0]} (or {ENV_KEYS[1]}).",
         )
 
     def self_termination(self, machine: Machine) -> SelfTermination | None:
         """Lambda's terminate call with this account's key (opt-in only: Lambda keys are
         account-wide, so a user must choose to hand one to the instance)."""
-        if not self.self_terminate or self._key is None:
+        if not self.self_terminate or self._api is None:
             return None
         return SelfTermination(
             url=f"{self.base_url}/instance-operations/terminate",
             body=json.dumps({"instance_ids": [machine.id]}),
-            token=self._key.get_secret_value(),
+            token=self._api.key.get_secret_value(),
         )
 
     def __repr__(self) -> str:

@@ -237,6 +237,8 @@ class LocalProvider:
         installs_packages=False,
         self_terminates=False,
         gpu_counts=(0, 1),  # the CPU or one GPU; __init__ adds the counts this machine has
+        needs_credentials=False,  # always there: the last resort of provider="auto"
+        billed=False,
     )
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "a local machine cannot be preempted or bid on",

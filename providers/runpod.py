@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
-from loraburst._exceptions import AuthError, ProviderAPIError
+from loraburst._exceptions import ProviderAPIError
 from pydantic import SecretStr
 
 from ._base import (
@@ -30,7 +30,7 @@ from ._base import (
     SelfTermination,
     SSHEndpoint,
 )
-from ._http import ApiClient, resolve_key
+from ._http import client_or_error
 from ._ssh import SSHHost
 
 __all__ = ["GPU_NAMES", "RunPodProvider"]
@@ -120,7 +120,9 @@ class RunPodProvider:
 
     name: ClassVar[str] = "runpod"
     # Pods of 1, 2, 4 or 8 GPUs (gpuCount): the trainer runs under torchrun on more than one.
-    capabilities: Capabilities = Capabilities(self_terminates=True, gpu_counts=GPU_COUNTS)
+    capabilities: Capabilities = Capabilities(
+        self_terminates=True, gpu_counts=GPU_COUNTS, credentials=ENV_KEYS
+    )
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "spot pods (podRentInterruptable) are not implemented yet",
         "stop": "pods are terminated, never stopped (a stopped pod still bills its volume)",
@@ -152,23 +154,16 @@ class RunPodProvider:
         self.connect_timeout_s = connect_timeout_s
         self._client = client
         self._retry = (max_attempts, backoff_s)
-        self._key_error: AuthError | None = None
-        self._api: ApiClient | None = None
-        try:
-            key = resolve_key(self.name, api_key, ENV_KEYS)
-        except AuthError as exc:
-            self._key_error = exc  # raised on first use: constructing must not need a key
-            return
-        self._api = ApiClient(
-            provider=self.name,
+        self._api, self._key_error = client_or_error(
+            self.name,
+            api_key,
+            ENV_KEYS,
             base_url=self.base_url,
-            api_key=key,
             client=client,
             error_message=_graphql_message,
             capacity_markers=CAPACITY_MARKERS,
             max_attempts=max_attempts,
             backoff_s=backoff_s,
-            key_hint=f"Check {ENV_KEYS[0]} (or {ENV_KEYS[1]}).",
         )
 
     def __repr__(self) -> str:

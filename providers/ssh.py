@@ -61,8 +61,9 @@ class SSHProvider:
     """
 
     name: ClassVar[str] = "ssh"
-    # Your own box over SSH: a per-job key, missing packages installed, never terminated.
-    capabilities: Capabilities = Capabilities(self_terminates=False)
+    # Your own box over SSH: a per-job key, missing packages installed; given explicitly
+    # (never "auto"), not rented (no orphans for cleanup), never terminated.
+    capabilities: Capabilities = Capabilities(self_terminates=False, billed=False)
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "a host you bring is not rented, so it cannot be preempted or bid on",
         "self_terminate": "loraburst never shuts down a host it does not rent",

@@ -7,93 +7,42 @@ contract suite.
 
 from __future__ import annotations
 
-from ._api.batch import Batch as Batch
-from ._api.batch import BatchResult as BatchResult
-from ._api.export import ExportResult as ExportResult
-from ._api.export import ExportRun as ExportRun
-from ._api.export import export as export
-from ._api.job import Job as Job
-from ._api.result import Attempt as Attempt
-from ._api.result import JobResult as JobResult
+from ._api.batch import Batch, BatchResult
+from ._api.export import ExportResult, ExportRun, export
+from ._api.job import Job
+from ._api.result import Attempt, JobResult
 from ._api.spec import (
-    DataSource as DataSource,
+    DataSource,
+    EvaluationConfig,
+    HubConfig,
+    JobSpec,
+    LoraConfig,
+    ObjectiveConfig,
+    QuantConfig,
+    TrainConfig,
 )
-from ._api.spec import (
-    EvaluationConfig as EvaluationConfig,
-)
-from ._api.spec import (
-    HubConfig as HubConfig,
-)
-from ._api.spec import (
-    JobSpec as JobSpec,
-)
-from ._api.spec import (
-    LoraConfig as LoraConfig,
-)
-from ._api.spec import (
-    ObjectiveConfig as ObjectiveConfig,
-)
-from ._api.spec import (
-    QuantConfig as QuantConfig,
-)
-from ._api.spec import (
-    TrainConfig as TrainConfig,
-)
-from ._cost.estimate import Estimate as Estimate
-from ._cost.estimate import EstimateRow as EstimateRow
+from ._cost.estimate import Estimate, EstimateRow
 from ._exceptions import (
-    AgentError as AgentError,
-)
-from ._exceptions import (
-    ArtifactError as ArtifactError,
-)
-from ._exceptions import (
-    AuthError as AuthError,
-)
-from ._exceptions import (
-    BudgetExceededError as BudgetExceededError,
-)
-from ._exceptions import (
-    CapacityError as CapacityError,
-)
-from ._exceptions import (
-    ConfigError as ConfigError,
-)
-from ._exceptions import (
-    DatasetError as DatasetError,
-)
-from ._exceptions import (
-    EstimateError as EstimateError,
-)
-from ._exceptions import (
-    HostKeyMismatchError as HostKeyMismatchError,
-)
-from ._exceptions import (
-    InstanceLostError as InstanceLostError,
-)
-from ._exceptions import (
-    JobCancelledError as JobCancelledError,
-)
-from ._exceptions import (
-    JobError as JobError,
-)
-from ._exceptions import (
-    LocalStorageError as LocalStorageError,
-)
-from ._exceptions import (
-    LoraburstError as LoraburstError,
-)
-from ._exceptions import (
-    PlacementError as PlacementError,
-)
-from ._exceptions import (
-    ProviderError as ProviderError,
-)
-from ._exceptions import (
-    TeardownError as TeardownError,
-)
-from ._exceptions import (
-    TransportError as TransportError,
+    AgentError,
+    ArtifactError,
+    AuthError,
+    BudgetExceededError,
+    CapacityError,
+    ConfigError,
+    DatasetError,
+    EstimateError,
+    HostKeyMismatchError,
+    InstanceLostError,
+    JobCancelledError,
+    JobError,
+    LocalStorageError,
+    LoraburstError,
+    PlacementError,
+    ProviderAPIError,
+    ProviderError,
+    RateLimitError,
+    TeardownError,
+    TransportError,
 )
 
 __version__ = "0.1.0"
@@ -129,8 +78,10 @@ __all__ = [
     "LoraburstError",
     "ObjectiveConfig",
     "PlacementError",
+    "ProviderAPIError",
     "ProviderError",
     "QuantConfig",
+    "RateLimitError",
     "TeardownError",
     "TrainConfig",
     "TransportError",

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from loraburst.providers import Capabilities, LaunchRequest, Machine, Offer, Provider
 
-from ._exceptions import AuthError, CapacityError
+from ._exceptions import AuthError, CapacityError, ConfigError
 
 __all__ = ["ProviderContract"]
 
@@ -107,6 +107,38 @@ class ProviderContract:
         if not caps.self_terminates:
             machine = Machine(provider=provider.name, id="x", tag="lb-x", status="running")
             assert provider.self_termination(machine) is None
+
+    def test_configuration_is_declared(
+        self, provider: Provider, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """What ``provider="auto"`` and ``cleanup`` read: declared on the class, and true."""
+        declared = getattr(type(provider), "capabilities", None)
+        assert isinstance(declared, Capabilities), "declare `capabilities` on the class"
+        caps = provider.capabilities
+        assert (caps.credentials, caps.needs_credentials, caps.billed) == (
+            declared.credentials,
+            declared.needs_credentials,
+            declared.billed,
+        ), "an object may refine its capabilities, not what configures or bills it"
+        for var in caps.credentials:
+            assert var.isidentifier() and var == var.upper(), f"{var!r} is not an env variable"
+        assert caps.needs_credentials or not caps.credentials
+        assert caps.needs_credentials or not caps.billed, "renting needs an account"
+        if not caps.credentials:
+            return
+        # With none of its variables set and nothing given, it says which to set, before any
+        # request (when it is built, or on first use).
+        for var in caps.credentials:
+            monkeypatch.delenv(var, raising=False)
+        with pytest.raises((AuthError, ConfigError)) as info:
+            try:
+                bare = type(provider)()
+            except TypeError:
+                pytest.skip(f"{provider.name} cannot be built without arguments")
+            bare.offers()
+        assert any(var in str(info.value) for var in caps.credentials), (
+            f"the error names a variable to set: {info.value}"
+        )
 
     def test_unsupported_features_have_reasons(self, provider: Provider) -> None:
         for feature, reason in provider.unsupported.items():

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from loraburst import Job
 
 pytest_plugins = ["tests.fakes.fixtures", "tests.fakes.disk"]
 
@@ -25,6 +29,24 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = ROOT / "examples" / "data" / "chat.jsonl"
+
+
+def sample_job(
+    model: Path, out: Path, name: str = "test", *, method: str = "qlora", **train: Any
+) -> Job:
+    """A job on the sample data that the tiny model trains in seconds: six steps, a checkpoint
+    every three, rows cut at 96 tokens (``train`` overrides any of it)."""
+    from loraburst import Job
+
+    settings = {
+        "max_steps": 6,
+        "micro_batch_size": 4,
+        "learning_rate": 3e-3,
+        "save_every_steps": 3,
+        "max_seq_len": 96,
+        **train,
+    }
+    return Job(str(model), SAMPLE_DATA, method=method, output_dir=out, name=name, train=settings)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,14 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from loraburst.providers import Offer, Provider, get_provider
+from loraburst.providers import (
+    Capabilities,
+    Offer,
+    Provider,
+    available_providers,
+    get_provider,
+    provider_class,
+)
 
 from .._exceptions import (
     AuthError,
@@ -35,13 +42,14 @@ if TYPE_CHECKING:
     from .._api.job import Job
     from .estimate import Estimate, EstimateRow
 
-__all__ = ["Candidate", "configured_providers", "estimate_job", "plan", "resolve_providers"]
-
-# Environment variables that mark a provider as configured for "auto".
-_KEY_ENV = {
-    "runpod": ("LORABURST_RUNPOD_API_KEY", "RUNPOD_API_KEY"),
-    "lambda": ("LORABURST_LAMBDA_API_KEY", "LAMBDA_API_KEY"),
-}
+__all__ = [
+    "Candidate",
+    "configured_providers",
+    "declared",
+    "estimate_job",
+    "plan",
+    "resolve_providers",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +65,26 @@ class Candidate:
         return self.row.cost_high_usd if self.row else 0.0
 
 
+def declared(name: str) -> Capabilities | None:
+    """What the provider registered as ``name`` declares on its class; None when it cannot
+    be imported or declares nothing there (it is then never picked for "auto")."""
+    try:
+        caps = getattr(provider_class(name), "capabilities", None)
+    except ConfigError:
+        return None
+    return caps if isinstance(caps, Capabilities) else None
+
+
 def configured_providers() -> list[str]:
-    """Providers whose API key is present in the environment, plus local."""
-    names = [n for n, envs in _KEY_ENV.items() if any(os.environ.get(e) for e in envs)]
-    return [*names, "local"]
+    """Registered providers that are configured, by their declared capabilities: those
+    whose credentials are in the environment, then those that need none (this machine),
+    the last resort."""
+    found = [(n, c) for n in available_providers() if (c := declared(n)) is not None]
+    rented = [
+        n for n, c in found if c.credentials and any(os.environ.get(v) for v in c.credentials)
+    ]
+    free = [n for n, c in found if not c.needs_credentials and n not in rented]
+    return [*rented, *free]
 
 
 def resolve_providers(provider: Any) -> list[Provider]:
@@ -124,7 +148,8 @@ def estimate_job(
     train, _ = job.prepare()
     st = train.stats
     if offers is None and live:
-        names = [n for n in configured_providers() if n != "local"]
+        # This machine's GPUs are found apart (``local_gpus``), not as offers.
+        names = [n for n in configured_providers() if (c := declared(n)) and not c.same_machine]
         if providers is not None:
             names = [n for n in names if n in providers]
         offers = [o for _, o in _offers([get_provider(n) for n in names], strict=False)] or None

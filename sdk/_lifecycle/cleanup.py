@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 from loraburst.providers import Provider, get_provider
 
-from .._cost.placement import configured_providers
+from .._cost.placement import configured_providers, declared
 from .._exceptions import ProviderError
 from .._state.ledger import Ledger
 from .owner import client_alive
@@ -69,12 +69,15 @@ def cleanup(
     ledger = ledger or Ledger()
     report = CleanupReport(dry_run=dry_run)
     names = {i.provider for i in ledger.instances(open_only=True)}
-    names |= {n for n in configured_providers() if n != "local"}
-    names |= set(providers or {})
-    names.discard("local")
+    names |= set(configured_providers()) | set(providers or {})
     for name in sorted(names):
+        # Only rented machines outlive a client and cost money: the others have no orphans.
+        given = (providers or {}).get(name)
+        caps = given.capabilities if given is not None else declared(name)
+        if caps is not None and not caps.billed:
+            continue
         try:
-            prov = (providers or {}).get(name) or get_provider(name)
+            prov = given or get_provider(name)
             live = prov.list_tagged("lb-")
         except ProviderError as exc:
             report.failed.append(f"{name}: cannot list instances: {exc}")

@@ -4,8 +4,6 @@ the sweep grid, batch files, and the example program."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -121,17 +119,3 @@ def test_batch_file_errors_name_the_key(tmp_path: Path) -> None:
     bad.write_text("budget: 1\nsweep: {lora: {r: [8]}}\n")
     with pytest.raises(ConfigError, match="sweep: needs job:"):
         Batch.from_yaml(bad)
-
-
-@pytest.mark.slow
-def test_batch_example_on_the_emulators(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "batch.py"), "--max-steps", "3"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
-    assert proc.stdout.count("succeeded") == 3
-    assert "emulators: 3 pods, 0 running, billed $" in proc.stdout

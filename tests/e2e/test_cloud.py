@@ -13,23 +13,7 @@ from loraburst._state.home import home, keys_dir
 from loraburst._state.ledger import Ledger
 from loraburst.remote.protocol import verify_manifest
 
-from tests.conftest import SAMPLE_DATA
-
-
-def _job(model: Path, out: Path, name: str) -> Job:
-    return Job(
-        str(model),
-        SAMPLE_DATA,
-        output_dir=out,
-        name=name,
-        train={
-            "max_steps": 6,
-            "micro_batch_size": 4,
-            "learning_rate": 3e-3,
-            "save_every_steps": 3,
-            "max_seq_len": 96,
-        },
-    )
+from tests.conftest import SAMPLE_DATA, sample_job
 
 
 def _check_adapter(adapter: Path | None) -> None:
@@ -50,7 +34,9 @@ def _grep_tree(root: Path, needles: list[str]) -> list[str]:
 def test_runpod_end_to_end(
     tiny_model: Path, tmp_path: Path, runpod_fake: Any, runpod_provider: Any
 ) -> None:
-    result = _job(tiny_model, tmp_path / "out", "rp").run(provider=runpod_provider, progress=False)
+    result = sample_job(tiny_model, tmp_path / "out", "rp").run(
+        provider=runpod_provider, progress=False
+    )
     assert result.status == "succeeded" and result.provider == "runpod"
     _check_adapter(result.adapter_path)
     assert result.metrics["steps"] == 6
@@ -83,7 +69,9 @@ def test_runpod_end_to_end(
 def test_lambda_end_to_end(
     tiny_model: Path, tmp_path: Path, lambda_fake: Any, lambda_provider: Any
 ) -> None:
-    result = _job(tiny_model, tmp_path / "out", "lam").run(provider=lambda_provider, progress=False)
+    result = sample_job(tiny_model, tmp_path / "out", "lam").run(
+        provider=lambda_provider, progress=False
+    )
     assert result.status == "succeeded" and result.provider == "lambda"
     _check_adapter(result.adapter_path)
     assert lambda_fake.running() == []
@@ -97,7 +85,9 @@ def test_lambda_end_to_end(
 def test_ssh_provider_end_to_end(
     tiny_model: Path, tmp_path: Path, sshd_host: Any, ssh_provider: Any
 ) -> None:
-    result = _job(tiny_model, tmp_path / "out", "byo").run(provider=ssh_provider, progress=False)
+    result = sample_job(tiny_model, tmp_path / "out", "byo").run(
+        provider=ssh_provider, progress=False
+    )
     assert result.status == "succeeded" and result.provider == "ssh"
     _check_adapter(result.adapter_path)
     assert sshd_host.sshd.alive  # our own box is never terminated
@@ -108,7 +98,9 @@ def test_a_local_model_is_uploaded_once_per_instance(
 ) -> None:
     """The weights travel beside the bundle, once: a second job on the same box finds them by
     their content hash and sends none again."""
-    first = _job(tiny_model, tmp_path / "a", "once").run(provider=ssh_provider, progress=False)
+    first = sample_job(tiny_model, tmp_path / "a", "once").run(
+        provider=ssh_provider, progress=False
+    )
     assert first.status == "succeeded"
     placed = list(sshd_host.root.rglob("models/*/config.json"))
     assert len(placed) == 1

@@ -106,20 +106,26 @@ def test_a_job_has_one_follower_at_a_time() -> None:
     assert not (runs_dir() / "j-1" / "client.pid").exists()
 
 
-def test_attach_refuses_a_job_another_live_client_follows(
-    runpod_fake: Any, runpod_provider: Any
-) -> None:
+def _recorded_pod(job_id: str) -> Ledger:
+    """A job with its first attempt's RunPod pod recorded in the ledger (tag lb-<job>-1)."""
     ledger = Ledger()
-    ledger.create_job("j-2", name=None, spec_json="{}", cache_key=None, bundle_sha256=None)
+    ledger.create_job(job_id, name=None, spec_json="{}", cache_key=None, bundle_sha256=None)
     ledger.record_instance(
-        "lb-j-2-1",
-        job_id="j-2",
+        f"lb-{job_id}-1",
+        job_id=job_id,
         attempt=1,
         provider="runpod",
         gpu="RTX 4090",
         price_per_hour=0.69,
         billing_increment_s=1,
     )
+    return ledger
+
+
+def test_attach_refuses_a_job_another_live_client_follows(
+    runpod_fake: Any, runpod_provider: Any
+) -> None:
+    _recorded_pod("j-2")
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (runs_dir() / "j-2").mkdir(parents=True)
@@ -135,17 +141,7 @@ def test_attach_refuses_a_job_another_live_client_follows(
 def _held_pod(runpod_provider: Any, held_until: float) -> tuple[str, str]:
     offer = Offer("runpod", "RTX 4090", 1, 24, 0.69, "NVIDIA GeForce RTX 4090")
     machine = runpod_provider.launch(LaunchRequest("lb-h-1-1", offer, ""))
-    ledger = Ledger()
-    ledger.create_job("h-1", name=None, spec_json="{}", cache_key=None, bundle_sha256=None)
-    ledger.record_instance(
-        "lb-h-1-1",
-        job_id="h-1",
-        attempt=1,
-        provider="runpod",
-        gpu="RTX 4090",
-        price_per_hour=0.69,
-        billing_increment_s=1,
-    )
+    ledger = _recorded_pod("h-1")
     ledger.update_instance("lb-h-1-1", state="held", provider_id=machine.id, held_until=held_until)
     return machine.id, "lb-h-1-1"
 

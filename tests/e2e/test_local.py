@@ -7,25 +7,20 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from loraburst import Job
 from loraburst._state.ledger import Ledger
 from loraburst.remote.protocol import verify_manifest
 
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import SAMPLE_DATA, sample_job
 
 
-def _job(model: Path, out: Path, **train: object) -> Job:
-    settings = {
-        "max_steps": 12,
-        "micro_batch_size": 4,
-        "learning_rate": 3e-3,
-        "save_every_steps": 6,
-        "max_seq_len": 128,
-        **train,
-    }
-    return Job(str(model), SAMPLE_DATA, train=settings, output_dir=out, name="e2e")
+def _job(model: Path, out: Path, **train: Any) -> Job:
+    return sample_job(
+        model, out, "e2e", **{"max_steps": 12, "save_every_steps": 6, "max_seq_len": 128, **train}
+    )
 
 
 def test_qlora_job_end_to_end(tiny_model: Path, tmp_path: Path) -> None:

@@ -18,21 +18,14 @@ from loraburst._state.home import runs_dir
 from loraburst.providers.local import LocalProvider
 from loraburst.remote.protocol import verify_manifest
 
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import SAMPLE_DATA, sample_job
 
 IDS = [[1, 17, 42, 99, 7, 250, 3, 64, 128, 5, 300, 11]]
 
 
-def _job(model: Path, out: Path, method: str = "qlora", **train: object) -> Job:
-    settings = {
-        "max_steps": 12,
-        "micro_batch_size": 4,
-        "learning_rate": 3e-3,
-        "save_every_steps": 6,
-        "max_seq_len": 128,
-        **train,
-    }
-    return Job(str(model), SAMPLE_DATA, method=method, train=settings, output_dir=out, name="mlx")  # type: ignore[arg-type]
+def _job(model: Path, out: Path, method: str = "qlora", **train: Any) -> Job:
+    more = {"max_steps": 12, "save_every_steps": 6, "max_seq_len": 128, **train}
+    return sample_job(model, out, "mlx", method=method, **more)
 
 
 def _mlx_trained(model: Path, adapter: Path, method: str) -> Any:

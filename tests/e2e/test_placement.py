@@ -15,20 +15,7 @@ from loraburst._state.ledger import Ledger
 from loraburst.providers import Capabilities, Host, LaunchRequest, Machine, Offer
 from loraburst.providers.local import LocalProvider
 
-from tests.conftest import SAMPLE_DATA
-
-
-def _job(model: Path, out: Path, name: str, **train: Any) -> Job:
-    settings = {
-        "max_steps": 6,
-        "micro_batch_size": 4,
-        "learning_rate": 3e-3,
-        "save_every_steps": 3,
-        "max_seq_len": 96,
-        **train,
-    }
-    return Job(str(model), SAMPLE_DATA, output_dir=out, name=name, train=settings)
-
+from tests.conftest import SAMPLE_DATA, sample_job
 
 # Rows long enough that the GPU's speed, not per-step overhead, sets the time (plan level only).
 LONG_ROWS = [
@@ -108,7 +95,7 @@ def _where(cands: list[Any]) -> list[tuple[str, str]]:
 def test_plan_ranks_feasible_offers_and_places_the_local_gpu(
     tiny_model: Path, tmp_path: Path, runpod_fake: Any, runpod_provider: Any
 ) -> None:
-    job = _job(tiny_model, tmp_path, "plan")
+    job = sample_job(tiny_model, tmp_path, "plan")
     box = GpuBox()
     # "auto" ranks every offer by cost: the local 4090 is free, so it comes first; then RunPod's
     # GPUs from the cheapest; the local CPU (no estimate) is not part of this chain.
@@ -174,7 +161,7 @@ def test_plan_ranks_feasible_offers_and_places_the_local_gpu(
 def test_local_cpu_is_the_last_resort(
     tiny_model: Path, tmp_path: Path, runpod_fake: Any, runpod_provider: Any
 ) -> None:
-    job = _job(tiny_model, tmp_path, "cpu")
+    job = sample_job(tiny_model, tmp_path, "cpu")
     cands = plan(job, [runpod_provider, "local"])
     assert cands[-1].offer.gpu == "cpu" and cands[-1].row is None
     assert plan(job, ["local", runpod_provider])[-1].offer.gpu == "cpu"  # no estimate: last
@@ -223,7 +210,7 @@ def test_chain_order_cheapest_feasible_and_cache(
     lambda_fake.set_capacity("gpu_1x_a10", [])
     expected = _cheapest_with_capacity(lambda_fake)
     assert _cheapest_in_stock(runpod_fake)[1] < 1.29  # RunPod is cheaper, yet Lambda is first
-    job = _job(tiny_model, tmp_path / "out", "chain")
+    job = sample_job(tiny_model, tmp_path / "out", "chain")
     result = job.run(provider=[lambda_provider, runpod_provider], progress=False)
     assert result.status == "succeeded" and result.provider == "lambda"
     (inst,) = lambda_fake.instances.values()
@@ -231,7 +218,7 @@ def test_chain_order_cheapest_feasible_and_cache(
     assert runpod_fake.pods == {} and lambda_fake.running() == []
     assert [a.outcome for a in result.attempts] == ["ok"]
     # The same job again: the cached adapter at $0, nothing rented anywhere.
-    again = _job(tiny_model, tmp_path / "out2", "chain").run(
+    again = sample_job(tiny_model, tmp_path / "out2", "chain").run(
         provider=[lambda_provider, runpod_provider], progress=False
     )
     assert again.status == "cached" and again.cost_usd == 0.0
@@ -249,7 +236,7 @@ def test_capacity_failover_is_recorded(
 ) -> None:
     runpod_fake.faults.capacity = True
     in_stock = [g for g in runpod_fake.gpu_types if g[4]]
-    job = _job(tiny_model, tmp_path / "out", "failover")
+    job = sample_job(tiny_model, tmp_path / "out", "failover")
     result = job.run(provider=[runpod_provider, lambda_provider], progress=False)
     assert result.status == "succeeded" and result.provider == "lambda"
     # Every in-stock RunPod offer (each GPU, in pods of 1, 2, 4 and 8) was tried, cheapest
@@ -265,7 +252,7 @@ def test_capacity_failover_is_recorded(
     assert lambda_fake.running() == []
     # When every offer fails, the error has a table of every attempt and its reason.
     with pytest.raises(PlacementError) as info:
-        _job(tiny_model, tmp_path / "out", "nowhere").run(
+        sample_job(tiny_model, tmp_path / "out", "nowhere").run(
             provider=runpod_provider, progress=False, cache=False
         )
     assert [a[1] for a in info.value.attempts] == [a.gpu for a in refused]
@@ -287,7 +274,7 @@ def test_runtime_cap_stops_with_a_partial_adapter(
     gid = next(g for g in runpod_fake.gpu_types if g[1] == "RTX 4090")
     gid[3] = price
     max_cost = round(price * 75 / 3600, 4)
-    job = _job(tiny_model, tmp_path / "out", "capped", max_steps=5000, save_every_steps=5)
+    job = sample_job(tiny_model, tmp_path / "out", "capped", max_steps=5000, save_every_steps=5)
     result = job.run(
         provider=runpod_provider,
         gpu="RTX 4090",

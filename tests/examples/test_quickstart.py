@@ -3,29 +3,16 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.examples._copy import run_copy
 
 
 @pytest.mark.slow
 def test_quickstart_trains_and_answers(tmp_path: Path) -> None:
-    # A copy of examples/ so the run's outputs land in tmp, not in the repository.
-    ex = tmp_path / "examples"
-    ex.mkdir()
-    for name in ("quickstart.py", "quickstart.yaml"):
-        shutil.copy(ROOT / "examples" / name, ex / name)
-    shutil.copytree(ROOT / "examples" / "data", ex / "data")
-    proc = subprocess.run(
-        [sys.executable, str(ex / "quickstart.py")], capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    ex, out = run_copy(tmp_path, "quickstart.py", "quickstart.yaml")
     loss = re.search(r"loss:\s+([\d.]+) -> ([\d.]+) over (\d+) steps", out)
     assert loss, out
     first, final, steps = float(loss[1]), float(loss[2]), int(loss[3])

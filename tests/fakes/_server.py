@@ -221,6 +221,16 @@ class FakeCloud:
         self._host.close(list(self._all.values()))
 
     # -- what tests assert on ---------------------------------------------------------------
+    def serve_until_interrupted(self) -> None:
+        """Serve (already started) until Ctrl-C, then stop: a fake run as a program."""
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
     def running(self) -> list[str]:
         """Ids of instances that exist and bill (not terminated; booting ones included)."""
         return [i.id for i in self._all.values() if i.ended is None]

@@ -11,40 +11,39 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
+from ._server import FakeCloud
 from .hub import HubFake
 from .lambdalabs import LambdaFake
 from .runpod import RunPodFake
-from .sshd import SSHD
+from .sshd import SSHD, ed25519_key
+
+FakeT = TypeVar("FakeT", bound="FakeCloud | HubFake")
+
+
+def _serving(fake: FakeT) -> Iterator[FakeT]:
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.stop()
 
 
 @pytest.fixture
 def runpod_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunPodFake]:
-    fake = RunPodFake(
-        api_key="rpa_" + secrets.token_hex(16), folder=tmp_path_factory.mktemp("runpod")
-    )
-    fake.start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
+    key = "rpa_" + secrets.token_hex(16)
+    yield from _serving(RunPodFake(api_key=key, folder=tmp_path_factory.mktemp("runpod")))
 
 
 @pytest.fixture
 def lambda_fake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LambdaFake]:
-    fake = LambdaFake(
-        api_key="secret_" + secrets.token_hex(16), folder=tmp_path_factory.mktemp("lambda")
-    )
-    fake.start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
+    key = "secret_" + secrets.token_hex(16)
+    yield from _serving(LambdaFake(api_key=key, folder=tmp_path_factory.mktemp("lambda")))
 
 
 @pytest.fixture
@@ -97,12 +96,7 @@ class SSHDHost:
 def sshd_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SSHDHost]:
     folder = tmp_path_factory.mktemp("sshd")
     key = folder / "client_key"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-        check=True,
-        stdin=subprocess.DEVNULL,
-    )
-    public = key.with_suffix(".pub").read_text().strip()
+    public = ed25519_key(key)
     sshd = SSHD(folder / "host", public)
     sshd.start()
     try:
@@ -147,9 +141,4 @@ def s3_url(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 @pytest.fixture
 def hub_fake() -> Iterator[HubFake]:
     """The Hugging Face Hub emulator on 127.0.0.1 with a fresh random token."""
-    fake = HubFake(token="hf_" + secrets.token_hex(16))
-    fake.start()
-    try:
-        yield fake
-    finally:
-        fake.stop()
+    yield from _serving(HubFake(token="hf_" + secrets.token_hex(16)))

@@ -26,6 +26,8 @@ from typing import Any
 import paramiko
 from paramiko import SFTPAttributes, SFTPHandle, SFTPServer, SFTPServerInterface
 
+from .sshd import ed25519_key
+
 
 class _Handle(SFTPHandle):
     def __init__(self, f: Any, flags: int = 0) -> None:
@@ -179,11 +181,7 @@ class HostileInstance:
             "LORABURST_REMOTE_PYTHON": sys.executable,
         }
         key_file = folder / "host_key"
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key_file)],
-            check=True,
-            stdin=subprocess.DEVNULL,
-        )
+        ed25519_key(key_file)
         self._host_key = paramiko.Ed25519Key.from_private_key_file(str(key_file))
         self._sock: socket.socket | None = None
         self._transports: list[paramiko.Transport] = []

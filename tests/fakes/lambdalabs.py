@@ -358,13 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     fake = LambdaFake(api_key=args.api_key)
     print(f"{fake.start(args.port)}/api/v1", flush=True)
     print(f"instances listen for SSH on port {fake.ssh_port}", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        fake.stop()
+    fake.serve_until_interrupted()
     return 0
 
 

@@ -415,13 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     fake = RunPodFake(api_key=args.api_key)
     print(fake.start(args.port), flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        fake.stop()
+    fake.serve_until_interrupted()
     return 0
 
 

@@ -20,6 +20,16 @@ from pathlib import Path
 SSHD_BIN = "/usr/sbin/sshd"
 
 
+def ed25519_key(path: Path) -> str:
+    """A fresh key pair at ``path`` and ``path.pub`` (no passphrase); returns the public half."""
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
+        check=True,
+        stdin=subprocess.DEVNULL,
+    )
+    return path.with_suffix(".pub").read_text().strip()
+
+
 def free_port() -> int:
     """A loopback port nobody listens on right now."""
     with socket.socket() as s:
@@ -136,11 +146,7 @@ class SSHD:
         """A new host key (used to emulate a changed host behind the same address)."""
         self.host_key_path.unlink(missing_ok=True)
         self.host_key_path.with_suffix(".pub").unlink(missing_ok=True)
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key_path)],
-            check=True,
-            stdin=subprocess.DEVNULL,
-        )
+        ed25519_key(self.host_key_path)
 
     @property
     def alive(self) -> bool:

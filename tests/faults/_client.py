@@ -7,11 +7,12 @@ Usage: python -m tests.faults._client MODEL_DIR OUT_DIR MAX_STEPS [GRACE_S]
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from loraburst import Job, JobCancelledError
+from loraburst import JobCancelledError
 from loraburst._lifecycle.attempt import Attempt
 
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import sample_job
 
 
 def main(argv: list[str]) -> int:
@@ -19,19 +20,7 @@ def main(argv: list[str]) -> int:
     if len(argv) > 3:
         Attempt.heartbeat_grace_s = float(argv[3])
     Attempt.poll_s = 0.3
-    job = Job(
-        model,
-        SAMPLE_DATA,
-        output_dir=out,
-        name="victim",
-        train={
-            "max_steps": steps,
-            "micro_batch_size": 4,
-            "learning_rate": 3e-3,
-            "save_every_steps": 5,
-            "max_seq_len": 96,
-        },
-    )
+    job = sample_job(Path(model), Path(out), "victim", max_steps=steps, save_every_steps=5)
     try:
         result = job.run(provider="runpod", progress=False)
     except JobCancelledError as exc:

@@ -35,7 +35,7 @@ from loraburst._state.ledger import Ledger
 from loraburst.providers.runpod import RunPodProvider
 from loraburst.remote.protocol import State, verify_manifest
 
-from tests.conftest import ROOT, SAMPLE_DATA
+from tests.conftest import ROOT, sample_job
 from tests.fakes.disk import fill
 
 pytestmark = pytest.mark.slow
@@ -49,19 +49,7 @@ def _fast_polling(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _job(model: Path, out: Path, steps: int = 12, name: str = "fault") -> Job:
-    return Job(
-        str(model),
-        SAMPLE_DATA,
-        output_dir=out,
-        name=name,
-        train={
-            "max_steps": steps,
-            "micro_batch_size": 4,
-            "learning_rate": 3e-3,
-            "save_every_steps": 5,
-            "max_seq_len": 96,
-        },
-    )
+    return sample_job(model, out, name, max_steps=steps, save_every_steps=5)
 
 
 def _wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -109,6 +97,18 @@ def _training_at(fake: Any, step: int) -> Callable[[], bool]:
     return check
 
 
+def _record_result(record: Any, case: str, fault: str, result: Any, *fakes: Any) -> None:
+    """The summary row of a case that ended with ``result``: completed when it succeeded,
+    leaked = what the emulators still run, lost unless its adapter verifies."""
+    record(
+        case,
+        fault,
+        completed=result.status == "succeeded",
+        leaked=sum(len(f.running()) for f in fakes),
+        lost=0 if _verified(result.adapter_path) else 1,
+    )
+
+
 def _client_env(fake: Any) -> dict[str, str]:
     return {
         **os.environ,
@@ -118,14 +118,10 @@ def _client_env(fake: Any) -> dict[str, str]:
     }
 
 
-def _start_client(
-    fake: Any, model: Path, out: Path, steps: int, grace: float | None = None
-) -> subprocess.Popen[str]:
-    args = [sys.executable, "-m", "tests.faults._client", str(model), str(out), str(steps)]
-    if grace is not None:
-        args.append(str(grace))
+def _spawn(fake: Any, module: str, *args: str) -> subprocess.Popen[str]:
+    """``python -m module args`` against the emulator ``fake``; stdout and stderr as one."""
     return subprocess.Popen(
-        args,
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         env=_client_env(fake),
         text=True,
@@ -134,26 +130,36 @@ def _start_client(
     )
 
 
+def _start_client(
+    fake: Any, model: Path, out: Path, steps: int, grace: float | None = None
+) -> subprocess.Popen[str]:
+    more = [] if grace is None else [str(grace)]
+    return _spawn(fake, "tests.faults._client", str(model), str(out), str(steps), *more)
+
+
+def _client_killed_mid_training(
+    fake: Any, model: Path, out: Path, steps: int, grace: float | None = None
+) -> str:
+    """Start a client, SIGKILL it (no handler, no teardown) once training runs on the pod;
+    returns its job id."""
+    client = _start_client(fake, model, out, steps, grace)
+    _wait(_training_at(fake, 2), 120, "training to start on the pod")
+    client.kill()
+    client.wait()
+    job_id = _job_id()
+    assert job_id is not None
+    return job_id
+
+
 def test_client_sigkilled_then_attach_finishes(
     tiny_model: Path, tmp_path: Path, runpod_fake: Any, record: Any
 ) -> None:
     out = tmp_path / "out"
-    client = _start_client(runpod_fake, tiny_model, out, steps=30)
-    _wait(_training_at(runpod_fake, 2), 120, "training to start on the pod")
-    client.kill()  # SIGKILL: no handler, no teardown
-    client.wait()
+    job_id = _client_killed_mid_training(runpod_fake, tiny_model, out, steps=30)
     assert len(runpod_fake.running()) == 1  # the pod is still up (and still training)
-    job_id = _job_id()
-    assert job_id is not None
-    res = subprocess.run(
-        [sys.executable, "-m", "loraburst._cli", "attach", job_id],
-        cwd=ROOT,
-        env=_client_env(runpod_fake),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
+    attach = _spawn(runpod_fake, "loraburst._cli", "attach", job_id)
+    text, _ = attach.communicate(timeout=300)
+    assert attach.returncode == 0, text[-2000:]
     adapter = out / job_id / "adapter"
     record(
         "1 client SIGKILL -> attach",
@@ -202,12 +208,12 @@ def test_sshd_killed_and_restarted_client_reconnects(
         provider=runpod_provider, progress=False
     )
     t.join(5)
-    record(
+    _record_result(
+        record,
         "2 sshd killed + restarted",
         "sshd and its connections killed for 3 s",
-        completed=result.status == "succeeded",
-        leaked=len(runpod_fake.running()),
-        lost=0 if _verified(result.adapter_path) else 1,
+        result,
+        runpod_fake,
     )
     assert dropped.is_set()
     assert result.status == "succeeded" and result.metrics["steps"] == 30
@@ -265,12 +271,13 @@ def test_capacity_errors_move_to_the_next_offer(
     result = _job(tiny_model, tmp_path / "out").run(
         provider=[runpod_provider, lambda_provider], progress=False
     )
-    record(
+    _record_result(
+        record,
         "4 capacity on create",
         "RunPod: no capacity on every create",
-        completed=result.status == "succeeded",
-        leaked=len(runpod_fake.running()) + len(lambda_fake.running()),
-        lost=0 if _verified(result.adapter_path) else 1,
+        result,
+        runpod_fake,
+        lambda_fake,
     )
     assert result.provider == "lambda" and _verified(result.adapter_path)
     assert any(a.provider == "runpod" and a.outcome.startswith("capacity") for a in result.attempts)
@@ -302,12 +309,8 @@ def test_preempted_instance_resumes_elsewhere_with_exact_steps(
         provider=runpod_provider, progress=False
     )
     t.join(5)
-    record(
-        "5 preempted mid-run",
-        "the pod's host dies after a checkpoint",
-        completed=result.status == "succeeded",
-        leaked=len(runpod_fake.running()),
-        lost=0 if _verified(result.adapter_path) else 1,
+    _record_result(
+        record, "5 preempted mid-run", "the pod's host dies after a checkpoint", result, runpod_fake
     )
     assert preempted and result.status == "succeeded"
     assert result.metrics["steps"] == 90  # exactly the planned number of steps
@@ -324,12 +327,12 @@ def test_lost_create_response_creates_no_duplicate(
 ) -> None:
     runpod_fake.faults.lose_create = 1
     result = _job(tiny_model, tmp_path / "out").run(provider=runpod_provider, progress=False)
-    record(
+    _record_result(
+        record,
         "6 create response lost",
         "the create happens, its reply is a 500",
-        completed=result.status == "succeeded",
-        leaked=len(runpod_fake.running()),
-        lost=0 if _verified(result.adapter_path) else 1,
+        result,
+        runpod_fake,
     )
     assert result.status == "succeeded" and _verified(result.adapter_path)
     assert len(runpod_fake.pods) == 1 and runpod_fake.running() == []
@@ -374,12 +377,12 @@ def test_corrupted_download_is_fetched_again(
         runpod_fake.api_key, base_url=runpod_fake.url, connect_timeout_s=15, backoff_s=0.05
     )
     result = _job(tiny_model, tmp_path / "out").run(provider=provider, progress=False)
-    record(
+    _record_result(
+        record,
         "7 corrupted artifact download",
         "one byte flipped in the first adapter pull",
-        completed=result.status == "succeeded",
-        leaked=len(runpod_fake.running()),
-        lost=0 if _verified(result.adapter_path) else 1,
+        result,
+        runpod_fake,
     )
     assert provider.hosts[-1].adapter_fetches == 2
     assert result.status == "succeeded" and _verified(result.adapter_path)
@@ -389,12 +392,9 @@ def test_corrupted_download_is_fetched_again(
 def test_client_gone_for_good_watchdog_terminates(
     tiny_model: Path, tmp_path: Path, runpod_fake: Any, runpod_provider: Any, record: Any
 ) -> None:
-    client = _start_client(runpod_fake, tiny_model, tmp_path / "out", steps=15, grace=3)
-    _wait(_training_at(runpod_fake, 2), 120, "training to start on the pod")
-    client.kill()
-    client.wait()
-    job_id = _job_id()
-    assert job_id is not None
+    job_id = _client_killed_mid_training(
+        runpod_fake, tiny_model, tmp_path / "out", steps=15, grace=3
+    )
     # Training finishes, the heartbeat is stale past the grace: the agent terminates its pod
     # with the pod-scoped key that every pod has.
     _wait(lambda: runpod_fake.running() == [], 180, "the watchdog to terminate the pod")
@@ -521,12 +521,13 @@ def test_disk_fills_mid_job_instance_kept_then_attach_finishes(
 
     fillers[0].unlink()  # the user frees space
     result = Job.attach(job_id, providers={"runpod": runpod_provider}, progress=False)
-    record(
+    _record_result(
+        record,
         "11 disk fills mid-job",
         "local disk full from step 2 to after the pull",
-        completed=result.status == "succeeded",
-        leaked=len(runpod_fake.running()) + len(lambda_fake.running()),
-        lost=0 if _verified(result.adapter_path) else 1,
+        result,
+        runpod_fake,
+        lambda_fake,
     )
     assert result.status == "succeeded" and _verified(result.adapter_path)
     assert result.metrics["steps"] == 20 and result.cost_usd > 0
@@ -538,20 +539,8 @@ def test_cleanup_leaves_a_job_attach_follows_and_a_lost_instance_resumes(
     tiny_model: Path, tmp_path: Path, runpod_fake: Any, runpod_provider: Any, record: Any
 ) -> None:
     out = tmp_path / "out"
-    client = _start_client(runpod_fake, tiny_model, out, steps=60)
-    _wait(_training_at(runpod_fake, 2), 120, "training to start on the pod")
-    client.kill()
-    client.wait()
-    job_id = _job_id()
-    assert job_id is not None
-    attach = subprocess.Popen(
-        [sys.executable, "-m", "loraburst._cli", "attach", job_id],
-        cwd=ROOT,
-        env=_client_env(runpod_fake),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    job_id = _client_killed_mid_training(runpod_fake, tiny_model, out, steps=60)
+    attach = _spawn(runpod_fake, "loraburst._cli", "attach", job_id)
     pid_file = runs_dir() / job_id / "client.pid"
     _wait(lambda: pid_file.is_file() and pid_file.read_text() == str(attach.pid), 60, "attach")
     # A second terminal runs cleanup while attach follows: the job is not an orphan.

@@ -1,4 +1,5 @@
-"""Every built-in remote provider passes the provider contract against its emulator."""
+"""Every built-in provider passes the provider contract: the remote ones against their
+emulators or a real sshd, local on this machine."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 from loraburst.providers.lambdalabs import LambdaProvider
+from loraburst.providers.local import LocalProvider
 from loraburst.providers.runpod import RunPodProvider
 from loraburst.providers.ssh import SSHProvider
 from loraburst.testing import ProviderContract
@@ -47,3 +49,9 @@ class TestSSHContract(ProviderContract):
     @pytest.fixture
     def provider(self, sshd_host: SSHDHost) -> SSHProvider:
         return SSHProvider(sshd_host.target, key_path=sshd_host.key_path, connect_timeout_s=10)
+
+
+class TestLocalContract(ProviderContract):
+    @pytest.fixture
+    def provider(self) -> LocalProvider:
+        return LocalProvider()

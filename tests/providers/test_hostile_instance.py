@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from loraburst.providers.ssh import SSHProvider
 from tests.fakes.disk import SmallDisk, free_bytes
 from tests.fakes.fixtures import SSHDHost
 from tests.fakes.hostile import HostileInstance
+from tests.fakes.sshd import ed25519_key
 
 
 def _host(target: str, key: Path, job: str = "j1") -> SSHHost:
@@ -43,12 +43,7 @@ def _host(target: str, key: Path, job: str = "j1") -> SSHHost:
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HostileInstance, Path]]:
     folder = tmp_path_factory.mktemp("hostile")
     key = folder / "client_key"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-        check=True,
-        stdin=subprocess.DEVNULL,
-    )
-    server = HostileInstance(folder / "instance", key.with_suffix(".pub").read_text())
+    server = HostileInstance(folder / "instance", ed25519_key(key))
     server.start()
     try:
         yield server, key

@@ -95,21 +95,15 @@ def test_secrets_reach_the_agent_through_stdin_never_a_command_line(tmp_path: Pa
     used to be one (``bash -c '... env AWS_SECRET_ACCESS_KEY=...'``)."""
     import json
     import secrets
-    import subprocess
     import time
 
     from loraburst.providers.ssh import SSHProvider
 
-    from tests.fakes.sshd import SSHD
+    from tests.fakes.sshd import SSHD, ed25519_key
     from tests.providers.test_transport import _bundle
 
     key = tmp_path / "client_key"
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
-        check=True,
-        stdin=subprocess.DEVNULL,
-    )
-    sshd = SSHD(tmp_path / "host", key.with_suffix(".pub").read_text(), audit=True)
+    sshd = SSHD(tmp_path / "host", ed25519_key(key), audit=True)
     sshd.start()
     token, aws = "tok-" + secrets.token_hex(12), "aws/" + secrets.token_hex(16) + "'$x"
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -29,6 +30,34 @@ def test_all_is_sorted_and_resolvable() -> None:
         assert list(mod.__all__) == sorted(mod.__all__), mod.__name__
         for name in mod.__all__:
             assert hasattr(mod, name), f"{mod.__name__}.{name}"
+
+
+def test_public_names_are_documented_and_exported_once() -> None:
+    import loraburst.testing
+
+    seen: dict[str, str] = {}
+    for mod in (loraburst, loraburst.providers, loraburst.testing):
+        for name in mod.__all__:
+            assert name not in seen, f"{name} is exported by {seen[name]} and {mod.__name__}"
+            seen[name] = mod.__name__
+            obj = getattr(mod, name)
+            # Classes and functions carry their own docstring (a class's is not inherited);
+            # constants and typing aliases are described where they are defined.
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                assert (obj.__doc__ or "").strip(), f"{mod.__name__}.{name} has no docstring"
+
+
+def test_every_error_users_can_see_is_exported() -> None:
+    import loraburst.providers.lambdalabs
+    import loraburst.providers.local
+    import loraburst.providers.runpod
+    import loraburst.providers.ssh  # noqa: F401  (their errors, if any, join the tree)
+
+    def tree(cls: type) -> set[type]:
+        return {cls}.union(*(tree(sub) for sub in cls.__subclasses__()))
+
+    unexported = {c.__name__ for c in tree(loraburst.LoraburstError)} - set(loraburst.__all__)
+    assert not unexported, f"errors raised to users but not exported: {sorted(unexported)}"
 
 
 def test_errors_share_one_root() -> None:

@@ -47,8 +47,11 @@ class WorkstationProvider:
     """
 
     name: ClassVar[str] = "workstation"
-    # The same as any SSH box: a per-job key, missing packages installed, never terminated.
-    capabilities: Capabilities = SSHProvider.capabilities
+    # The same as any SSH box (a per-job key, missing packages installed, never terminated),
+    # configured by its host variable: with it set, provider="auto" includes it.
+    capabilities: Capabilities = dataclasses.replace(
+        SSHProvider.capabilities, credentials=("LORABURST_WORKSTATION_HOST",)
+    )
     unsupported: ClassVar[Mapping[str, str]] = {
         **SSHProvider.unsupported,
         "multi_gpu": "the workstation advertises its one GPU",
