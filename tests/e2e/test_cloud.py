@@ -128,7 +128,7 @@ def test_two_gpu_pod_end_to_end_under_torchrun(
     """A 2-GPU offer is rented, the agent runs the trainer as two ranks under torchrun over
     SSH (gloo on this CPU), the adapter comes back verified and the pod is gone, billed for
     both GPUs."""
-    job = _job(tiny_model, tmp_path / "out", "rp2")
+    job = sample_job(tiny_model, tmp_path / "out", "rp2")
     result = job.run(provider=runpod_provider, gpu="2x RTX 3090", progress=False)
     assert result.status == "succeeded" and result.provider == "runpod"
     _check_adapter(result.adapter_path)
