@@ -6,9 +6,15 @@
   compute), ``prepare_model_for_kbit_training``, peft LoRA, TRL's ``SFTTrainer``.
 
 One process per run (Unsloth patches transformers on import). Prints one JSON object (and
-writes it to ``--out``): per-step wall times (each step ends on a CUDA sync), tokens per step
-(TRL's non-padding count), losses, peak memory and the time from process start to the end of
-the first step.
+writes it to ``--out``): per-step wall times (each step ends on a CUDA sync), tokens per step,
+losses, peak memory and the time from process start to the end of the first step.
+
+Tokens are counted from what the model is actually given: a forward pre-hook on the trained model
+adds each gradient-enabled call's non-padding tokens (``attention_mask.sum()``, or every position
+of a padding-free row), and the trainer's own ``num_input_tokens_seen`` is kept beside it as
+``trainer_step_tokens``, a cross-check. ``first_inputs`` records the shapes of the first call.
+(On the H200 both agreed: Unsloth's SFT path feeds two padding-free micro-batches of 4 x 2,048
+positions per optimizer step.)
 
     python benchmarks/anchor_sft.py --stack unsloth --model /tmp/models/llama-3-8b \\
         --data rows.jsonl --steps 30 --micro-batch 4 --packing --grad-ckpt off
@@ -67,6 +73,37 @@ def _model(args: argparse.Namespace) -> tuple[Any, Any]:
     return get_peft_model(model, cfg), tok
 
 
+class _FedTokens:
+    """Non-padding tokens the model is given in gradient-enabled forwards (no host sync per call).
+
+    No-grad forwards (metrics computed a second time) are not training tokens and are skipped.
+    """
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        self.count = torch.zeros((), dtype=torch.int64, device="cuda")
+        self.first: dict[str, Any] = {}
+        model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: Any, args: Any, kwargs: Any) -> None:
+        import torch
+
+        if not torch.is_grad_enabled():
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if not self.first:
+            self.first = {k: list(v.shape) for k, v in kwargs.items() if hasattr(v, "shape")}
+        if mask is not None and mask.dim() == 2:
+            self.count += mask.sum()
+        elif ids is not None:
+            self.count += ids.numel()
+
+    def total(self) -> int:
+        return int(self.count.item())  # called at step boundaries, after the CUDA sync
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stack", choices=["unsloth", "vanilla"], required=True)
@@ -98,19 +135,23 @@ def main() -> None:
     data = load_dataset("json", data_files=args.data, split="train")
     times: list[float] = []
     tokens: list[int] = []
+    trainer_tokens: list[int] = []
     first_step_at: list[float] = []
+    fed = _FedTokens(model)
 
     class Clock(TrainerCallback):  # type: ignore[misc]
         def on_step_begin(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
             torch.cuda.synchronize()
             self.t0 = time.time()
             self.n0 = state.num_input_tokens_seen
+            self.f0 = fed.total()
 
         def on_step_end(self, a: Any, state: Any, control: Any, **kw: Any) -> None:
             torch.cuda.synchronize()
             now = time.time()
             times.append(now - self.t0)
-            tokens.append(int(state.num_input_tokens_seen - self.n0))
+            trainer_tokens.append(int(state.num_input_tokens_seen - self.n0))
+            tokens.append(fed.total() - self.f0)
             if not first_step_at:
                 first_step_at.append(now)
 
@@ -134,6 +175,8 @@ def main() -> None:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "step_s": times,
         "step_tokens": tokens,
+        "trainer_step_tokens": trainer_tokens,
+        "first_inputs": fed.first,
         "losses": losses,
         "peak_alloc_gib": torch.cuda.max_memory_allocated() / 1024**3,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3,

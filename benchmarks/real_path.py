@@ -241,6 +241,7 @@ def main() -> None:
     parser.add_argument("--only", default="")
     parser.add_argument("--budget-s", type=float, default=540)
     parser.add_argument("--rerun", action="store_true")
+    parser.add_argument("--call", default=None, help="a label for this device call, kept per run")
     parser.add_argument("--report", action="store_true")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -273,6 +274,10 @@ def main() -> None:
         from benchmarks.common import run_child
 
         raw = run_child(__file__, key, t_end)
+        raw["call"] = args.call or datetime.datetime.now().isoformat(timespec="minutes")
+        if key in doc["runs"]:  # measured again: the earlier run stays on record
+            old = doc["runs"][key]
+            doc.setdefault("superseded", {})[f"{key}@{old.get('call', 'earlier')}"] = old
         doc["runs"][key] = raw
         doc["entries"] = _entries(doc["runs"])
         doc["date"] = datetime.date.today().isoformat()

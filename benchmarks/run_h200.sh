@@ -3,7 +3,7 @@
 # ../shared/unsloth-on-h200.md), install loraburst, then run the real-path comparisons and the
 # planner's per-architecture check within a time budget. Results land in benchmarks/results/
 # and are copied to $OUT when it is set.
-#   bash benchmarks/run_h200.sh "a/ours,d/unsloth" 480 "gemma-2-9b,phi-3-mini" 150 [calibration budget s]
+#   [REAL_PATH_ARGS="--rerun --call X"] bash benchmarks/run_h200.sh "a/ours,d/unsloth" 480 "gemma-2-9b,phi-3-mini" 150 [calibration budget s]
 set -uo pipefail
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p /tmp/site && tar -C /tmp/site -xzf .device/site.tgz
@@ -12,7 +12,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tm
 export PYTHONPATH=/tmp/site:/tmp/lb:$PWD
 runs=${1:-}; budget=${2:-480}; archs=${3:-}; arch_budget=${4:-0}; calib_budget=${5:-0}
 if [ -n "$runs" ]; then
-  python3 benchmarks/real_path.py --only "$runs" --budget-s "$budget" 2>&1 | tee "${OUT:-/tmp}/real.log" | tail -25
+  python3 benchmarks/real_path.py --only "$runs" --budget-s "$budget" ${REAL_PATH_ARGS:-} 2>&1 | tee "${OUT:-/tmp}/real.log" | tail -25
   [ -n "${OUT:-}" ] && cp benchmarks/results/real_path.json "$OUT"/
 fi
 if [ -n "$archs" ] && [ "$arch_budget" -gt 0 ]; then

@@ -61,6 +61,7 @@ GPU_NAMES: Mapping[str, str] = {
 }
 
 ENV_KEYS = ("LORABURST_LAMBDA_API_KEY", "LAMBDA_API_KEY")
+GPU_COUNTS = (1, 2, 4, 8)  # the gpu_<N>x_ instance types we offer
 CAPACITY_MARKERS = ("insufficient-capacity", "not enough capacity")
 NOT_FOUND = "object-does-not-exist"
 _TYPE_RE = re.compile(r"^gpu_(\d+)x_(.+)$")
@@ -114,11 +115,13 @@ class LambdaProvider:
     """
 
     name: ClassVar[str] = "lambda"
-    capabilities: Capabilities = Capabilities(self_terminates=True, credentials=ENV_KEYS)
+    # gpu_1x_, gpu_2x_, gpu_4x_ and gpu_8x_ types: torchrun over the instance's GPUs.
+    capabilities: Capabilities = Capabilities(
+        self_terminates=True, gpu_counts=GPU_COUNTS, credentials=ENV_KEYS
+    )
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "Lambda Cloud has no spot or interruptible instances",
         "stop": "Lambda Cloud instances cannot be stopped, only terminated",
-        "multi_gpu": "one GPU per instance for now (QLoRA fits one GPU)",
     }
 
     def __init__(
@@ -181,12 +184,13 @@ class LambdaProvider:
 
     # -- verbs ------------------------------------------------------------------------------
     def offers(self) -> list[Offer]:
-        """One offer per known single-GPU instance type, in its first region with capacity."""
+        """One offer per known instance type of 1, 2, 4 or 8 GPUs, in its first region with
+        capacity; the price is the whole instance's."""
         out = []
         for entry in (self._call("GET", "/instance-types") or {}).values():
             itype = entry.get("instance_type") or {}
             m = _TYPE_RE.match(str(itype.get("name", "")))
-            if m is None or m.group(2) not in GPU_NAMES or int(m.group(1)) != 1:
+            if m is None or m.group(2) not in GPU_NAMES or int(m.group(1)) not in GPU_COUNTS:
                 continue
             regions = [r["name"] for r in entry.get("regions_with_capacity_available") or []]
             vram = re.search(r"(\d+)\s*GB", str(itype.get("gpu_description", "")))
@@ -194,7 +198,7 @@ class LambdaProvider:
                 Offer(
                     provider=self.name,
                     gpu=GPU_NAMES[m.group(2)],
-                    gpu_count=1,
+                    gpu_count=int(m.group(1)),
                     vram_gb=float(vram.group(1)) if vram else 0.0,
                     price_per_hour=float(itype.get("price_cents_per_hour", 0)) / 100.0,
                     instance_type=str(itype["name"]),

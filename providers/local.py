@@ -91,6 +91,14 @@ def detect_gpus() -> list[tuple[str, float]]:
     return gpus
 
 
+def _by_model(gpus: list[tuple[str, float]]) -> list[tuple[tuple[str, float], int]]:
+    """``[((name, vram), how many), ...]`` of this machine's cards, by model."""
+    counts: dict[tuple[str, float], int] = {}
+    for g in gpus:
+        counts[g] = counts.get(g, 0) + 1
+    return sorted(counts.items())
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` is running (a zombie, finished but not reaped, is not)."""
     try:
@@ -228,7 +236,7 @@ class LocalProvider:
         same_machine=True,
         installs_packages=False,
         self_terminates=False,
-        gpu_counts=(0, 1),  # the CPU, or one of this machine's GPUs
+        gpu_counts=(0, 1),  # the CPU or one GPU; __init__ adds the counts this machine has
         needs_credentials=False,  # always there: the last resort of provider="auto"
         billed=False,
     )
@@ -243,8 +251,13 @@ class LocalProvider:
         self._apple = is_apple_silicon() if apple_silicon is None else apple_silicon
         # What ``train.backend: auto`` trains with here: "mlx" on Apple Silicon (no CUDA, and
         # torch's CPU path is far too slow for a 7B model), else "torch".
+        # GPUs a job may train on here: the CPU, one card, or (torchrun) up to every card of
+        # one model this machine has.
+        cards = 0 if self._apple else max((n for _, n in _by_model(detect_gpus())), default=0)
         self.capabilities = dataclasses.replace(
-            type(self).capabilities, backend=resolve_backend("auto", apple_silicon=self._apple)
+            type(self).capabilities,
+            backend=resolve_backend("auto", apple_silicon=self._apple),
+            gpu_counts=(0, 1, *range(2, cards + 1)),
         )
 
     def offers(self) -> list[Offer]:
@@ -261,18 +274,19 @@ class LocalProvider:
                     price_source="local",
                 )
             ]
-        # One offer per card model, of one card: a job trains on one GPU of this machine.
+        # Per card model: one card, and all of them (torchrun) where there are several.
         return [
             Offer(
                 provider="local",
                 gpu=name,
-                gpu_count=1,
+                gpu_count=n,
                 vram_gb=vram,
                 price_per_hour=0.0,
                 instance_type=name,
                 price_source="local",
             )
-            for name, vram in sorted(set(gpus))
+            for (name, vram), count in _by_model(gpus)
+            for n in sorted({1, count})
         ]
 
     def launch(self, request: LaunchRequest) -> Machine:

@@ -59,6 +59,8 @@ GPU_NAMES: Mapping[str, str] = {
 }
 
 ENV_KEYS = ("LORABURST_RUNPOD_API_KEY", "RUNPOD_API_KEY")
+# GPUs per pod we offer (a pod's GPUs are one machine's: torchrun over them).
+GPU_COUNTS = (1, 2, 4, 8)
 DEFAULT_IMAGE = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
 CAPACITY_MARKERS = (
     "no longer any instances available",
@@ -74,7 +76,8 @@ _POD_FIELDS = """
 _OFFERS = """
 query Offers($lowest: GpuLowestPriceInput) {
   gpuTypes { id displayName memoryInGb securePrice communityPrice
-             lowestPrice(input: $lowest) { uninterruptablePrice stockStatus } }
+             maxGpuCount
+             lowestPrice(input: $lowest) { uninterruptablePrice stockStatus availableGpuCounts } }
 }"""
 _DEPLOY = (
     "mutation Deploy($input: PodFindAndDeployOnDemandInput!) {"
@@ -116,10 +119,12 @@ class RunPodProvider:
     """
 
     name: ClassVar[str] = "runpod"
-    capabilities: Capabilities = Capabilities(self_terminates=True, credentials=ENV_KEYS)
+    # Pods of 1, 2, 4 or 8 GPUs (gpuCount): the trainer runs under torchrun on more than one.
+    capabilities: Capabilities = Capabilities(
+        self_terminates=True, gpu_counts=GPU_COUNTS, credentials=ENV_KEYS
+    )
     unsupported: ClassVar[Mapping[str, str]] = {
         "spot": "spot pods (podRentInterruptable) are not implemented yet",
-        "multi_gpu": "one GPU per pod for now (QLoRA fits one GPU)",
         "stop": "pods are terminated, never stopped (a stopped pod still bills its volume)",
     }
 
@@ -199,7 +204,9 @@ class RunPodProvider:
 
     # -- verbs ------------------------------------------------------------------------------
     def offers(self) -> list[Offer]:
-        """One offer per known GPU type with a live on-demand price (1 GPU per pod)."""
+        """Offers per known GPU type with a live on-demand price: one GPU per pod, and 2, 4 or
+        8 where RunPod has them now (``availableGpuCounts``), at ``gpuCount`` x the GPU's
+        rate (RunPod prices a pod per GPU)."""
         lowest = {"gpuCount": 1, "secureCloud": self.cloud_type == "SECURE"}
         data = self._gql(_OFFERS, {"lowest": lowest})
         out = []
@@ -212,18 +219,23 @@ class RunPodProvider:
             if not price:
                 continue
             stock = lp.get("stockStatus")
-            out.append(
-                Offer(
-                    provider=self.name,
-                    gpu=gpu,
-                    gpu_count=1,
-                    vram_gb=float(g.get("memoryInGb") or 0),
-                    price_per_hour=float(price),
-                    instance_type=g["id"],
-                    available=stock not in (None, "", "None"),
-                    billing_increment_s=1,
+            most = int(g.get("maxGpuCount") or 1)
+            counts = {int(n) for n in lp.get("availableGpuCounts") or [] if int(n) <= most}
+            for n in GPU_COUNTS:
+                if n > 1 and n not in counts:
+                    continue
+                out.append(
+                    Offer(
+                        provider=self.name,
+                        gpu=gpu,
+                        gpu_count=n,
+                        vram_gb=float(g.get("memoryInGb") or 0),
+                        price_per_hour=round(float(price) * n, 4),
+                        instance_type=g["id"],
+                        available=stock not in (None, "", "None"),
+                        billing_increment_s=1,
+                    )
                 )
-            )
         return out
 
     def launch(self, request: LaunchRequest) -> Machine:

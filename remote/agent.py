@@ -2,8 +2,10 @@
 
 It owns the run's wire files (``state.json``, ``events.jsonl``; see :mod:`.protocol`), starts
 the :class:`~.watchdog.Watchdog`, runs the trainer, and reports any failure as
-``{"type", "message"}``. After training it stays only as long as the watchdog may still have to
-terminate the instance. Standard library only: the trainer's imports happen inside
+``{"type", "message"}``. On an instance of several GPUs (:func:`trainer_processes`) the trainer
+runs as one process per GPU under ``torchrun`` (:mod:`.rank`): the agent passes the watchdog's
+stop reason on in a file, and ends torchrun's process group with the job. After training it
+stays only as long as the watchdog may still have to terminate the instance. Standard library only: the trainer's imports happen inside
 :func:`loraburst.remote.trainer.run`, so a missing dependency becomes a ``failed`` state, not a
 crash without one.
 """
@@ -16,7 +18,9 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -27,8 +31,12 @@ from typing import Any
 
 from .backends import MLX_REQUIREMENTS, is_apple_silicon
 from .protocol import (
+    BUNDLE_DIR,
+    ENV_AGENT_PID,
+    ENV_GPUS,
     MANIFEST_FILE,
     PROTOCOL_VERSION,
+    RANK_STOP_FILE,
     STATE_FILE,
     State,
     append_event,
@@ -38,7 +46,7 @@ from .protocol import (
 )
 from .watchdog import Watchdog
 
-__all__ = ["Reporter", "check", "main"]
+__all__ = ["Reporter", "check", "main", "trainer_processes"]
 
 _GIB = 1024**3
 
@@ -141,6 +149,98 @@ def check() -> dict[str, Any]:
     return info
 
 
+def trainer_processes(workdir: Path) -> int:
+    """How many trainer processes (GPUs) to start: ``LORABURST_GPUS`` (the GPUs the client
+    rented; tests on CPU set it to ask for gloo processes), else the CUDA GPUs ``nvidia-smi``
+    lists; one for a job that trains on one GPU (DPO/ORPO, MLX)."""
+    try:
+        spec = json.loads((workdir / BUNDLE_DIR / "spec.json").read_text()).get("spec", {})
+    except (OSError, ValueError):
+        spec = {}
+    objective = (spec.get("objective") or {}).get("type", "sft")
+    if objective != "sft" or (spec.get("train") or {}).get("backend") == "mlx":
+        return 1
+    wanted = os.environ.get(ENV_GPUS, "").strip()
+    if wanted:
+        try:
+            return max(1, int(wanted))
+        except ValueError:
+            return 1
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return 1
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 1
+    return max(1, sum(1 for line in out.splitlines() if line.startswith("GPU ")))
+
+
+def _run_ranks(workdir: Path, n: int, watchdog: Watchdog, reporter: Reporter) -> None:
+    """The trainer as ``n`` ranks under torchrun; raises when they did not finish cleanly."""
+    (workdir / RANK_STOP_FILE).unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={n}", "-m", "loraburst.remote.rank", str(workdir)]  # fmt: skip
+    env = {**os.environ, ENV_AGENT_PID: str(os.getpid())}
+    reporter.event("launching", processes=n, launcher="torchrun")
+    # Its own process group: a signal to the agent's group leaves the ranks to stop at a step
+    # boundary (through the stop file) and save; the agent ends the group itself below.
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, start_new_session=True)
+    told = False
+    try:
+        while proc.poll() is None:
+            reason = watchdog.stop_reason
+            if reason is not None and not told:
+                write_atomic(workdir / RANK_STOP_FILE, reason)
+                told = True
+            time.sleep(0.5)
+    finally:
+        _end_group(proc)
+    state = _read_state(workdir)
+    if state is not None:
+        reporter.state = state  # the ranks' last word (step, loss), for what the agent writes
+    if proc.returncode != 0:
+        if state is not None and state.phase == "failed":
+            raise _RanksFailed(None)  # rank 0 said why
+        raise _RanksFailed(
+            f"a training rank failed: torchrun exited with {proc.returncode} and ended every "
+            "rank (see agent.log for the rank's traceback)"
+        )
+
+
+class _RanksFailed(RuntimeError):
+    """The ranks ended without finishing; ``None``: rank 0 has already reported why."""
+
+    def __init__(self, message: str | None) -> None:
+        super().__init__(message or "")
+        self.reported = message is None
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to torchrun's process group (its ranks), SIGKILL after 30 s."""
+    for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+        if proc.poll() is not None:
+            try:
+                os.killpg(proc.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return  # torchrun and every rank are gone
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _read_state(workdir: Path) -> State | None:
+    try:
+        return State.from_json((workdir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def run(workdir: Path) -> int:
     """Run one job in ``workdir``; returns the process exit code (0 done/stopped, 1 failed)."""
     # Micro-batches change shape from step to step (padding-free rows): growable segments keep
@@ -167,9 +267,19 @@ def run(workdir: Path) -> int:
         from . import telemetry
 
         reporter.telemetry = telemetry.start(reporter)  # telemetry hook: GPU samples
-        from .trainer import run as train
+        processes = trainer_processes(workdir)
+        if processes > 1:
+            _run_ranks(workdir, processes, watchdog, reporter)
+        else:
+            from .trainer import run as train
 
-        train(workdir, reporter)
+            train(workdir, reporter)
+    except _RanksFailed as exc:
+        if not exc.reported:
+            error = {"type": "TrainerError", "message": str(exc)}
+            reporter.update(phase="failed", error=error)
+            reporter.event("failed", error=error)
+        code = 1
     except Exception as exc:
         traceback.print_exc(file=sys.stdout)
         reporter.update(phase="failed", error=error_dict(exc))

@@ -18,9 +18,11 @@ from typing import Any
 
 from .batching import BatchPlan
 from .memory import Shape, micro_batch_score, param_counts
+from .sharding import bytes_per_linear_param
 
 __all__ = [
     "CE_CHUNK_ELEMENTS",
+    "LEAN_LOSS_CHUNK",
     "LOSS_BYTES_PER_ELEMENT",
     "UNVERIFIED_MARGIN",
     "VERIFIED_ARCHITECTURES",
@@ -40,6 +42,10 @@ CE_CHUNK_ELEMENTS = 1 << 28
 # their plan, and Llama-3.2-3B under a 16 GiB cap ran out of memory by one chunk
 # (benchmarks/results/real_path_calibration.json).
 LOSS_BYTES_PER_ELEMENT = 14
+# The smallest loss chunk the planner uses (tokens), for the leanest settings: at Llama-3's
+# 128K vocabulary 1,024 tokens hold ~1.7 GiB of logits and their gradient, more than a layer's
+# recomputed activations; 512 halves that at a few percent of the lm_head's speed.
+LEAN_LOSS_CHUNK = 512
 
 # Model types whose predicted peak was within 10% of the measured one on the H200
 # (benchmarks/planner_accuracy.py, benchmarks/real_path.py): Llama-3-8B -3.6%, Llama-3.2-3B
@@ -106,8 +112,10 @@ def plan_memory(
     ckpt_layer = tokens * hidden * 2
     cache_layer = float(probe.get("cache_bytes", 0)) if ok else 0.0
     best: dict[str, Any] | None = None
-    # The loss's logits chunk: ~1 GiB of fp32 by default; 1,024 tokens when memory is short.
-    for loss_chunk in (None, 1024) if policy != "offload" else (1024,):
+    # The loss's logits chunk: ~1 GiB of fp32 by default; 1,024 tokens when memory is short,
+    # LEAN_LOSS_CHUNK when it is shorter still (and always in the leanest, offloaded setting).
+    chunks = (None, 1024, LEAN_LOSS_CHUNK) if policy != "offload" else (LEAN_LOSS_CHUNK,)
+    for loss_chunk in chunks:
         chunk = min(tokens, loss_chunk or max(128, CE_CHUNK_ELEMENTS // vocab))
         loss_mem = chunk * vocab * LOSS_BYTES_PER_ELEMENT if chunked else 0
         fixed = base_bytes + trainable * 12 + outside_bytes + max(transient, loss_mem)
@@ -252,11 +260,6 @@ def base_bytes(shape: Shape, *, bits: int, double_quant: bool, trainable: int) -
     """Bytes allocated before the first step: quantised linears, bf16 embeddings and head,
     fp32 adapters (Llama-3-8B NF4: predicted 5.47 GiB, measured 5.53)."""
     counts = param_counts(shape)
-    if bits == 4:
-        per = 0.5 + (1 / 64 + 4 / (64 * 256) if double_quant else 4 / 64)
-    elif bits == 8:
-        per = 1.0 + 4 / 4096
-    else:
-        per = 2.0
+    per = bytes_per_linear_param(bits, double_quant)
     rest = counts["embed"] + counts["lm_head"] + counts["other"]
     return counts["linear"] * per + rest * 2.0 + trainable * 4.0 + 0.03 * GIB

@@ -37,6 +37,10 @@ STATE_FILE = "state.json"
 EVENTS_FILE = "events.jsonl"
 HEARTBEAT_FILE = "heartbeat"
 CONTROL_FILE = "control.json"
+# The agent's word to the trainer's ranks (torchrun: separate processes): the reason to stop,
+# written once the watchdog has one. Rank 0 reads it each step and all ranks agree on it.
+RANK_STOP_FILE = "rank_stop"
+ENV_AGENT_PID = "LORABURST_AGENT_PID"  # the agent that started torchrun: gone => stop
 MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.json"
 ADAPTER_DIR = "adapter"
@@ -56,6 +60,9 @@ ENV_MODEL_DIR = "LORABURST_MODEL_DIR"
 # What train.backend: auto resolved to on the client, when the provider knows its machine (the
 # local provider on a Mac: "mlx"); absent, the instance resolves "auto" itself.
 ENV_BACKEND = "LORABURST_BACKEND"
+# GPUs of the instance that train (the offer's gpu_count): above 1 the agent starts the trainer
+# under torchrun, one process per GPU. Unset: the agent counts the CUDA GPUs itself.
+ENV_GPUS = "LORABURST_GPUS"
 
 # What the trainer needs on the instance; installed by the bootstrap only where missing.
 TRAINER_REQUIREMENTS = (
@@ -475,6 +482,7 @@ class TrainSpec:
     save_every_steps: int | None = 50
     gradient_checkpointing: bool | str = "auto"
     max_gpu_memory_gib: float | None = None
+    distributed: str = "auto"
     backend: str = "auto"
     loss_on: str = "assistant"
     weight_decay: float = 0.0

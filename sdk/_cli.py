@@ -30,6 +30,12 @@ _err = Console(stderr=True)
 _out = Console()
 
 
+_GPU_HELP = (
+    "a GPU to allow (any spelling: 'RTX 3090', '3090'), optionally with a count: "
+    "'2x RTX 3090' (two per instance); repeat for several"
+)
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from ._api.job import Job
 
@@ -290,7 +296,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="provider name; repeat for a fallback chain; 'auto' for all",
     )
-    s.add_argument("--gpu", action="append", default=None)
+    s.add_argument("--gpu", action="append", default=None, help=_GPU_HELP)
     s.add_argument("--max-cost", type=float, default=None)
     s.add_argument("--max-price-per-hour", type=float, default=None)
     s.add_argument("--prefer", choices=["cheapest", "fastest"], default="cheapest")
@@ -314,7 +320,7 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_export)
     s = sub.add_parser("estimate", help="time, peak VRAM and dollars on every GPU")
     s.add_argument("job", type=Path)
-    s.add_argument("--gpu", action="append", default=[])
+    s.add_argument("--gpu", action="append", default=[], help=_GPU_HELP)
     s.add_argument("--provider", action="append", default=[])
     s.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     s.add_argument(

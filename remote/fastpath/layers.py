@@ -120,10 +120,23 @@ def _compiled(name: str) -> Any:
         "rms_norm": _rms_norm, "silu_mul": _silu_mul, "rope": _rope, "silu_mul_cat": _silu_mul_cat,
         "silu_mul_cat_backward": _silu_mul_cat_backward,
     }  # fmt: skip
-    # Automatic dynamic shapes: a second size (the memory probe's) recompiles with the token
-    # dimension symbolic and everything else (hidden size, heads) static. dynamic=True would
-    # make every dimension symbolic: measured 7% slower on the H200 (8B, 8K tokens a step).
-    return torch.compile(fns[name], dynamic=None)
+    # Only the token dimension is symbolic, from the first call: the memory probe's first size
+    # would otherwise compile a static graph and its second size recompile it with that
+    # dimension symbolic (automatic dynamic shapes), two compiles each way for every kernel
+    # before the first step. dynamic=True would make every dimension symbolic: measured 7%
+    # slower on the H200 (8B, 8K tokens a step).
+    compiled = torch.compile(fns[name], dynamic=None)
+    return functools.partial(_tokens_dynamic, compiled)
+
+
+def _tokens_dynamic(compiled: Any, *args: Any) -> Any:
+    """Call ``compiled`` with each tensor's token dimension (second to last) marked dynamic."""
+    import torch
+
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() >= 2:
+            torch._dynamo.maybe_mark_dynamic(a, a.dim() - 2)
+    return compiled(*args)
 
 
 def _fuse_elementwise(base: Any) -> int:

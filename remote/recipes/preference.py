@@ -9,9 +9,11 @@ reference   DPO: the adapter switched off each step ("live"), or one pass before
             ("precompute", also the reference of a job started from an adapter); ORPO: none
 train       Trainer with the preference loss (remote/training/preference.py); reward margin
             and accuracy reported with every step; checkpoints and resume as SFT
-save        adapter/, metrics.json (with the objective's metrics)
-export      merged weights, GGUF, hub push, each checked (remote/export.py)
-seal        manifest.json last (its presence means complete)
+finish      adapter/, metrics.json (with the objective's metrics), exports, manifest.json
+            last, as SFT (training/outputs.finish)
+
+One GPU only: the client refuses a GPU count above one for DPO/ORPO before renting, and the
+agent starts this recipe as one process.
 """
 
 from __future__ import annotations
@@ -26,7 +28,17 @@ from ..attention import register as register_attention
 from ..batching import BatchPlan
 from ..pairs import encode_pairs, reference_mode
 from ..protocol import ENV_ARTIFACTS, BundleSpec, JobSpecData, ObjectiveSpec
-from ..training import checkpoints, data, hf, loading, outputs, preference, progress, settings
+from ..training import (
+    checkpoints,
+    data,
+    distributed,
+    hf,
+    loading,
+    outputs,
+    preference,
+    progress,
+    settings,
+)
 from .sft import _metrics as sft_metrics
 
 if TYPE_CHECKING:
@@ -48,6 +60,11 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
         loraburst.remote._data.DataError: a pair cannot be used (names the file and row).
     """
     spec, objective = bundle.spec, bundle.spec.objective
+    if distributed.current().world > 1:
+        raise ValueError(
+            f"{objective.type} trains on one GPU; this run has {distributed.current().world} "
+            "ranks (multi-GPU training is for objective sft)"
+        )
     path = loading.model_path(workdir, spec)  # before the heavy imports: fail in a second
     adapter = loading.adapter_path(workdir, spec)
     upload = os.environ.get(ENV_ARTIFACTS) or spec.artifacts
@@ -139,21 +156,12 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     metrics.update(_objective_metrics(objective, reference, trainer))
     if eval_loader is not None and stopped is None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-    outputs.save_adapter(workdir, model, tokenizer, metrics)
-    steps = trainer.state.global_step
 
-    # -- export and seal, as SFT ---------------------------------------------------------
-    exported: list[str] = []
-    if stopped is None:
-        from .. import export
-
-        del trainer, model, callback
-        outputs.free_memory()
-        exported = export.run(workdir, dataclasses.asdict(bundle), path, reporter)
-    outputs.seal(workdir, upload, exported)
-    phase = "stopped" if stopped else "done"
-    reporter.update(phase=phase, stop_reason=stopped, step=steps, eta_s=0.0)
-    reporter.event(phase, steps=steps, final_loss=metrics["final_loss"],
+    # -- finish, as SFT: adapter, exports, manifest ---------------------------------------
+    held = {"trainer": trainer, "model": model, "callback": callback}
+    del trainer, model, callback
+    outputs.finish(workdir, bundle, path, reporter, held, tokenizer=tokenizer, metrics=metrics,
+                   stopped=stopped, upload=upload,
                    final_reward_margin=metrics.get("final_reward_margin"))  # fmt: skip
 
 

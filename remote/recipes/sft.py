@@ -8,25 +8,26 @@ model       NF4/FP4/int8 base (bitsandbytes) or bf16/fp32, wrapped in LoRA/DoRA 
 settings    micro-batch, recompute and dequant cache planned on the loaded model (CUDA)
 train       Trainer over our batches; checkpoint every save_every_steps, resume from the
             newest; progress reported from a thread
-save        adapter/, metrics.json
 evaluate    base against tuned: held-out loss, samples, lm-eval tasks (remote/evaluate.py)
-export      merged weights, GGUF, hub push, each checked (remote/export.py)
-seal        the run's timeline into metrics.json (remote/telemetry.py); manifest.json last
-            (its presence means complete)
+finish      adapter/, metrics.json, exports (merged, GGUF, hub), each checked; the timeline
+            into metrics.json; manifest.json last (training/outputs.finish)
+
+Under torchrun (more than one GPU) every rank runs this; training/distributed.py decides DDP or
+FSDP-QLoRA, and rank 0 alone writes the run's files.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import evaluate, telemetry
+from .. import evaluate
 from ..attention import register as register_attention
 from ..batching import choose_packing
 from ..protocol import ENV_ARTIFACTS, BundleSpec, JobSpecData
-from ..training import checkpoints, data, hf, loading, outputs, progress, settings
+from ..sharding import rank_grad_accum
+from ..training import checkpoints, data, distributed, hf, loading, outputs, progress, settings
 
 if TYPE_CHECKING:
     from ..agent import Reporter
@@ -59,11 +60,22 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     settings.cap_memory(spec)
     packing = choose_packing(spec.train.packing, lengths, spec.train.max_seq_len)
     cuda = torch.cuda.is_available()
-    model, tokenizer = loading.load_model(spec, path, tokenizer, added, fast=cuda)
+    ranks = distributed.current()
+    multi: dict[str, Any] = {}
+    if ranks.engaged(spec):
+        multi = distributed.choose_strategy(spec, path, ranks.world, cuda=cuda)
+    strategy = multi.get("strategy")
+    sharded = bool(strategy and strategy.startswith("fsdp"))
+    fast = cuda and not sharded  # the fast path runs on one GPU and under DDP
+    model, tokenizer = loading.load_model(spec, path, tokenizer, added, fast=fast,
+                                          sharded=sharded)  # fmt: skip
+    dtype = loading.compute_dtype(spec.quant.compute_dtype)
+    if sharded and spec.quantized:
+        distributed.check_quant_storage(model, dtype)
     layout, why_padded = data.layout(settings.base_config(model))
     if layout == "flat":
         settings.base_config(model)._attn_implementation = register_attention()
-    chosen, plan = settings.choose(spec, model, lengths, packing, layout)
+    chosen, plan = settings.choose(spec, model, lengths, packing, layout, fast=fast)
     reporter.event(
         "settings",
         **{k: v for k, v in chosen.items() if k != "plan"},
@@ -76,8 +88,18 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
         reporter.event(
             "warning", message="the memory plan says even the smallest setting may not fit"
         )
-    dtype = loading.compute_dtype(spec.quant.compute_dtype)
-    if cuda:
+    grad_accum, strategy_args = spec.train.grad_accum, None
+    if strategy is not None:
+        grad_accum = rank_grad_accum(spec.train.grad_accum, ranks.world)
+        strategy_args = distributed.training_kwargs(
+            str(strategy), model, checkpointing=bool(chosen["gradient_checkpointing"]), cuda=cuda
+        )
+        reporter.event(
+            "distributed", **multi, grad_accum_per_rank=grad_accum,
+            global_batch=chosen["micro_batch_size"] * grad_accum * ranks.world,
+            turned_off=distributed.turned_off(str(strategy)),
+        )  # fmt: skip
+    if fast:
         # Our CUDA speed path (remote/fastpath/): its own recompute policy replaces HF's.
         report = settings.apply_fastpath(model, chosen)
         chosen = {**chosen, "gradient_checkpointing": bool(report.get("checkpointed_layers"))}
@@ -101,10 +123,14 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
                                   shuffle=False)  # fmt: skip
     trainer = hf.trainer_class()(
         model=model,
-        args=hf.training_args(spec, workdir, mb, dtype),
+        args=hf.training_args(
+            spec, workdir, mb, dtype, grad_accum=grad_accum, distributed=strategy_args
+        ),  # fmt: skip
         processing_class=tokenizer,
         loaders=(train_loader, eval_loader),
     )
+    if strategy is not None:
+        distributed.check_engine(trainer, strategy)
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # our events already say it, once
@@ -128,28 +154,20 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     metrics = _metrics(spec, trainer, output, stats, chosen, resume, stopped, tokens_before)
     if eval_loader is not None and stopped is None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-        if evaluate.wanted(spec, len(eval_rows)):  # evaluation hook: base against tuned
+        if evaluate.wanted(spec, len(eval_rows)) and ranks.world > 1:
+            reporter.event("warning", message="base-against-tuned evaluation runs on one GPU "
+                           "only; the held-out loss above is the multi-GPU run's")  # fmt: skip
+        elif evaluate.wanted(spec, len(eval_rows)):  # evaluation hook: base against tuned
             metrics["evaluation"] = evaluate.run(spec, model, tokenizer, trainer, eval_rows,
                                                  reporter, tuned_loss=metrics["eval_loss"])  # fmt: skip
         reporter.update(phase="saving")
-    outputs.save_adapter(workdir, model, tokenizer, metrics)
-    steps = trainer.state.global_step
-
-    # -- export: merged weights, GGUF, the hub, each checked, before the manifest, so they
-    # are pulled and verified with the adapter while the instance is still up. Training's
-    # model and optimizer are let go first: exports load their own.
-    exported: list[str] = []
-    if stopped is None:
-        from .. import export
-
-        del trainer, model, callback
-        outputs.free_memory()
-        exported = export.run(workdir, dataclasses.asdict(bundle), path, reporter)
-    telemetry.record(workdir, metrics)  # report hook: the timeline rides in metrics.json
-    outputs.seal(workdir, upload, exported)
-    phase = "stopped" if stopped else "done"
-    reporter.update(phase=phase, stop_reason=stopped, step=steps, eta_s=0.0)
-    reporter.event(phase, steps=steps, final_loss=metrics["final_loss"])
+    # -- finish: the adapter, then the exports (merged weights, GGUF, the hub, each checked)
+    # before the manifest, so they are pulled and verified while the instance is still up.
+    # Training's model and optimizer are let go first: exports load their own.
+    held = {"trainer": trainer, "model": model, "callback": callback}
+    del trainer, model, callback
+    outputs.finish(workdir, bundle, path, reporter, held, tokenizer=tokenizer, metrics=metrics,
+                   stopped=stopped, upload=upload)  # fmt: skip
 
 
 def _public(plan: dict[str, Any]) -> dict[str, Any]:

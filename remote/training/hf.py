@@ -12,9 +12,21 @@ from ..protocol import CHECKPOINT_DIR, JobSpecData
 __all__ = ["trainer_class", "training_args"]
 
 
-def training_args(spec: JobSpecData, workdir: Path, micro_batch: int, dtype: Any) -> Any:
+def training_args(
+    spec: JobSpecData,
+    workdir: Path,
+    micro_batch: int,
+    dtype: Any,
+    *,
+    grad_accum: int | None = None,
+    distributed: dict[str, Any] | None = None,
+) -> Any:
     """``TrainingArguments`` for ``spec``: checkpoints under ``checkpoints/``, no logging of
-    Trainer's own (progress is ours), recompute left to the fast path."""
+    Trainer's own (progress is ours), recompute left to the fast path.
+
+    On more than one GPU, ``grad_accum`` is each rank's share of the job's
+    (:func:`..sharding.rank_grad_accum`) and ``distributed`` the strategy's own keywords
+    (:func:`.distributed.training_kwargs`)."""
     import torch
     from transformers import TrainingArguments
 
@@ -22,13 +34,14 @@ def training_args(spec: JobSpecData, workdir: Path, micro_batch: int, dtype: Any
     save = train.save_every_steps
     cuda = torch.cuda.is_available()
     return TrainingArguments(
+        **(distributed or {}),
         output_dir=str(workdir / CHECKPOINT_DIR),
         max_steps=train.max_steps or -1,
         num_train_epochs=train.epochs,
         learning_rate=train.learning_rate,
         per_device_train_batch_size=micro_batch,
         per_device_eval_batch_size=micro_batch,
-        gradient_accumulation_steps=train.grad_accum,
+        gradient_accumulation_steps=grad_accum or train.grad_accum,
         gradient_checkpointing=False,  # the fast path's recompute policy, or none on CPU
         warmup_steps=train.warmup_ratio,  # a float below 1 is a ratio
         lr_scheduler_type=train.lr_scheduler,
@@ -68,6 +81,7 @@ def trainer_class() -> Any:
             super().__init__(*args, **kwargs)
             self._loaders = loaders
             self.tokens_seen = 0
+            self.step_tokens = 0  # this rank's, this optimizer step (progress sums the ranks)
             self.step_loss: Any = None
 
         def get_train_dataloader(self) -> Any:
@@ -80,7 +94,7 @@ def trainer_class() -> Any:
             return 0  # not reported; the stock count walks every parameter each micro-batch
 
         def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
-            self.tokens_seen += int(inputs.pop("num_tokens", 0))
+            self.step_tokens += int(inputs.pop("num_tokens", 0))
             inputs.pop("num_loss_tokens", None)
             loss = super().training_step(model, inputs, num_items_in_batch)
             detached = loss.detach()

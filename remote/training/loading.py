@@ -107,6 +107,7 @@ def load_model(
     *,
     fast: bool = False,
     adapter: str | None = None,
+    sharded: bool = False,
 ) -> tuple[Any, Any]:
     """Load the base model (quantised per ``spec``) and wrap it in fresh LoRA/DoRA adapters,
     or in ``adapter`` (a PEFT folder, trainable: :func:`adapter_path`).
@@ -116,6 +117,13 @@ def load_model(
     :func:`loraburst.remote.fastpath.optimize`), embeddings and norms stay in bf16 instead of
     ``prepare_model_for_kbit_training``'s fp32 copies: the fast path computes norms in fp32
     internally, and recompute is its decision.
+
+    With ``sharded`` (FSDP), 4-bit weights are stored in the compute dtype
+    (``bnb_4bit_quant_storage``) so that FSDP can flatten and shard them with the rest, and each
+    rank quantises into host memory: FSDP then moves only its shard to its GPU, so a model larger
+    than one card never has to fit one (accelerate's own RAM-efficient loading, rank 0 reading
+    and the others on the meta device, is skipped for 4-bit weights). Otherwise, under torchrun,
+    each rank loads onto its own GPU (``LOCAL_RANK``).
 
     Returns:
         ``(peft_model, tokenizer)``, ready to train, on CUDA when present, else CPU.
@@ -135,10 +143,15 @@ def load_model(
             bnb_4bit_quant_type=quant.quant_type,
             bnb_4bit_use_double_quant=quant.double_quant,
             bnb_4bit_compute_dtype=dtype,
+            **({"bnb_4bit_quant_storage": dtype} if sharded else {}),
         )
     elif spec.quantized:
         bnb = BitsAndBytesConfig(load_in_8bit=True)  # type: ignore[no-untyped-call]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device: Any = "cpu"
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", 0))  # torchrun: one GPU per rank
+        torch.cuda.set_device(local)
+        device = "cpu" if sharded else local
     model = AutoModelForCausalLM.from_pretrained(
         path,
         revision=_revision(spec, path),

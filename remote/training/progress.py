@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import artifacts, telemetry
+from . import distributed
 
 if TYPE_CHECKING:
     from ..agent import Reporter
@@ -143,11 +144,25 @@ def progress_callback(reporter: Reporter, upload: str | None, trainer: Any) -> A
             reporter.event("training", step=state.global_step, total=state.max_steps)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            reason = reporter.stop_reason
+            loss = trainer.step_loss
+            if args.world_size > 1:
+                # Every rank: the global batch's loss and tokens, and a stop any rank asks for
+                # (rank 0 reads the agent's stop file), so all ranks stop at the same step.
+                import torch
+
+                value, tokens, stop = distributed.reduce_step(trainer, reason is not None)
+                loss = torch.tensor(value) if value is not None else None
+                if stop and reason is None:
+                    reason = "stop requested on another rank"
+            else:
+                tokens = trainer.step_tokens
+            trainer.tokens_seen += tokens
+            trainer.step_tokens = 0
             state.num_input_tokens_seen = trainer.tokens_seen
             metrics = getattr(trainer, "step_metrics", None)  # a preference objective's
-            self.writer.submit(state, trainer.step_loss, trainer.tokens_seen, metrics)
+            self.writer.submit(state, loss, trainer.tokens_seen, metrics)
             trainer.step_loss = trainer.step_metrics = None
-            reason = reporter.stop_reason
             if reason is not None and not control.should_training_stop:
                 reporter.event("stopping", reason=reason, step=state.global_step)
                 control.should_save = True
@@ -158,7 +173,7 @@ def progress_callback(reporter: Reporter, upload: str | None, trainer: Any) -> A
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             reporter.event("checkpoint", step=state.global_step, path=str(path))
-            if upload:
+            if upload and distributed.is_main():
                 files = artifacts.upload_checkpoint(upload, path)
                 reporter.event("checkpoint_uploaded", step=state.global_step, files=files)
 

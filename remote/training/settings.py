@@ -47,9 +47,20 @@ def cap_memory(spec: JobSpecData) -> None:
 
 
 def choose(
-    spec: JobSpecData, model: Any, lengths: list[int], packing: bool, layout: str
+    spec: JobSpecData,
+    model: Any,
+    lengths: list[int],
+    packing: bool,
+    layout: str,
+    *,
+    fast: bool | None = None,
 ) -> tuple[dict[str, Any], BatchPlan]:
     """Micro-batch and the recompute/dequant-cache plan: the spec's, or chosen for this card.
+
+    Without the fast path (CPU, or ``fast`` false: FSDP turns it off) the micro-batch is the
+    spec's, or on "auto" 4 on CPU and 1 under FSDP on CUDA (the FSDP-QLoRA recipe: the
+    large models it is for have room for one sequence per GPU), with every layer recomputed
+    unless ``gradient_checkpointing`` is false.
 
     Returns:
         The settings (``micro_batch_size``, ``gradient_checkpointing``, ``packing``,
@@ -60,11 +71,15 @@ def choose(
 
     train = spec.train
     mbs = train.micro_batch_size
-    if not torch.cuda.is_available():
-        mb = min(4, max(len(lengths), 1)) if mbs == "auto" else int(mbs)
+    cuda = torch.cuda.is_available()
+    if not cuda or fast is False:
+        mb = (min(4, max(len(lengths), 1)) if not cuda else 1) if mbs == "auto" else int(mbs)
+        ckpt = train.gradient_checkpointing not in ("auto", False)
+        if cuda:  # FSDP on CUDA: Trainer's checkpointing of every layer, unless told not to
+            ckpt = train.gradient_checkpointing is not False
         return {
             "micro_batch_size": mb,
-            "gradient_checkpointing": train.gradient_checkpointing not in ("auto", False),
+            "gradient_checkpointing": ckpt,
             "packing": packing,
             "layout": layout,
         }, batch_plan(spec, lengths, mb, packing, layout)

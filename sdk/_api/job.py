@@ -301,7 +301,8 @@ class Job:
             provider: a name (``"runpod"``), a provider object, an ordered fallback chain
                 (``["runpod", "lambda", "local"]``) or ``"auto"`` (every configured provider
                 plus local).
-            gpu: GPU name(s) to allow, or a minimum VRAM in GB.
+            gpu: GPU name(s) to allow, each optionally with a count (``"2x RTX 3090"``: only
+                instances of two, trained on under torchrun), or a minimum VRAM in GB.
             max_price_per_hour: skip offers above this $/h.
             prefer: rank feasible offers by estimated total cost or by time.
             deadline: seconds the job may take end to end (offers that cannot meet it are

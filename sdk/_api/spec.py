@@ -135,6 +135,13 @@ class TrainConfig(_Strict):
         description="Plan for and use at most this much GPU memory (share a card, or rehearse "
         "a smaller one on a bigger card).",
     )
+    distributed: Literal["auto", "ddp", "fsdp", "fsdp+offload"] = Field(
+        "auto",
+        description="On an instance of several GPUs: DDP (every GPU holds the quantised model), "
+        "FSDP-QLoRA (weights, gradients and optimizer sharded by decoder layer), or FSDP with "
+        'the sharded weights in host memory; "auto" takes the first whose per-GPU plan fits '
+        "(remote/sharding.py). One GPU: ignored.",
+    )
     loss_on: Literal["assistant", "all"] = Field(
         "assistant", description="Train on assistant/completion tokens only, or on every token."
     )

@@ -8,8 +8,10 @@ the caller passes them (``loraburst.providers.Offer``), else from the dated snap
 Conventions: ``tokens`` is the number of tokens the trainer will process (train split times
 epochs, or ``max_steps`` times tokens per step). Without packing, each micro-batch is padded to
 its longest row; we approximate that length by the mean row length (speed) and size memory for
-a full ``max_seq_len`` batch (the worst batch must fit). The trainer is single-GPU: on an offer
-of N GPUs it uses one, and the row says so.
+a full ``max_seq_len`` batch (the worst batch must fit). On an offer of N GPUs the trainer runs
+under ``torchrun`` with the first strategy of ``loraburst.remote.sharding`` that fits (DDP, FSDP,
+FSDP with parameter offload); the row gives its ``strategy``, the per-GPU peak and the host RAM
+it needs (``host_ram_gb``). DPO/ORPO and MLX train on one GPU.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from loraburst.remote.memory import (
     step_time,
 )
 from loraburst.remote.pairs import reference_mode
+from loraburst.remote.sharding import rank_grad_accum
 
 from .._api.export import export_cost
 from .._api.spec import JobSpec
@@ -43,6 +46,7 @@ from .gpus import (
     SNAPSHOT,
     GPUSpec,
     billing_increment_s,
+    parse_gpu,
     resolve_gpu,
     setup_model,
 )
@@ -94,6 +98,8 @@ class EstimateRow:
     total_low_s: float = 0.0  # the stated range of total_s (what cost_low/high_usd bill)
     total_high_s: float = 0.0
     mean_tokens: float = 0.0  # real tokens per micro-batch, as the trainer will cut them
+    strategy: str = "1 GPU"  # "1 GPU", "ddp", "fsdp" or "fsdp+offload" (remote/sharding.py)
+    host_ram_gb: float = 0.0  # host RAM the job needs, GiB (what fsdp+offload keeps there)
 
     @property
     def feasible(self) -> bool:
@@ -335,13 +341,17 @@ def _slots(
                     g.vram_gb,
                 )
             )
-    for name, vram in local_gpus:
+    cards: dict[tuple[str, float], int] = {}
+    for card in local_gpus:  # per card model: one of them, and all (torchrun) where several
+        cards[card] = cards.get(card, 0) + 1
+    for (name, vram), count in cards.items():
         try:
             g = resolve_gpu(name)
         except EstimateError:
             g = GPUSpec(name, vram, 100.0, 900)  # unknown local card: a mid-range guess
             skipped.append(f"local {name}: not in the catalog, speed guessed as 100 TFLOP/s")
-        slots.append(_Slot("local", g, 1, 0.0, "local (free)", 1, True, vram))
+        for n in sorted({1, count}):
+            slots.append(_Slot("local", g, n, 0.0, "local (free)", 1, True, vram))
     return slots
 
 
@@ -366,7 +376,8 @@ def estimate(
         rows: rows in the dataset.
         tokens_exact: whether ``tokens`` was counted with the model's tokenizer; if not, the
             cost range widens by ``TOKEN_GUESS_ERROR``.
-        gpus: keep only these GPU types (any spelling the catalog knows).
+        gpus: keep only these GPU types (any spelling the catalog knows), each optionally
+            with a count: ``"2x RTX 3090"`` keeps only two-GPU offers of it.
         providers: keep only these providers.
         offers: live offers; ``None`` uses the dated price snapshot.
         local_gpus: ``(name, vram GiB)`` of local cards, priced at 0.
@@ -384,7 +395,10 @@ def estimate(
     ms = model_shape(spec.model, spec.model_revision)
     coeffs = _coeffs()
     wl = _workload(spec, tokens, rows)
-    wanted = {resolve_gpu(g).name for g in gpus} if gpus else None
+    # gpus: names, each with an optional count ("2x RTX 3090": that GPU, two per instance).
+    asked = [parse_gpu(g) for g in gpus] if gpus else []
+    wanted = {g.name for g, _ in asked} if gpus else None
+    counts = {g.name: {n for h, n in asked if h.name == g.name} for g, _ in asked}
     want_p = {p.lower() for p in providers} if providers else None
     skipped: list[str] = []
     # train.backend: mlx trains only on Apple Silicon, torch only elsewhere; auto on either.
@@ -393,6 +407,7 @@ def estimate(
         s
         for s in _slots(offers, local_gpus, skipped)
         if (wanted is None or s.gpu.name in wanted)
+        and (not counts or None in counts[s.gpu.name] or s.count in counts[s.gpu.name])
         and (want_p is None or s.provider in want_p)
         and (backend == "auto" or s.gpu.apple == (backend == "mlx"))
     ]
@@ -402,7 +417,8 @@ def estimate(
     for name in sorted((wanted or set()) - {s.gpu.name for s in slots}):
         g = CATALOG[name]
         if backend == "auto" or g.apple == (backend == "mlx"):
-            slots.append(_Slot("-", g, 1, 0.0, "unpriced", 1, True, g.vram_gb))
+            for n in sorted(counts.get(name, {1}), key=lambda c: c or 1):
+                slots.append(_Slot("-", g, n or 1, 0.0, "unpriced", 1, True, g.vram_gb))
     planner = Planner(spec, ms.shape, ms.config,
                       workload(spec, lengths, rows, tokens, padded=ms.shape.eager_attention))  # fmt: skip
     rows_out = [_row(spec, ms, wl, s, coeffs, tokens_exact, planner) for s in slots]
@@ -484,6 +500,10 @@ def _row(
     t = spec.train
     rp = _real_path()
     setup = setup_model("local" if s.gpu.apple else s.provider)
+    # GPUs that train: all of the offer's (torchrun), but one for MLX and preference objectives.
+    single = s.gpu.apple or spec.objective.preference
+    gpus = 1 if single else max(1, s.count)
+    strategy, host_ram = "1 GPU", 0.0
     download = 0.0 if ms.source.endswith("config.json") and s.provider == "local" else 1.0
     if s.gpu.apple:
         pick, step_s, mean_tokens, batches = _apple_pick(spec, ms, wl, s, coeffs)
@@ -497,9 +517,10 @@ def _row(
     else:
         r: Replay = planner.replay(
             s.vram_gb, tflops=s.gpu.bf16_tflops, bandwidth_gbs=s.gpu.bandwidth_gbs,
-            gemm_efficiency=s.gpu.gemm_efficiency, coeffs=rp,
+            gemm_efficiency=s.gpu.gemm_efficiency, coeffs=rp, gpus=gpus,
         )  # fmt: skip
         fits, peak, mb, ckpt = r.fits, r.peak_gib, r.micro_batch, r.recompute_layers > 0
+        strategy, host_ram = r.strategy, r.host_ram_gib
         step_s, mean_tokens, batches, first_s = (
             r.step_s,
             r.mean_tokens,
@@ -511,16 +532,19 @@ def _row(
         fetched = dataclasses.replace(setup, load_gbs=math.inf)
         load_s = rp.load_s + ms.download_bytes / (rp.load_gbs * 1e9)
         setup_s = fetched.seconds(ms.download_bytes * download) + load_s
+    # Each rank accumulates its share of grad_accum (sharding.rank_grad_accum): a step covers
+    # the job's global batch on any number of GPUs.
+    per_rank = rank_grad_accum(t.grad_accum, gpus)
     if t.max_steps is not None:
         steps = t.max_steps
     else:
-        steps = max(1, math.ceil(batches * t.epochs / t.grad_accum))
+        steps = max(1, math.ceil(batches * t.epochs / (per_rank * gpus)))
     saves = steps // t.save_every_steps if t.save_every_steps else 0
     extra = _objective(spec, ms, wl, ckpt)  # a reference's forwards (DPO)
     step_s *= extra.step_factor
     # A precomputed reference: one forward pass over the data before training.
     pass_s = extra.data_passes * batches * step_s / extra.step_factor
-    train_s = steps * t.grad_accum * step_s + first_s + saves * SAVE_S + pass_s
+    train_s = steps * per_rank * step_s + first_s + saves * SAVE_S + pass_s
     exports = export_cost(spec.exports, ms.params, ms.download_bytes)  # exports hook
     exports = evaluation.with_evaluation(  # evaluation hook: its time counts with the exports
         spec, exports, ms.params, batches * mean_tokens, mean_tokens / step_s, s.gpu
@@ -533,8 +557,14 @@ def _row(
         )
     elif t.gradient_checkpointing == "auto" and ckpt:
         notes.append(f"checkpointing on: fits micro-batch {mb}")
-    if s.count > 1:
-        notes.append(f"trainer uses 1 of {s.count} GPUs")
+    if s.count > 1 and gpus == 1:
+        what = "MLX" if s.gpu.apple else f"{spec.objective.type} (preference tuning)"
+        notes.append(f"{what} trains on one GPU: uses 1 of {s.count}")
+    elif gpus > 1 and fits:
+        notes.append(
+            f"{strategy} on {gpus} GPUs (torchrun), {peak:.1f} GiB each"
+            + (f", host RAM {host_ram:.0f} GiB" if strategy.startswith("fsdp") else "")
+        )
     if not s.gpu.bf16:
         notes.append("no bf16: trains in fp16")
     if not s.available:
@@ -567,7 +597,7 @@ def _row(
         vram_gb=s.vram_gb,
         micro_batch_size=mb,
         gradient_checkpointing=ckpt,
-        tokens_per_s=round(mean_tokens / step_s if step_s > 0 else 0.0, 1),
+        tokens_per_s=round(gpus * mean_tokens / step_s if step_s > 0 else 0.0, 1),
         train_s=round(train_s, 1),
         setup_s=round(setup_s, 1),
         total_s=round(total_s, 1),
@@ -585,6 +615,8 @@ def _row(
         total_low_s=round(low_s, 1),
         total_high_s=round(high_s, 1),
         mean_tokens=round(mean_tokens, 1),
+        strategy=strategy,
+        host_ram_gb=host_ram,
     )
 
 
@@ -662,6 +694,9 @@ def _no_fit_message(
     ]
     if bigger:
         fixes.append(f"a larger GPU: {', '.join(bigger[:4])}")
+    if not spec.objective.preference and all(r.gpu_count <= 1 for r in rows):
+        card = max(rows, key=lambda r: r.vram_gb).gpu
+        fixes.append(f"several GPUs of one instance, sharded (FSDP): gpu='2x {card}' or more")
     if bits > 4:
         fixes.append("quant.bits: 4")
     lines = [

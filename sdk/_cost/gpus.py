@@ -39,6 +39,7 @@ __all__ = [
     "SetupModel",
     "apple_gpu_memory_gib",
     "billing_increment_s",
+    "parse_gpu",
     "resolve_gpu",
     "setup_model",
 ]
@@ -185,6 +186,26 @@ def resolve_gpu(name: str) -> GPUSpec:
     )
 
 
+_COUNT_RE = re.compile(r"^\s*(\d+)\s*[x×*]\s*(.+)$", re.IGNORECASE)
+
+
+def parse_gpu(name: str) -> tuple[GPUSpec, int | None]:
+    """A GPU and, when given, how many: ``"2x RTX 3090"`` -> (RTX 3090, 2); ``"H100"`` ->
+    (H100 SXM, None) (any count).
+
+    Raises:
+        EstimateError: unknown GPU name (closest first), or a count below 1.
+    """
+    m = _COUNT_RE.match(name)
+    if m is None:
+        return resolve_gpu(name), None
+    count = int(m.group(1))
+    if count < 1:
+        raise EstimateError(f"GPU count in {name!r} must be at least 1 (e.g. '2x RTX 3090')",
+                            gpu=name)  # fmt: skip
+    return resolve_gpu(m.group(2)), count
+
+
 @dataclasses.dataclass(frozen=True)
 class SnapshotPrice:
     """One snapshot offer: whole-instance price for ``gpu_count`` GPUs, and where it came from."""
@@ -224,6 +245,39 @@ SNAPSHOT: tuple[SnapshotPrice, ...] = (
     SnapshotPrice("lambda", "H100 PCIe", 1, 3.29, "gpu_1x_h100_pcie", _LA8),
     SnapshotPrice("lambda", "H100 SXM", 1, 4.29, "gpu_1x_h100_sxm5", _LA8),
     SnapshotPrice("lambda", "GH200", 1, 1.49, "gpu_1x_gh200", _LAN),
+)
+
+
+def _multi(price: SnapshotPrice, counts: tuple[int, ...]) -> tuple[SnapshotPrice, ...]:
+    """The same GPU in instances of ``counts`` GPUs, at ``count`` x the one-GPU price.
+
+    RunPod prices a pod per GPU (``gpuCount`` x the GPU's hourly rate, the same rate for any
+    count); Lambda's ``gpu_<N>x_`` types are priced per GPU at about the one-GPU type's rate
+    (its Nov 2025 list: within a few percent). The label says the price was derived.
+    """
+    out = []
+    for n in counts:
+        itype = price.instance_type
+        if price.provider == "lambda":
+            itype = itype.replace("gpu_1x_", f"gpu_{n}x_", 1)
+        out.append(dataclasses.replace(
+            price, gpu_count=n, price_per_hour=round(price.price_per_hour * n, 2),
+            instance_type=itype, source=f"{price.source}, x{n} the one-GPU rate",
+        ))  # fmt: skip
+    return tuple(out)
+
+
+_ONE = {(p.provider, p.gpu): p for p in SNAPSHOT}
+# Multi-GPU instances (torchrun: DDP, or FSDP-QLoRA when the model needs more than one card).
+SNAPSHOT += (
+    *_multi(_ONE["runpod", "RTX 3090"], (2, 4, 8)),
+    *_multi(_ONE["runpod", "RTX 4090"], (2, 4, 8)),
+    *_multi(_ONE["runpod", "RTX A6000"], (2, 4, 8)),
+    *_multi(_ONE["runpod", "A100 80GB"], (2, 4, 8)),
+    *_multi(_ONE["runpod", "H100 SXM"], (2, 4, 8)),
+    *_multi(_ONE["lambda", "RTX A6000"], (2, 4)),
+    *_multi(_ONE["lambda", "A100 40GB"], (2, 4, 8)),
+    *_multi(_ONE["lambda", "H100 SXM"], (2, 4, 8)),
 )
 
 _BILLING_S = {"runpod": 1, "lambda": 60, "local": 1}

@@ -168,19 +168,21 @@ def estimate_job(
 
 
 def _gpu_ok(offer: Offer, gpu: Any) -> bool:
-    """``gpu=``: a minimum VRAM in GB, or GPU names in any spelling the catalog knows."""
-    from .estimate import resolve_gpu
+    """``gpu=``: a minimum VRAM in GB, or GPU names in any spelling the catalog knows, each
+    optionally with a count (``"2x RTX 3090"``: only instances of two of them)."""
+    from .gpus import parse_gpu, resolve_gpu
 
     if gpu is None:
         return True
     if isinstance(gpu, (int, float)):
         return bool(offer.vram_gb >= float(gpu))
     names = [gpu] if isinstance(gpu, str) else list(gpu)
-    wanted = {resolve_gpu(n).name for n in names}  # an unknown name lists the known ones
+    wanted = [parse_gpu(n) for n in names]  # an unknown name lists the known ones
     try:
-        return resolve_gpu(offer.gpu).name in wanted
+        name = resolve_gpu(offer.gpu).name
     except EstimateError:
         return offer.gpu in names
+    return any(g.name == name and n in (None, offer.gpu_count) for g, n in wanted)
 
 
 def _is_chain(provider: Any) -> bool:
@@ -234,6 +236,7 @@ def plan(
     """
     if prefer not in ("cheapest", "fastest"):
         raise ConfigError(f"prefer must be 'cheapest' or 'fastest', not {prefer!r}")
+    _check_gpu_count(job, gpu)
     chain = _is_chain(provider)
     providers = resolve_providers(provider)
     order = {id(p): i for i, p in enumerate(providers)}
@@ -289,6 +292,23 @@ def plan(
             raise _over_budget(cands, excluded, max_cost)
         cands = within
     return cands
+
+
+def _check_gpu_count(job: Job, gpu: Any) -> None:
+    """A GPU count above one for an objective that trains on one GPU: refused before renting."""
+    from .gpus import parse_gpu
+
+    if not job.spec.objective.preference or gpu is None or isinstance(gpu, (int, float)):
+        return
+    for name in [gpu] if isinstance(gpu, str) else list(gpu):
+        _, count = parse_gpu(name)
+        if count is not None and count > 1:
+            raise ConfigError(
+                f"gpu={name!r}: {job.spec.objective.type} (preference tuning) trains on one GPU; "
+                "multi-GPU training (DDP/FSDP) is for objective sft. Ask for one GPU "
+                f"(e.g. gpu={name.split('x', 1)[-1].strip()!r})",
+                field="gpu",
+            )
 
 
 def _row_key(o: Offer) -> tuple[str, str, int, float]:

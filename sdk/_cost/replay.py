@@ -26,6 +26,7 @@ from loraburst.remote.planning import (
     plan_memory,
     predict_probe,
 )
+from loraburst.remote.sharding import DDP_EFFICIENCY, STRATEGIES, Layout, layout
 
 from .._api.spec import JobSpec
 
@@ -121,7 +122,8 @@ def workload(
 
 @dataclasses.dataclass(frozen=True)
 class Replay:
-    """What the trainer would do on one GPU: its plan and the steady step time."""
+    """What the trainer would do on one GPU (or on each of ``gpus``): its plan and the steady
+    step time of one micro-batch on one GPU."""
 
     micro_batch: int
     fits: bool
@@ -131,12 +133,16 @@ class Replay:
     offload: bool
     mean_tokens: float  # real tokens per micro-batch, on average
     batches_per_epoch: float
-    step_s: float  # seconds per micro-batch, steady state
+    step_s: float  # seconds per micro-batch on one GPU, steady state (comm and sync included)
     verified: bool
+    gpus: int = 1
+    strategy: str = "1 GPU"  # or remote/sharding.py's "ddp", "fsdp", "fsdp+offload"
+    host_ram_gib: float = 0.0  # host memory the job needs (all ranks, offloaded state)
 
     @property
     def tokens_per_s(self) -> float:
-        return self.mean_tokens / self.step_s if self.step_s > 0 else 0.0
+        """Tokens per second of the whole instance (every GPU trains its own micro-batches)."""
+        return self.gpus * self.mean_tokens / self.step_s if self.step_s > 0 else 0.0
 
 
 class Planner:
@@ -178,8 +184,41 @@ class Planner:
         gemm_efficiency: float,
         coeffs: RealPathCoeffs,
         context_gib: float = 0.55,
+        gpus: int = 1,
     ) -> Replay:
-        """The trainer's choice on a card of ``vram_gib`` and its steady step time there."""
+        """The trainer's choice on ``gpus`` cards of ``vram_gib`` and its steady step time.
+
+        On more than one GPU the strategies of :mod:`loraburst.remote.sharding` are tried in
+        order (DDP, FSDP, FSDP with offload) and the first whose per-GPU plan fits is the
+        trainer's; when none fits, the leanest is returned (``fits`` false).
+        """
+        kw = dict(tflops=tflops, bandwidth_gbs=bandwidth_gbs, gemm_efficiency=gemm_efficiency,
+                  coeffs=coeffs, context_gib=context_gib)  # fmt: skip
+        if gpus <= 1:
+            return self._replay(vram_gib, None, **kw)  # type: ignore[arg-type]
+        found: Replay | None = None
+        asked = self.spec.train.distributed
+        for strategy in STRATEGIES if asked == "auto" else (asked,):
+            lay = layout(self.shape, strategy=strategy, gpus=gpus, bits=self.bits,
+                         double_quant=self.spec.quant.double_quant, trainable=self.lora)  # fmt: skip
+            found = self._replay(vram_gib, lay, **kw)  # type: ignore[arg-type]
+            if found.fits:
+                break
+        assert found is not None
+        return found
+
+    def _replay(
+        self,
+        vram_gib: float,
+        lay: Layout | None,
+        *,
+        tflops: float,
+        bandwidth_gbs: float,
+        gemm_efficiency: float,
+        coeffs: RealPathCoeffs,
+        context_gib: float,
+    ) -> Replay:
+        """One GPU (``lay`` None), or each GPU of ``lay``'s strategy."""
         t = self.spec.train
         budget = vram_gib - context_gib
         if t.max_gpu_memory_gib:
@@ -189,18 +228,29 @@ class Planner:
         policy = _POLICY[t.gradient_checkpointing]
         seq = self.wl.seq_len
         s = self.shape
-        layout = "padded" if self.wl.padded else "flat"
+        layout_ = "padded" if self.wl.padded else "flat"
+        probe, base, trainable = self.probe, self.base, self.lora
+        if lay is not None:
+            base, trainable = lay.base_bytes, lay.trainable
+            if not lay.fast_path:
+                # Under FSDP the fast path is off (remote/training/distributed.py): stock
+                # PEFT's activations, no dequant cache, and Trainer's all-or-nothing
+                # checkpointing instead of the per-layer plan.
+                probe = {**predict_probe(s, "stock"), "cache_bytes": 0}
+                policy = "none" if policy == "none" else "all"
 
         def memory_for(tokens: int, mb: int) -> dict[str, Any]:
             return plan_memory(
-                probe=self.probe, base_bytes=self.base, trainable=self.lora, n_layers=s.layers,
+                probe=probe, base_bytes=base, trainable=trainable, n_layers=s.layers,
                 hidden=s.hidden, vocab=s.vocab, budget_gib=budget, tokens=tokens, seq_len=seq,
-                layout=layout, policy=policy,
+                layout=layout_, policy=policy,
             )  # fmt: skip
 
         mbs = t.micro_batch_size
-        if mbs == "auto":
-            candidates: tuple[int, ...] = (1, 2, 4, 8) if self.wl.packing else (1, 2, 4, 8, 16, 32)
+        if mbs == "auto" and lay is not None and not lay.fast_path:
+            candidates: tuple[int, ...] = (1,)  # the trainer's FSDP choice (training/settings.py)
+        elif mbs == "auto":
+            candidates = (1, 2, 4, 8) if self.wl.packing else (1, 2, 4, 8, 16, 32)
         else:
             candidates = (int(mbs),)
         pick = choose(candidates, self.batches, memory_for, layers=s.layers,
@@ -217,6 +267,14 @@ class Planner:
             tflops=tflops, bandwidth_gbs=bandwidth_gbs, gemm_efficiency=gemm_efficiency,
             coeffs=coeffs,
         )  # fmt: skip
+        extra: dict[str, Any] = {}
+        if lay is not None:
+            # Weights moved per pass over the layers (forward, backward, and the recomputed
+            # forward), then the throughput kept per added GPU (sharding.DDP_EFFICIENCY).
+            passes = 2 + mem["recompute_layers"] / max(1, s.layers)
+            step = (step + lay.comm_seconds(passes)) / DDP_EFFICIENCY
+            extra = {"gpus": lay.gpus, "strategy": lay.strategy,
+                     "host_ram_gib": round(lay.host_ram_bytes / 1024**3, 1)}  # fmt: skip
         return Replay(
             micro_batch=pick.micro_batch,
             fits=bool(mem["fits"]),
@@ -228,6 +286,7 @@ class Planner:
             batches_per_epoch=plan.batches_per_epoch * self.wl.scale,
             step_s=step,
             verified=self.verified,
+            **extra,
         )
 
     def step_seconds(

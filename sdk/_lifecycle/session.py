@@ -20,6 +20,7 @@ from loraburst.remote.protocol import (
     ENV_BACKEND,
     ENV_DEADLINE,
     ENV_DEADLINE_REASON,
+    ENV_GPUS,
     ENV_HEARTBEAT_GRACE,
     ENV_MODEL_DIR,
     HEARTBEAT_FILE,
@@ -108,6 +109,9 @@ class AgentSession:
             env[ENV_DEADLINE_REASON] = deadline.reason
         if self.backend is not None:
             env[ENV_BACKEND] = self.backend  # the agent resolves "auto" as the client did
+        if self.offer.gpu_count >= 1:
+            # The GPUs rented: above one the agent trains under torchrun, one rank per GPU.
+            env[ENV_GPUS] = str(self.offer.gpu_count)
         caps = self.provider.capabilities
         if not caps.same_machine:
             env[ENV_HEARTBEAT_GRACE] = f"{self.heartbeat_grace_s:.0f}"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from loraburst import Job
 from loraburst._state.home import home, keys_dir
 from loraburst._state.ledger import Ledger
@@ -119,3 +120,33 @@ def test_a_local_model_is_uploaded_once_per_instance(
     assert list(sshd_host.root.rglob("models/*/config.json")) == placed
     assert [p.stat().st_mtime_ns for p in weights] == stamps
     assert not list(sshd_host.root.rglob("bundle/model"))
+
+
+def test_two_gpu_pod_end_to_end_under_torchrun(
+    tiny_model: Path, tmp_path: Path, runpod_fake: Any, runpod_provider: Any
+) -> None:
+    """A 2-GPU offer is rented, the agent runs the trainer as two ranks under torchrun over
+    SSH (gloo on this CPU), the adapter comes back verified and the pod is gone, billed for
+    both GPUs."""
+    job = sample_job(tiny_model, tmp_path / "out", "rp2")
+    result = job.run(provider=runpod_provider, gpu="2x RTX 3090", progress=False)
+    assert result.status == "succeeded" and result.provider == "runpod"
+    _check_adapter(result.adapter_path)
+    assert result.metrics["steps"] == 6
+    assert runpod_fake.running() == []
+    (pod_id,) = runpod_fake.pods
+    pod = runpod_fake.pods[pod_id]
+    assert pod.data["input"]["gpuCount"] == 2
+    assert pod.price_per_hour == pytest.approx(2 * pod.data["gpu"][3])
+    assert runpod_fake.billed_seconds(pod_id) > 0
+    rows = Ledger().instances(job_id=result.job_id)
+    assert [r.state for r in rows] == ["terminated"]
+    # The agent on the pod started two ranks; rank 0 alone reported.
+    (log_file,) = runpod_fake.folder.glob(f"{pod_id}/root/runs/{result.job_id}/events.jsonl")
+    log = log_file.read_text()  # on the pod's disk
+    kinds = [json.loads(line) for line in log.splitlines() if line.strip()]
+    (launch,) = [e for e in kinds if e["kind"] == "launching"]
+    assert launch["processes"] == 2
+    (plan,) = [e for e in kinds if e["kind"] == "distributed"]
+    assert plan["strategy"] == "ddp" and plan["gpus"] == 2
+    assert sum(e["kind"] == "done" for e in kinds) == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from loraburst import BudgetExceededError, Job, PlacementError
+from loraburst import BudgetExceededError, ConfigError, Job, PlacementError
 from loraburst._cost.placement import plan
 from loraburst._state.ledger import Ledger
 from loraburst.providers import Capabilities, Host, LaunchRequest, Machine, Offer
@@ -107,12 +107,24 @@ def test_plan_ranks_feasible_offers_and_places_the_local_gpu(
     chained = plan(job, [runpod_provider, box])
     assert chained[-1].offer.provider == "local"
     assert [c.offer.provider for c in chained[:-1]] == ["runpod"] * (len(chained) - 1)
-    # A job that does not fit 24 GB skips the local card (and the 24 GB cloud cards).
+    # A job that does not fit 24 GB skips the local card and one 24 GB cloud card; several
+    # 24 GB cards of one pod can hold it (FSDP), and are ranked by cost with the rest.
     big = Job("meta-llama/Llama-3.1-70B", SAMPLE_DATA, train={"max_steps": 100})
     cands = plan(big, [runpod_provider, box, "auto"])
-    assert all(c.offer.vram_gb > 24 for c in cands)
-    fit_prices = [c.offer.price_per_hour for c in cands]
-    assert fit_prices == sorted(fit_prices)
+    assert all(c.offer.vram_gb > 24 or c.offer.gpu_count > 1 for c in cands)
+    assert "local" not in {c.offer.provider for c in cands}
+    costs = [c.row.cost_usd for c in cands if c.row]
+    assert costs == sorted(costs)
+    # On RTX 3090s only, the cheapest feasible offer is a pod of several, sharded.
+    on_3090 = plan(big, runpod_provider, gpu="RTX 3090")
+    assert on_3090 and all(c.offer.gpu_count > 1 for c in on_3090)
+    first = on_3090[0]
+    assert first.row is not None and first.row.strategy.startswith("fsdp")
+    assert first.offer.price_per_hour == pytest.approx(0.43 * first.offer.gpu_count)
+    two = plan(big, runpod_provider, gpu="2x RTX 3090")
+    assert [(c.offer.gpu, c.offer.gpu_count) for c in two] == [("RTX 3090", 2)]
+    assert two[0].row is not None and two[0].row.strategy == "fsdp+offload"
+    assert two[0].row.host_ram_gb > 35
     # With a deadline the local card cannot meet, it is the last resort instead of the first.
     long = _long_job(5000)
     rows = {
@@ -136,10 +148,14 @@ def test_plan_ranks_feasible_offers_and_places_the_local_gpu(
     assert fastest[0].row.total_s < cheapest[0].row.total_s
     # gpu= as a minimum VRAM, or names in any spelling the catalog knows.
     assert {c.offer.vram_gb >= 48 for c in plan(job, runpod_provider, gpu=48)} == {True}
-    assert _where(plan(job, runpod_provider, gpu=["4090", "nvidia h100 80gb hbm3"])) == [
+    assert _where(plan(job, runpod_provider, gpu=["1x 4090", "1x nvidia h100 80gb hbm3"])) == [
         ("runpod", "RTX 4090"),
         ("runpod", "H100 SXM"),
     ]
+    # Preference tuning trains on one GPU: a count above one is refused before renting.
+    dpo = Job(str(tiny_model), SAMPLE_DATA, objective={"type": "dpo"})
+    with pytest.raises(ConfigError, match="dpo .* trains on one GPU"):
+        plan(dpo, runpod_provider, gpu="2x RTX 4090")
 
 
 def test_local_cpu_is_the_last_resort(
@@ -223,11 +239,11 @@ def test_capacity_failover_is_recorded(
     job = sample_job(tiny_model, tmp_path / "out", "failover")
     result = job.run(provider=[runpod_provider, lambda_provider], progress=False)
     assert result.status == "succeeded" and result.provider == "lambda"
-    # Every in-stock RunPod GPU was tried, cheapest first, and refused; no pod was created.
+    # Every in-stock RunPod offer (each GPU, in pods of 1, 2, 4 and 8) was tried, cheapest
+    # first, and refused; no pod was created.
     refused = [a for a in result.attempts if a.provider == "runpod"]
-    assert [a.gpu for a in refused] == [c.offer.gpu for c in plan(job, runpod_provider)] and len(
-        refused
-    ) == len(in_stock)
+    assert [a.gpu for a in refused] == [c.offer.gpu for c in plan(job, runpod_provider)]
+    assert len({a.gpu for a in refused}) == len(in_stock)
     assert all(a.outcome.startswith("capacity") and a.cost_usd == 0 for a in refused)
     assert result.attempts[-1].provider == "lambda" and result.attempts[-1].outcome == "ok"
     assert runpod_fake.pods == {}

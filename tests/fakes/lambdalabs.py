@@ -41,6 +41,10 @@ INSTANCE_TYPES: list[tuple[str, str, int, int, list[str]]] = [
     ("gpu_1x_h100_sxm5", "H100 (80 GB SXM5)", 329, 1, []),
     ("gpu_1x_gh200", "GH200 (96 GB)", 149, 1, ["us-east-3"]),
     ("gpu_8x_a100_80gb_sxm4", "A100 (80 GB SXM4)", 1432, 8, ["us-east-1"]),
+    # Multi-GPU types are priced for the whole instance (about count x the one-GPU rate).
+    ("gpu_2x_a6000", "RTX A6000 (48 GB)", 218, 2, ["us-west-1"]),
+    ("gpu_2x_a100_sxm4", "A100 (40 GB SXM4)", 258, 2, ["us-east-1"]),
+    ("gpu_8x_h100_sxm5", "H100 (80 GB SXM5)", 2392, 8, ["us-west-3"]),
 ]
 REGIONS = {
     "us-east-1": "Virginia, USA",

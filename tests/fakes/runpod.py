@@ -369,7 +369,7 @@ def _lowest_price(gid: str, display: str, price: float, stock: str | None) -> An
             "minimumBidPrice": round(price * 0.6, 2),
             "uninterruptablePrice": price,
             "stockStatus": stock,
-            "availableGpuCounts": [1, 2, 4] if stock else [],
+            "availableGpuCounts": [1, 2, 4, 8] if stock else [],
             "minVcpu": 8 if stock else None,
             "minMemory": 30 if stock else None,
             "gpuTypeId": gid,

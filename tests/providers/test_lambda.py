@@ -42,8 +42,12 @@ def test_offers_from_instance_types(lambda_provider: LambdaProvider) -> None:
     assert offers["gpu_1x_h100_sxm5"].available is False  # no region with capacity
     assert offers["gpu_1x_a10"].price_per_hour == 0.75
     assert offers["gpu_1x_a10"].region == "us-east-1"
-    assert "gpu_8x_a100_80gb_sxm4" not in offers  # one GPU per instance
+    # Multi-GPU types are offers too, of their GPU count, at the whole instance's price.
+    eight = offers["gpu_8x_a100_80gb_sxm4"]
+    assert (eight.gpu, eight.gpu_count, eight.price_per_hour) == ("A100 80GB", 8, 14.32)
+    assert offers["gpu_2x_a6000"].gpu_count == 2
     assert {o.billing_increment_s for o in offers.values()} == {60}
+    assert {o.gpu_count for o in offers.values()} <= set(lambda_provider.capabilities.gpu_counts)
 
 
 def test_job_key_registered_for_the_launch_and_deleted_after_terminate(

@@ -95,11 +95,17 @@ def test_graphql_variables_and_schema_errors(runpod_fake: RunPodFake) -> None:
 
 
 def test_offers_map_gpu_ids_and_stock(runpod_provider: RunPodProvider) -> None:
-    offers = {o.instance_type: o for o in runpod_provider.offers()}
+    all_offers = runpod_provider.offers()
+    offers = {o.instance_type: o for o in all_offers if o.gpu_count == 1}
     assert offers["NVIDIA H100 80GB HBM3"].gpu == "H100 SXM"
     assert offers["NVIDIA GeForce RTX 4090"].price_per_hour == 0.69
     assert offers["NVIDIA H200"].available is False
-    assert {o.billing_increment_s for o in offers.values()} == {1}
+    assert {o.billing_increment_s for o in all_offers} == {1}
+    # Pods of 2, 4 and 8 GPUs where RunPod has them now, at gpuCount x the GPU's rate.
+    counts = {o.gpu_count: o for o in all_offers if o.gpu == "RTX 3090"}
+    assert set(counts) == {1, 2, 4, 8}
+    assert counts[2].price_per_hour == pytest.approx(2 * 0.43)
+    assert not any(o.gpu_count > 1 for o in all_offers if o.gpu == "H200")  # none in stock
 
 
 def test_missing_key_names_the_env_var_before_any_request(runpod_fake: RunPodFake) -> None:

@@ -48,6 +48,19 @@ def test_estimate_filters_by_gpu_and_provider(capsys: pytest.CaptureFixture[str]
     assert {(r["provider"], r["gpu"]) for r in rows} == {("runpod", "RTX 4090")}
 
 
+def test_seed_70b_row_on_two_rtx_3090s_from_the_command_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--gpu "2x RTX 3090"``: only two-GPU offers, and the 70B job fits them (FSDP with its
+    weights offloaded to host RAM, which the row states)."""
+    job = ROOT / "examples" / "jobs" / "llama-3-70b.yaml"
+    assert main(["estimate", str(job), "--json", "--gpu", "2x RTX 3090", "--no-history"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["gpu"], row["gpu_count"], row["fits"]) == ("RTX 3090", 2, True)
+    assert row["strategy"] == "fsdp+offload" and row["host_ram_gb"] > 35
+    assert row["peak_vram_gb"] <= 24
+
+
 def test_unknown_gpu_lists_the_closest(capsys: pytest.CaptureFixture[str]) -> None:
     job = ROOT / "examples" / "jobs" / "mistral-7b.yaml"
     assert main(["estimate", str(job), "--gpu", "RTX 4900"]) == 2
