@@ -27,7 +27,7 @@ from loraburst._exceptions import (
 )
 from pydantic import SecretStr
 
-__all__ = ["ApiClient", "resolve_key"]
+__all__ = ["ApiClient", "client_or_error", "resolve_key"]
 
 log = logging.getLogger("loraburst.providers")
 
