@@ -20,7 +20,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -308,6 +308,25 @@ class _Slot:
     available: bool
     vram_gb: float
 
+    @property
+    def same_machine(self) -> bool:
+        """The provider declares that its instances are this very machine (no download, the
+        local setup model): read from its declared capabilities, never from its name."""
+        return _same_machine(self.provider)
+
+
+@cache
+def _same_machine(provider: str) -> bool:
+    from loraburst.providers import provider_class
+
+    from .._exceptions import ConfigError
+
+    try:
+        caps = getattr(provider_class(provider), "capabilities", None)
+    except ConfigError:  # a snapshot row of a provider not installed here
+        return False
+    return bool(getattr(caps, "same_machine", False))
+
 
 def _slots(
     offers: Sequence[Offer] | None,
@@ -499,12 +518,12 @@ def _row(
 ) -> EstimateRow:
     t = spec.train
     rp = _real_path()
-    setup = setup_model("local" if s.gpu.apple else s.provider)
+    setup = setup_model("local" if s.gpu.apple or s.same_machine else s.provider)
     # GPUs that train: all of the offer's (torchrun), but one for MLX and preference objectives.
     single = s.gpu.apple or spec.objective.preference
     gpus = 1 if single else max(1, s.count)
     strategy, host_ram = "1 GPU", 0.0
-    download = 0.0 if ms.source.endswith("config.json") and s.provider == "local" else 1.0
+    download = 0.0 if ms.source.endswith("config.json") and s.same_machine else 1.0
     if s.gpu.apple:
         pick, step_s, mean_tokens, batches = _apple_pick(spec, ms, wl, s, coeffs)
         fits, peak, mb = (

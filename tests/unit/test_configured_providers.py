@@ -70,3 +70,56 @@ def test_cleanup_skips_providers_that_rent_nothing(
     assert "mycloud" in configured_providers()
     report = cleanup()  # its list_tagged would fail the test if it were asked
     assert report.failed == [] and report.terminated == []
+
+
+BOX = '''
+from typing import ClassVar
+from loraburst.providers import Capabilities
+
+
+class {cls}:
+    """A provider whose declaration says {same}: same machine."""
+
+    name: ClassVar[str] = "{name}"
+    capabilities = Capabilities(needs_credentials=False, billed=False, same_machine={same})
+'''
+
+
+def test_the_estimate_reads_same_machine_from_the_declaration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local model folder is not downloaded to a provider that declares its instances are
+    this machine, whatever its name; to any other it is."""
+    import json
+
+    from loraburst import JobSpec
+    from loraburst._cost.estimate import _same_machine, estimate
+    from loraburst.providers import Offer
+
+    lines = []
+    for name, same in (("mybox", True), ("farbox", False)):
+        module = f"{name}_plugin"
+        (tmp_path / f"{module}.py").write_text(BOX.format(cls=name.title(), name=name, same=same))
+        lines.append(f"{name} = {module}:{name.title()}")
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    info = tmp_path / "boxes-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: boxes\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[loraburst.providers]\n" + "\n".join(lines) + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _same_machine.cache_clear()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "torch_dtype": "bfloat16",
+    }))  # fmt: skip
+    spec = JobSpec(model=str(model), dataset="data.jsonl")
+    offers = [Offer(n, "A100 80GB", 1, 80.0, 1.0, "a100") for n in ("mybox", "farbox")]
+    try:
+        est = estimate(spec, tokens=10**6, rows=10**3, tokens_exact=True, offers=offers)
+    finally:
+        _same_machine.cache_clear()
+    setup = {r.provider: r.setup_s for r in est.rows}
+    assert setup["mybox"] < setup["farbox"]  # no boot, no image, no download of 16 GB
