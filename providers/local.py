@@ -21,7 +21,7 @@ from loraburst._cost.gpus import apple_gpu_memory_gib
 from loraburst._state.disk import local_io, remove_quietly
 from loraburst._state.home import runs_dir
 from loraburst.remote.backends import is_apple_silicon, resolve_backend
-from loraburst.remote.protocol import BUNDLE_DIR, LOG_FILE, safe_extract
+from loraburst.remote.protocol import BUNDLE_DIR, LOG_FILE, pid_alive, safe_extract
 
 from ._base import Capabilities, Host, LaunchRequest, Machine, Offer, SelfTermination
 
@@ -97,20 +97,6 @@ def _by_model(gpus: list[tuple[str, float]]) -> list[tuple[tuple[str, float], in
     for g in gpus:
         counts[g] = counts.get(g, 0) + 1
     return sorted(counts.items())
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` is running (a zombie, finished but not reaped, is not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): kill(0) is the best we have
 
 
 class LocalHost:

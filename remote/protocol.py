@@ -378,6 +378,20 @@ class UnsafeArchiveError(ValueError):
     """A tar member would escape the destination (absolute path, ``..``) or is a link."""
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (a zombie, finished but not reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) is the best we have
+
+
 def safe_extract(tar_path: Path | str, dest: Path | str) -> list[str]:
     """Extract a bundle, refusing absolute paths, ``..`` components, links and devices.
 

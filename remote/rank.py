@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .agent import Reporter
-from .protocol import ENV_AGENT_PID, RANK_STOP_FILE, error_dict
+from .protocol import ENV_AGENT_PID, RANK_STOP_FILE, error_dict, pid_alive
 
 __all__ = ["QuietReporter", "main"]
 
@@ -42,21 +42,11 @@ def stop_source(workdir: Path) -> Any:
             return path.read_text().strip() or "stop requested"
         except FileNotFoundError:
             pass
-        if agent and not _alive(agent):
+        if agent and not pid_alive(agent):
             return "agent gone"
         return None
 
     return reason
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
