@@ -279,6 +279,11 @@ def encode_rows(
             pending.append(_prepare(norm, fmt, tokenizer))
         except (DataError, KeyError, TypeError) as exc:
             raise DataError(f"{source} row {n}: {exc}") from exc
+        except Exception as exc:  # the chat template's own (Jinja) errors, named with the row
+            raise DataError(
+                f"{source} row {n}: the chat template cannot render it "
+                f"({type(exc).__name__}: {exc}); check the row's turns"
+            ) from exc
         if len(pending) >= _TOKENIZE_BATCH:
             flush()
     flush()

@@ -38,6 +38,7 @@ from ..training import (
     preference,
     progress,
     settings,
+    setup,
 )
 from .sft import _metrics as sft_metrics
 
@@ -72,22 +73,32 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     reporter.update(phase="loading")
     reporter.event("loading", model=spec.model, method=spec.method, bits=spec.quant.bits,
                    objective=objective.type, init_adapter=bool(adapter))  # fmt: skip
+    clock = setup.Clock()
     loading.quiet()
     import torch
 
+    clock.mark("imports")
+
     # -- setup: data, model, memory plan ------------------------------------------------
     tokenizer, added = loading.load_tokenizer(spec, path)
-    rows, eval_rows, stats = _encode(workdir, bundle, tokenizer)
-    reporter.event("data", **stats)
+    clock.mark("tokenizer")
     settings.cap_memory(spec)
     cuda = torch.cuda.is_available()
-    model, tokenizer = loading.load_model(spec, path, tokenizer, added, fast=cuda, adapter=adapter)
+    # Pairs are tokenised while the model loads (see recipes/sft.py).
+    with setup.beside(_encode, workdir, bundle, tokenizer) as encoding:
+        model, tokenizer = loading.load_model(spec, path, tokenizer, added, fast=cuda,
+                                              adapter=adapter)  # fmt: skip
+        clock.mark("model")
+        (rows, eval_rows, stats), clock.spans["encode"] = encoding.result()
+    clock.mark("encode_wait")
+    reporter.event("data", **stats)
     layout, why_padded = data.layout(settings.base_config(model))
     if layout == "flat":
         settings.base_config(model)._attn_implementation = register_attention()
     pair_spec = _pair_spec(spec)
     chosen, plan = settings.choose(pair_spec, model, _pair_lengths(rows), False, layout)
     plan = _pair_units(plan)
+    clock.mark("plan")
     reporter.event(
         "settings",
         **{k: v for k, v in chosen.items() if k != "plan"},
@@ -95,6 +106,7 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
         batches_per_epoch=plan.batches_per_epoch,
         mean_tokens_per_micro_batch=round(plan.mean_tokens, 1),
         **({"padded_because": why_padded} if why_padded else {}),
+        setup_s=clock.report(),
     )  # fmt: skip
     dtype = loading.compute_dtype(spec.quant.compute_dtype)
     if cuda:

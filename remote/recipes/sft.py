@@ -1,11 +1,13 @@
 """Supervised fine-tuning with LoRA/QLoRA/DoRA: set up, train, save. One screen, top to bottom::
 
 tokenizer   its chat template, else ChatML
-data        input_ids + labels, -100 off the loss (assistant/completion tokens only)
+data        input_ids + labels, -100 off the loss (assistant/completion tokens only),
+            tokenised on a thread while the model loads
 batches     packed or not ("auto": pack short rows), one plan for every epoch, collated
             padding-free where the model allows
 model       NF4/FP4/int8 base (bitsandbytes) or bf16/fp32, wrapped in LoRA/DoRA (peft)
-settings    micro-batch, recompute and dequant cache planned on the loaded model (CUDA)
+settings    micro-batch, recompute and dequant cache planned on the loaded model (CUDA);
+            where the setup's seconds went (setup_s)
 train       Trainer over our batches; checkpoint every save_every_steps, resume from the
             newest; progress reported from a thread
 evaluate    base against tuned: held-out loss, samples, lm-eval tasks (remote/evaluate.py)
@@ -27,7 +29,17 @@ from ..attention import register as register_attention
 from ..batching import choose_packing
 from ..protocol import ENV_ARTIFACTS, BundleSpec, JobSpecData
 from ..sharding import rank_grad_accum
-from ..training import checkpoints, data, distributed, hf, loading, outputs, progress, settings
+from ..training import (
+    checkpoints,
+    data,
+    distributed,
+    hf,
+    loading,
+    outputs,
+    progress,
+    settings,
+    setup,
+)
 
 if TYPE_CHECKING:
     from ..agent import Reporter
@@ -49,16 +61,16 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     upload = os.environ.get(ENV_ARTIFACTS) or spec.artifacts
     reporter.update(phase="loading")
     reporter.event("loading", model=spec.model, method=spec.method, bits=spec.quant.bits)
+    clock = setup.Clock()
     loading.quiet()
     import torch
 
+    clock.mark("imports")
+
     # -- setup: data, model, memory plan ------------------------------------------------
     tokenizer, added = loading.load_tokenizer(spec, path)
-    rows, eval_rows, stats = data.encode(workdir, bundle, tokenizer)
-    reporter.event("data", **stats)
-    lengths = [len(r["input_ids"]) for r in rows]
+    clock.mark("tokenizer")
     settings.cap_memory(spec)
-    packing = choose_packing(spec.train.packing, lengths, spec.train.max_seq_len)
     cuda = torch.cuda.is_available()
     ranks = distributed.current()
     multi: dict[str, Any] = {}
@@ -67,8 +79,18 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     strategy = multi.get("strategy")
     sharded = bool(strategy and strategy.startswith("fsdp"))
     fast = cuda and not sharded  # the fast path runs on one GPU and under DDP
-    model, tokenizer = loading.load_model(spec, path, tokenizer, added, fast=fast,
-                                          sharded=sharded)  # fmt: skip
+    # The rows are tokenised on a thread while the model loads: loading is reading and
+    # quantising (C++ and CUDA, the GIL let go), tokenising is the Rust tokenizer, so the two
+    # overlap and the slower one alone is paid before the first step.
+    with setup.beside(data.encode, workdir, bundle, tokenizer) as encoding:
+        model, tokenizer = loading.load_model(spec, path, tokenizer, added, fast=fast,
+                                              sharded=sharded)  # fmt: skip
+        clock.mark("model")
+        (rows, eval_rows, stats), clock.spans["encode"] = encoding.result()
+    clock.mark("encode_wait")
+    reporter.event("data", **stats)
+    lengths = [len(r["input_ids"]) for r in rows]
+    packing = choose_packing(spec.train.packing, lengths, spec.train.max_seq_len)
     dtype = loading.compute_dtype(spec.quant.compute_dtype)
     if sharded and spec.quantized:
         distributed.check_quant_storage(model, dtype)
@@ -76,6 +98,7 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     if layout == "flat":
         settings.base_config(model)._attn_implementation = register_attention()
     chosen, plan = settings.choose(spec, model, lengths, packing, layout, fast=fast)
+    clock.mark("plan")
     reporter.event(
         "settings",
         **{k: v for k, v in chosen.items() if k != "plan"},
@@ -83,6 +106,7 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
         batches_per_epoch=plan.batches_per_epoch,
         mean_tokens_per_micro_batch=round(plan.mean_tokens, 1),
         **({"padded_because": why_padded} if why_padded else {}),
+        setup_s=clock.report(),
     )
     if chosen.get("plan", {}).get("fits") is False:
         reporter.event(

@@ -20,6 +20,7 @@ from loraburst.remote.protocol import (
 from tests.remote._workdir import (
     EVAL_DATA,
     FAST,
+    SAMPLE_DATA,
     events,
     log,
     make_workdir,
@@ -53,6 +54,14 @@ def test_qlora_nf4_trains_and_writes_a_verified_adapter(tiny_model: Path, tmp_pa
     steps = [e for e in events(workdir) if e["kind"] == "step"]
     assert [e["step"] for e in steps] == list(range(1, 9))
     assert all(e["tokens_per_s"] > 0 for e in steps)
+    # Where the seconds before the first step went; the rows were tokenised while the model
+    # loaded, so the data event comes after the model is in memory.
+    settings = next(e for e in events(workdir) if e["kind"] == "settings")
+    setup_s = settings["setup_s"]
+    assert {"imports", "tokenizer", "model", "encode", "encode_wait", "plan"} <= set(setup_s)
+    assert all(v >= 0 for v in setup_s.values())
+    assert setup_s["total"] >= setup_s["model"] + setup_s["plan"]
+    assert kinds.index("loading") < kinds.index("data") < kinds.index("settings")
 
     metrics = json.loads((workdir / METRICS_FILE).read_text())
     losses = metrics["losses"]
@@ -159,6 +168,23 @@ def test_missing_model_folder_fails_naming_it(tiny_model: Path, tmp_path: Path) 
     assert st.error["type"] == "FileNotFoundError" and str(missing) in st.error["message"]
     assert not (workdir / MANIFEST_FILE).exists()
     assert events(workdir)[-1]["kind"] == "failed"
+
+
+def test_a_bad_row_found_while_the_model_loads_fails_naming_it(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    # Past the client's checks (a hand-built bundle): the row's error, raised on the encoding
+    # thread, still ends the run with the file and row named.
+    bad = tmp_path / "bad.jsonl"
+    rows = SAMPLE_DATA.read_text().splitlines()[:5]
+    rows.insert(2, json.dumps({"messages": [{"role": "user"}]}))
+    bad.write_text("\n".join(rows) + "\n")
+    workdir = make_workdir(tmp_path, tiny_model, data=bad, train={**FAST, "max_steps": 1})
+    assert run_agent(workdir, timeout=120) == 1
+    st = state(workdir)
+    assert st.phase == "failed" and st.error is not None
+    assert "data/train.jsonl row 3" in st.error["message"], st.error
+    assert not (workdir / MANIFEST_FILE).exists()
 
 
 def _check(python: list[str], pythonpath: Path | None = None) -> dict[str, object]:
