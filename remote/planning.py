@@ -22,6 +22,7 @@ from .sharding import bytes_per_linear_param
 
 __all__ = [
     "CE_CHUNK_ELEMENTS",
+    "LEAN_MLP_CHUNK",
     "LEAN_LOSS_CHUNK",
     "LOSS_BYTES_PER_ELEMENT",
     "UNVERIFIED_MARGIN",
@@ -46,6 +47,10 @@ LOSS_BYTES_PER_ELEMENT = 14
 # 128K vocabulary 1,024 tokens hold ~1.7 GiB of logits and their gradient, more than a layer's
 # recomputed activations; 512 halves that at a few percent of the lm_head's speed.
 LEAN_LOSS_CHUNK = 512
+# In the leanest (offloaded) setting the MLP runs over this many tokens at a time, each chunk
+# recomputed in its backward (fastpath/layers.py): the step's peak was one layer's MLP backward
+# over the whole micro-batch. 2,048 tokens keep the gate/up product a large matmul.
+LEAN_MLP_CHUNK = 2048
 
 # Model types whose predicted peak was within 10% of the measured one on the H200
 # (benchmarks/planner_accuracy.py, benchmarks/real_path.py): Llama-3-8B -3.6%, Llama-3.2-3B

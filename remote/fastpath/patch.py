@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from ..planning import LEAN_MLP_CHUNK
 from ._common import PROJECTIONS, FastpathReport, decoder_layers
 from .layers import _fuse_elementwise, _group_layer
 from .lora import _dequantize, _fusable, _fused_forward, _Group
@@ -177,6 +178,15 @@ def apply_plan(model: Any, chosen: dict[str, Any]) -> FastpathReport:
         layers, 0, bool(chosen.get("offload")), int(chosen["recompute_layers"])
     )
     report["offloaded_checkpoints"] = bool(chosen.get("offload"))
+    # Leanest setting: each MLP in token chunks (layers.py's _chunked_mlp), else whole.
+    mlp_chunk = LEAN_MLP_CHUNK if chosen.get("offload") else None
+    chunked_mlps = 0
+    for layer in layers:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and hasattr(mlp, "_fastpath_gu"):
+            mlp._fastpath_mlp_chunk = mlp_chunk
+            chunked_mlps += mlp_chunk is not None
+    report["chunked_mlps"] = chunked_mlps
     cached = 0
     with torch.no_grad():
         for layer in layers[: int(chosen.get("dequant_cache") or 0)]:

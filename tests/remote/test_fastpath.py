@@ -342,8 +342,11 @@ def test_chunked_loss_applies_final_logit_softcapping() -> None:
 
 @pytest.mark.parametrize("offload", [False, True])
 def test_apply_plan_sets_recompute_cache_and_chunk_without_changing_the_function(
-    offload: bool,
+    offload: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Offloaded, each MLP runs in chunks of 10 tokens (48 here: 5 chunks, the last short),
+    # each recomputed in its own backward: same loss and gradients.
+    monkeypatch.setattr(patch, "LEAN_MLP_CHUNK", 10)
     x = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
     ref = _tiny_lora(True)
     ours = copy.deepcopy(ref)
@@ -354,11 +357,19 @@ def test_apply_plan_sets_recompute_cache_and_chunk_without_changing_the_function
         {"recompute_layers": 2, "offload": offload, "dequant_cache": 1, "loss_chunk": 5},
     )
     assert report["checkpointed_layers"] == 2 and report["cached_linears"] == 7
+    assert report["chunked_mlps"] == (3 if offload else 0)
+    calls: list[int] = []
+    core = layers._mlp_core
+    monkeypatch.setattr(
+        layers, "_mlp_core", lambda m, a, b, h: calls.append(h.shape[0]) or core(m, a, b, h)
+    )
     assert ours.get_base_model()._fastpath_loss_chunk == 5
     loss, grads = _loss_and_grads(ours, x)
     assert abs(loss - ref_loss) / ref_loss < 1e-5
     for name, g in grads.items():
         assert _rel(g, ref_grads[name]) < 1e-4, name
+    if offload:  # the chunks really ran: forward, then each chunk again in its backward
+        assert calls and set(calls) == {10, 8} and len(calls) % 5 == 0
 
 
 def test_plan_without_a_measurement_falls_back_to_the_leanest_setting() -> None:
