@@ -406,3 +406,46 @@ def test_unverified_architectures_are_planned_with_a_margin(
     assert llama["verified_architecture"] and not qwen["verified_architecture"]
     assert llama["recompute_layers"] == 0 and qwen["recompute_layers"] > 0
     assert qwen["predicted_peak_gib"] <= (9.0 - 0.5) / fastpath.UNVERIFIED_MARGIN + 0.5
+
+
+def test_kernel_warmup_builds_every_graph_the_first_training_steps_use(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The helper process (fastpath/warm.py) only saves time if the trainer's own calls then
+    # hit what it compiled: same shapes, dtypes, strides and grad flags. Dynamo's guards decide
+    # that, so: warm up in-process (the eager backend: same tracing and guards, no C++ build),
+    # then train the patched tiny model, forward and backward, with and without offload, and
+    # count the graphs compiled after the warm-up: none.
+    from loraburst.remote.fastpath import warm
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", **kw))
+    layers._compiled.cache_clear()
+    torch._dynamo.reset()
+    try:
+        shapes = warm.kernel_shapes(TINY)
+        assert shapes == {
+            "hidden": 64, "heads": 4, "kv_heads": 2, "head_dim": 16, "intermediate": 128,
+            "eps": 1e-5,
+        }  # fmt: skip
+        assert warm.warm(shapes, "float32", device="cpu") == ["rms_norm", "rope", "silu_mul_cat"]
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert graphs >= 6
+        for offload in (False, True):
+            model = _tiny_lora(False)
+            _apply(model, every=1 if offload else 0, offload_checkpoints=offload,
+                   fuse_elementwise=True)  # fmt: skip
+            x = torch.randint(0, TINY["vocab_size"], (1, 40))  # one packed row
+            _loss_and_grads(model, x)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    finally:
+        layers._compiled.cache_clear()
+        torch._dynamo.reset()
+
+
+def test_kernel_shapes_refuses_a_config_it_cannot_size() -> None:
+    from loraburst.remote.fastpath import warm
+
+    assert warm.kernel_shapes({"model_type": "mystery"}) is None
+    nested = warm.kernel_shapes({"text_config": {**TINY, "head_dim": None}})
+    assert nested is not None and nested["head_dim"] == 16  # hidden / heads
