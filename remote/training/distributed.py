@@ -40,6 +40,7 @@ __all__ = [
     "DistributedTrainingError",
     "check_engine",
     "check_quant_storage",
+    "check_sharded",
     "choose_strategy",
     "current",
     "is_main",
@@ -100,18 +101,19 @@ def choose_strategy(
     ``train.distributed`` other than "auto" is taken as given. On "auto" the model's
     ``config.json`` is planned as the client's estimate plans it (:mod:`..sharding`,
     :func:`..planning.plan_memory` with the predicted probe) against this card's memory; the
-    first strategy that fits wins, else the leanest. Without CUDA (tests on CPU) "auto" is DDP.
+    first strategy that fits wins, else the leanest. Without CUDA (tests on CPU) "auto" is DDP;
+    FSDP runs on CPU over gloo when asked for, FSDP with offload does not.
 
     Returns:
         ``strategy``, ``gpus``, ``per_gpu_gib`` (predicted, when planned), ``host_ram_gib``.
     """
     asked = spec.train.distributed
-    if asked.startswith("fsdp") and not cuda:
-        # accelerate turns FSDP on only for GPU process groups: on CPU, Trainer would run DDP
-        # under an FSDP request without a word. Refused, so what runs is what was asked.
+    if asked == "fsdp+offload" and not cuda:
+        # Offload moves the sharded parameters from the GPU to host memory: without a GPU they
+        # are in host memory already. FSDP itself runs on CPU (gloo; hf.py turns it on).
         raise DistributedTrainingError(
-            f"train.distributed: {asked} needs CUDA GPUs (accelerate runs FSDP on GPUs only; on "
-            "CPU the run would silently be DDP); use train.distributed: ddp or auto here"
+            f"train.distributed: {asked} needs CUDA GPUs (it offloads GPU shards to host memory); "
+            "on CPU use train.distributed: fsdp, ddp or auto"
         )
     if asked != "auto" or not cuda:
         strategy = asked if asked != "auto" else "ddp"
@@ -192,13 +194,15 @@ def training_kwargs(
         return {"ddp_find_unused_parameters": False, "ddp_backend": "nccl" if cuda else "gloo"}
     fsdp = "full_shard auto_wrap" + (" offload" if strategy == "fsdp+offload" else "")
     return {
+        **({} if cuda else {"ddp_backend": "gloo"}),
         "fsdp": fsdp,
         "fsdp_config": {
             "fsdp_version": 2,
             "transformer_layer_cls_to_wrap": decoder_layer_classes(model),
             "reshard_after_forward": True,
-            # Rank 0 reads the checkpoint; the others build the model on the meta device.
-            "cpu_ram_efficient_loading": True,
+            # Rank 0 reads the checkpoint; the others build the model on the meta device. (On
+            # CPU, accelerate's plugin would look for a GPU to build it on: every rank loads.)
+            "cpu_ram_efficient_loading": cuda,
             # The adapter at the end (and in checkpoints) as one full, unsharded state dict:
             # loadable by PeftModel anywhere, and resumable at any world size.
             "state_dict_type": "FULL_STATE_DICT",
@@ -241,6 +245,48 @@ def check_quant_storage(model: Any, dtype: Any) -> None:
                 f"is stored as {param.dtype}: set bnb_4bit_quant_storage to {dtype} (the trainer "
                 "does for train.distributed fsdp), or train with DDP"
             )
+
+
+def check_sharded(model: Any, world: int) -> dict[str, int]:
+    """Refuse a model FSDP did not shard: what runs under an FSDP request must hold only its
+    shard of each parameter (FSDP2's ``DTensor`` split over the ``world`` ranks), 4-bit weights
+    included. Called on the wrapped model at the first step, on every rank.
+
+    Returns:
+        ``params``, ``sharded`` (parameters split over ``world`` ranks), ``nf4`` and
+        ``nf4_sharded`` (the 4-bit weights, of which sharded), ``elements`` (the whole model's)
+        and ``local_elements`` (this rank's).
+
+    Raises:
+        DistributedTrainingError: naming a parameter that is whole on this rank.
+    """
+    from torch.distributed.tensor import DTensor, Shard
+
+    counts = dict.fromkeys(("params", "sharded", "nf4", "nf4_sharded", "elements",
+                            "local_elements"), 0)  # fmt: skip
+    whole: list[str] = []
+    four_bit = {f"{name}.weight" for name, module in model.named_modules()
+                if type(module).__name__ == "Linear4bit"
+                and type(module).__module__.startswith("bitsandbytes")}  # fmt: skip
+    for name, param in model.named_parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        split = isinstance(param, DTensor) and param.device_mesh.size() == world and any(
+            isinstance(p, Shard) for p in param.placements)  # fmt: skip
+        nf4 = name in four_bit
+        counts["params"] += 1
+        counts["sharded"] += split
+        counts["nf4"] += nf4
+        counts["nf4_sharded"] += nf4 and split
+        counts["elements"] += param.numel()
+        counts["local_elements"] += local.numel()
+        if not split:
+            whole.append(name)
+    if whole:
+        raise DistributedTrainingError(
+            f"asked for FSDP, but {len(whole)} of {counts['params']} parameters are whole on this "
+            f"rank, not sharded over {world} ranks (e.g. {whole[0]}); use train.distributed: ddp"
+        )
+    return counts
 
 
 def reduce_step(trainer: Any, stop: bool) -> tuple[float | None, int, bool]:

@@ -83,6 +83,12 @@ def trainer_class() -> Any:
             self.tokens_seen = 0
             self.step_tokens = 0  # this rank's, this optimizer step (progress sums the ranks)
             self.step_loss: Any = None
+            self._shards_checked = False
+
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+                _fsdp_on_cpu(self)
 
         def get_train_dataloader(self) -> Any:
             return self.accelerator.prepare(self._loaders[0])
@@ -94,6 +100,9 @@ def trainer_class() -> Any:
             return 0  # not reported; the stock count walks every parameter each micro-batch
 
         def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+            if self.is_fsdp_enabled and not self._shards_checked:
+                _report_shards(model)
+                self._shards_checked = True
             self.step_tokens += int(inputs.pop("num_tokens", 0))
             inputs.pop("num_loss_tokens", None)
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -107,3 +116,48 @@ def trainer_class() -> Any:
             return super().prediction_step(model, inputs, *args, **kwargs)
 
     return LoraburstTrainer
+
+
+def _report_shards(model: Any) -> None:
+    """Check that FSDP sharded every parameter of the wrapped ``model`` and say, on each rank,
+    what this rank holds (in the ranks' log, agent.log)."""
+    import torch.distributed as dist
+
+    from .distributed import check_sharded
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    c = check_sharded(model, world)
+    print(
+        f"[rank {rank}/{world}] FSDP shards {c['sharded']} of {c['params']} parameters "
+        f"({c['nf4_sharded']} of {c['nf4']} 4-bit weights): this rank holds "
+        f"{c['local_elements']} of {c['elements']} elements",
+        flush=True,
+    )
+
+
+def _fsdp_on_cpu(trainer: Any) -> None:
+    """Turn accelerate's FSDP on for a CPU process group (gloo), where it asked for it.
+
+    accelerate (1.15, ``AcceleratorState.__init__``) sets ``DistributedType.FSDP`` only when the
+    process group is a GPU's (``MULTI_GPU`` and kin); on CPU it keeps ``MULTI_CPU`` and drops
+    the plugin, and Trainer would then run DDP under an FSDP request. torch's FSDP2
+    (``fully_shard``) itself runs on CPU over gloo (all-gather, reduce-scatter), so the state is
+    set as accelerate sets it on a GPU: the plugin kept, the distributed type FSDP for the
+    accelerator and the process state. What then runs is accelerate's own FSDP2 preparation
+    (``fsdp2_prepare_model``), state-dict saving and loading: the same code as on GPUs.
+    :func:`.distributed.check_engine` and the trainer's shard check confirm it.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return  # a GPU group accelerate declined FSDP for: check_engine says so
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True

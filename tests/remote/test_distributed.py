@@ -57,7 +57,7 @@ def test_fsdp_arguments_shard_by_decoder_layer_with_a_full_adapter_state_dict(
 def test_fsdp_auto_and_explicit_strategies(tiny_model: Path) -> None:
     assert distributed.choose_strategy(_spec(tiny_model), str(tiny_model), 2, cuda=False)[
         "strategy"] == "ddp"  # fmt: skip
-    spec = _spec(tiny_model, train={"distributed": "fsdp"})
+    spec = _spec(tiny_model, train={"distributed": "fsdp+offload"})
     with pytest.raises(distributed.DistributedTrainingError, match="needs CUDA GPUs"):
         distributed.choose_strategy(spec, str(tiny_model), 2, cuda=False)
 
