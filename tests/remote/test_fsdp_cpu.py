@@ -1,0 +1,191 @@
+"""FSDP on several "GPUs": two ranks under torchrun with gloo on CPU, the real agent on a
+hand-built WORKDIR (tiny real Llama, bitsandbytes NF4 stored in float32), FSDP2 through Trainer.
+
+accelerate sets FSDP up only for GPU process groups; the trainer turns it on for a CPU group
+(``training/hf.py``) and checks at the first step that every parameter, the 4-bit weights too,
+is really sharded over the ranks (each rank says what it holds in agent.log). What is checked
+here: the losses match one process on the same global batch, the adapter is one full state dict
+that PeftModel loads, a two-rank run resumes from its FSDP checkpoint, and killing one rank ends
+the job and every rank.
+
+Tolerances: both runs compute in float32 on the same weights and the same batches; they differ
+only in where the two micro-batches' gradients are added (FSDP's reduce-scatter averages the
+ranks' gradients, one process accumulates them), a rounding difference of ~1e-7 per value that
+AdamW carries over six steps. rel=1e-4 on the loss and rtol=1e-3/atol=1e-5 on the adapter (as for
+DDP) are far above that and far below what a wrong shard, a dropped rank or a skipped step moves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+from loraburst import JobSpec
+from loraburst.remote.protocol import (
+    ADAPTER_DIR,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    BundleSpec,
+    JobSpecData,
+    verify_manifest,
+)
+from loraburst.remote.training import distributed
+
+from tests.remote._workdir import events, log, make_workdir, run_agent, start_agent, state
+from tests.remote.test_multi_gpu import TRAIN, _lora, _losses, _rank_pids, _wait_for_steps
+
+SHARDS = re.compile(
+    r"\[rank (\d)/2\] FSDP shards (\d+) of (\d+) parameters \((\d+) of (\d+) 4-bit weights\): "
+    r"this rank holds (\d+) of (\d+) elements"
+)
+
+
+def _spec(model: Path, **kw: object) -> JobSpecData:
+    dumped = JobSpec(model=str(model), dataset="d.jsonl", **kw).model_dump(mode="json")  # type: ignore[arg-type]
+    doc = {"protocol_version": 1, "job_id": "t", "data_format": "messages", "spec": dumped}
+    return BundleSpec.from_dict(doc).spec
+
+
+def _log(workdir: Path) -> str:
+    """The whole agent.log (every rank's output)."""
+    return (workdir / "agent.log").read_text(errors="replace")
+
+
+def _run(workdir: Path, gpus: int) -> None:
+    assert run_agent(workdir, {"LORABURST_GPUS": str(gpus)}, timeout=400) == 0, log(workdir)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two FSDP ranks, 4 steps of a global batch of 2 micro-batches (checkpoints at 2 and 4)."""
+    train = {**TRAIN, "max_steps": 4, "grad_accum": 2, "distributed": "fsdp"}
+    workdir = make_workdir(tmp_path_factory.mktemp("fsdp"), tiny_model, train=train)
+    _run(workdir, 2)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same job, 6 steps, as one process (no torchrun)."""
+    train = {**TRAIN, "max_steps": 6, "grad_accum": 2}
+    workdir = make_workdir(tmp_path_factory.mktemp("one"), tiny_model, train=train)
+    _run(workdir, 1)
+    return workdir
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_ranks_shards_the_nf4_model_and_matches_one_process(
+    fsdp_run: Path, one_process: Path, tiny_model: Path
+) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    two = fsdp_run
+    (plan,) = [e for e in events(two) if e["kind"] == "distributed"]
+    assert plan["strategy"] == "fsdp" and plan["gpus"] == 2 and plan["grad_accum_per_rank"] == 1
+    assert plan["turned_off"]  # the fast path does not run under FSDP
+    # Really FSDP: on each rank every parameter is a shard, the NF4 weights (14 projections of
+    # 2 layers) included, and each rank holds half of the model's elements.
+    found = {int(m[1]): [int(x) for x in m.groups()[1:]] for m in SHARDS.finditer(_log(two))}
+    assert set(found) == {0, 1}, log(two)
+    for sharded, params, nf4_sharded, nf4, local, total in found.values():
+        assert sharded == params > 0 and nf4_sharded == nf4 == 14
+        assert local * 2 == total
+    # The same losses and tokens as one process over the same global batches.
+    a, b = _losses(two), _losses(one_process)[:4]
+    assert len(a) == 4 and a == pytest.approx(b, rel=1e-4) and a[-1] < a[0]
+    ma, mb = (json.loads((w / METRICS_FILE).read_text()) for w in (two, one_process))
+    assert ma["steps"] == 4 and ma["train_tokens"] > 0
+    # One full adapter (not rank 0's shard): every LoRA tensor has its whole shape, and
+    # PeftModel loads it onto the base model.
+    adapter = _lora(two / ADAPTER_DIR)
+    reference = _lora(one_process / ADAPTER_DIR)
+    assert adapter.keys() == reference.keys() and adapter
+    for key, tensor in adapter.items():
+        assert tensor.shape == reference[key].shape, key
+    assert verify_manifest(two, json.loads((two / MANIFEST_FILE).read_text())) == []
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model))
+    tuned = PeftModel.from_pretrained(base, str(two / ADAPTER_DIR))
+    loaded = {k: v for k, v in tuned.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(adapter)
+    assert torch.isfinite(tuned(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all()
+    assert state(two).phase == "done" and state(two).step == 4
+
+
+@pytest.mark.slow
+def test_two_fsdp_ranks_resume_from_their_checkpoint(
+    fsdp_run: Path, one_process: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    # The 4-step FSDP run goes on to 6 steps on two ranks again, from its FSDP checkpoint
+    # (a full state dict of the model and the optimizer).
+    workdir = tmp_path / "run"
+    shutil.copytree(fsdp_run, workdir)
+    assert (workdir / "checkpoints" / "checkpoint-4" / "pytorch_model_fsdp.bin").is_file()
+    spec_path = workdir / "bundle" / "spec.json"
+    doc = json.loads(spec_path.read_text())
+    doc["spec"]["train"]["max_steps"] = 6
+    spec_path.write_text(json.dumps(doc))
+    _run(workdir, 2)
+    (resumed,) = [e for e in events(workdir) if e["kind"] == "resuming"]
+    assert resumed["checkpoint"] == "checkpoint-4"
+    metrics = json.loads((workdir / METRICS_FILE).read_text())
+    assert metrics["steps"] == 6 and metrics["resumed_from_step"] == 4
+    # Steps 5 and 6 are the uninterrupted run's: the weights, the optimizer's moments and the
+    # data position all came back.
+    straight = _losses(one_process)
+    assert metrics["losses"][4:] == pytest.approx(straight[4:], rel=1e-4)
+    la, lb = _lora(workdir / ADAPTER_DIR), _lora(one_process / ADAPTER_DIR)
+    for key in la:
+        torch.testing.assert_close(la[key], lb[key], rtol=1e-3, atol=1e-5)
+
+
+def test_fsdp_runs_on_cpu_but_offload_is_refused(tiny_model: Path) -> None:
+    fsdp = _spec(tiny_model, train={"distributed": "fsdp"})
+    assert distributed.choose_strategy(fsdp, str(tiny_model), 2, cuda=False)["strategy"] == "fsdp"
+    offload = _spec(tiny_model, train={"distributed": "fsdp+offload"})
+    with pytest.raises(distributed.DistributedTrainingError, match="needs CUDA GPUs"):
+        distributed.choose_strategy(offload, str(tiny_model), 2, cuda=False)
+
+
+def test_a_model_fsdp_did_not_shard_is_refused(tiny_model: Path) -> None:
+    from loraburst.remote.training import loading
+
+    spec = _spec(tiny_model, quant={"compute_dtype": "float32"})
+    model, _ = loading.load_model(spec, str(tiny_model), sharded=True)
+    kw = distributed.training_kwargs("fsdp", model, checkpointing=False, cuda=False)
+    assert kw["ddp_backend"] == "gloo" and not kw["fsdp_config"]["cpu_ram_efficient_loading"]
+    # Whole parameters on a rank of two (what DDP would run): refused, naming one.
+    with pytest.raises(distributed.DistributedTrainingError, match="whole on this rank"):
+        distributed.check_sharded(model, 2)
+
+
+@pytest.mark.slow
+def test_killing_one_fsdp_rank_ends_the_job_and_every_rank(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    # The survivor waits in one of FSDP's collectives (an all-gather, a reduce-scatter) for a
+    # peer that is gone: torchrun ends it, the job fails, nothing is left running.
+    train = {**TRAIN, "max_steps": 100000, "distributed": "fsdp"}
+    workdir = make_workdir(tmp_path, tiny_model, train=train)
+    proc = start_agent(workdir, {"LORABURST_GPUS": "2"})
+    try:
+        _wait_for_steps(workdir, proc, 1)
+        ranks = _rank_pids(workdir)
+        assert set(ranks) == {0, 1}
+        os.kill(ranks[1], signal.SIGKILL)
+        assert proc.wait(timeout=120) == 1, log(workdir)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    st = state(workdir)
+    assert st.phase == "failed" and st.error is not None
+    assert _rank_pids(workdir) == {}
+    assert not (workdir / MANIFEST_FILE).exists()
