@@ -204,7 +204,8 @@ def training_kwargs(
             # CPU, accelerate's plugin would look for a GPU to build it on: every rank loads.)
             "cpu_ram_efficient_loading": cuda,
             # The adapter at the end (and in checkpoints) as one full, unsharded state dict:
-            # loadable by PeftModel anywhere, and resumable at any world size.
+            # loadable by PeftModel anywhere. (Resuming an FSDP checkpoint needs FSDP again:
+            # Trainer loads it only under FSDP, so not as one plain process.)
             "state_dict_type": "FULL_STATE_DICT",
             "activation_checkpointing": checkpointing,
         },

@@ -1,9 +1,8 @@
 """The trainer on several "GPUs": two ranks under torchrun with gloo on CPU, the real agent on a
 hand-built WORKDIR (tiny real Llama, bitsandbytes NF4 on CPU), DDP through Trainer.
 
-FSDP needs CUDA here: accelerate sets up FSDP only for GPU process groups, so on CPU the
-trainer refuses it (rather than let Trainer run DDP under an FSDP request) and these tests check
-what FSDP is given (arguments, the NF4 storage dtype) instead of running it.
+FSDP on two CPU ranks runs in test_fsdp_cpu.py; these tests also check what FSDP is given
+(arguments, the NF4 storage dtype).
 """
 
 from __future__ import annotations
