@@ -12,7 +12,7 @@ import pytest
 if TYPE_CHECKING:
     from loraburst import Job
 
-pytest_plugins = ["tests.fakes.fixtures", "tests.fakes.disk"]
+pytest_plugins = ["tests.fakes.fixtures", "tests.fakes.disk", "tests.faults.summary"]
 
 
 @pytest.fixture(autouse=True)
