@@ -229,7 +229,10 @@ class LambdaProvider:
         }
         try:
             self._pace()
-            data = self._call("POST", "/instance-operations/launch", body, idempotent=False)
+            try:
+                data = self._call("POST", "/instance-operations/launch", body, idempotent=False)
+            finally:
+                self._paced()
             ids = (data or {}).get("instance_ids") or []
             if not ids:
                 raise ProviderAPIError("lambda: launch returned no instance id", provider=self.name)
@@ -273,6 +276,13 @@ class LambdaProvider:
             if wait > 0:
                 time.sleep(wait)
             _last_launch[self.base_url] = time.time()
+
+    def _paced(self) -> None:
+        """The launch's reply is in: the next launch waits from now. Lambda counts from when
+        the request arrived, some time between the send (stamped by ``_pace``) and the reply:
+        spacing counted from the send alone is shorter there when this request was slow."""
+        with _launch_lock:
+            _last_launch[self.base_url] = max(_last_launch.get(self.base_url, 0.0), time.time())
 
     def get(self, machine_id: str) -> Machine | None:
         try:
