@@ -71,9 +71,20 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     settings.cap_memory(spec)
     cuda = torch.cuda.is_available()
     ranks = distributed.current()
+    # The checkpoint to resume from decides with the ranks: one written under FSDP resumes
+    # under FSDP again, on any number of ranks (the agent starts even one under torchrun).
+    resume = checkpoints.resume_point(workdir, upload, reporter)
+    fsdp_checkpoint = resume is not None and checkpoints.written_under_fsdp(resume)
     multi: dict[str, Any] = {}
-    if ranks.engaged(spec):
-        multi = distributed.choose_strategy(spec, path, ranks.world, cuda=cuda)
+    if ranks.engaged(spec, fsdp_checkpoint=fsdp_checkpoint):
+        multi = distributed.choose_strategy(spec, path, ranks.world, cuda=cuda,
+                                            fsdp_checkpoint=fsdp_checkpoint)  # fmt: skip
+    elif fsdp_checkpoint and resume is not None:
+        raise distributed.DistributedTrainingError(
+            f"{resume.name} was written under FSDP, whose model and optimizer state resume only "
+            "under FSDP: run the job through the agent (it starts one FSDP rank under torchrun "
+            "for it), or under torchrun with train.distributed: fsdp"
+        )
     strategy = multi.get("strategy")
     sharded = bool(strategy and strategy.startswith("fsdp"))
     fast = cuda and not sharded  # the fast path runs on one GPU and under DDP
@@ -172,7 +183,6 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     trainer.add_callback(callback)
 
     # -- train ----------------------------------------------------------------------------
-    resume = checkpoints.resume_point(workdir, upload, reporter)
     tokens_before = 0
     if resume is not None:
         reporter.event("resuming", checkpoint=resume.name)

@@ -71,10 +71,13 @@ class Context:
     def main(self) -> bool:
         return self.rank == 0
 
-    def engaged(self, spec: JobSpecData) -> bool:
+    def engaged(self, spec: JobSpecData, *, fsdp_checkpoint: bool = False) -> bool:
         """Whether the multi-GPU path runs: more than one rank, or one rank under torchrun with
-        a strategy named (a rehearsal of FSDP or DDP on one GPU: benchmarks/multi_gpu_h200.py)."""
-        return self.world > 1 or (self.launched and spec.train.distributed != "auto")
+        a strategy named (a rehearsal of FSDP or DDP on one GPU: benchmarks/multi_gpu_h200.py)
+        or resuming a checkpoint written under FSDP (the agent starts torchrun for it)."""
+        return self.world > 1 or (
+            self.launched and (spec.train.distributed != "auto" or fsdp_checkpoint)
+        )
 
 
 def current() -> Context:
@@ -94,7 +97,7 @@ def is_main() -> bool:
 
 
 def choose_strategy(
-    spec: JobSpecData, model_path: str, world: int, *, cuda: bool
+    spec: JobSpecData, model_path: str, world: int, *, cuda: bool, fsdp_checkpoint: bool = False
 ) -> dict[str, Any]:
     """DDP, FSDP or FSDP with offload for ``world`` GPUs, and the per-GPU plan behind it.
 
@@ -104,10 +107,31 @@ def choose_strategy(
     first strategy that fits wins, else the leanest. Without CUDA (tests on CPU) "auto" is DDP;
     FSDP runs on CPU over gloo when asked for, FSDP with offload does not.
 
+    Resuming a checkpoint written under FSDP (``fsdp_checkpoint``) needs FSDP again, at any
+    world size (Trainer loads FSDP's model and optimizer state only under FSDP): "auto" picks
+    among the FSDP strategies, and "ddp" is refused.
+
     Returns:
-        ``strategy``, ``gpus``, ``per_gpu_gib`` (predicted, when planned), ``host_ram_gib``.
+        ``strategy``, ``gpus``, ``per_gpu_gib`` (predicted, when planned), ``host_ram_gib``;
+        ``resumes_fsdp_checkpoint`` when ``fsdp_checkpoint``.
+
+    Raises:
+        DistributedTrainingError: fsdp+offload without CUDA; ddp asked for an FSDP checkpoint.
     """
+    chosen = _choose(spec, model_path, world, cuda=cuda, fsdp_checkpoint=fsdp_checkpoint)
+    return {**chosen, "resumes_fsdp_checkpoint": True} if fsdp_checkpoint else chosen
+
+
+def _choose(
+    spec: JobSpecData, model_path: str, world: int, *, cuda: bool, fsdp_checkpoint: bool
+) -> dict[str, Any]:
     asked = spec.train.distributed
+    if asked == "ddp" and fsdp_checkpoint:
+        raise DistributedTrainingError(
+            "train.distributed: ddp, but the checkpoint to resume was written under FSDP, whose "
+            "model and optimizer state resume only under FSDP: use train.distributed: fsdp or "
+            "auto (or start over without the checkpoint)"
+        )
     if asked == "fsdp+offload" and not cuda:
         # Offload moves the sharded parameters from the GPU to host memory: without a GPU they
         # are in host memory already. FSDP itself runs on CPU (gloo; hf.py turns it on).
@@ -116,7 +140,7 @@ def choose_strategy(
             "on CPU use train.distributed: fsdp, ddp or auto"
         )
     if asked != "auto" or not cuda:
-        strategy = asked if asked != "auto" else "ddp"
+        strategy = asked if asked != "auto" else ("fsdp" if fsdp_checkpoint else "ddp")
         return {"strategy": strategy, "gpus": world, "planned": False}
     import torch
 
@@ -133,6 +157,8 @@ def choose_strategy(
                                        else int(spec.train.micro_batch_size))  # fmt: skip
     chosen: dict[str, Any] = {}
     for strategy in sharding.STRATEGIES:
+        if fsdp_checkpoint and not strategy.startswith("fsdp"):
+            continue
         lay = sharding.layout(shape, strategy=strategy, gpus=world, bits=bits,
                               double_quant=spec.quant.double_quant, trainable=lora)  # fmt: skip
         probe = planning.predict_probe(shape, str(config.get("model_type", "llama")))
@@ -204,8 +230,9 @@ def training_kwargs(
             # CPU, accelerate's plugin would look for a GPU to build it on: every rank loads.)
             "cpu_ram_efficient_loading": cuda,
             # The adapter at the end (and in checkpoints) as one full, unsharded state dict:
-            # loadable by PeftModel anywhere. (Resuming an FSDP checkpoint needs FSDP again:
-            # Trainer loads it only under FSDP, so not as one plain process.)
+            # loadable by PeftModel anywhere. Full state dicts are the same at any world size:
+            # a checkpoint resumes under FSDP on any number of ranks, one included (Trainer
+            # loads it only under FSDP: the agent starts one rank under torchrun for it).
             "state_dict_type": "FULL_STATE_DICT",
             "activation_checkpointing": checkpointing,
         },
