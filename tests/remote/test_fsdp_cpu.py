@@ -5,8 +5,9 @@ accelerate sets FSDP up only for GPU process groups; the trainer turns it on for
 (``training/hf.py``) and checks at the first step that every parameter, the 4-bit weights too,
 is really sharded over the ranks (each rank says what it holds in agent.log). What is checked
 here: the losses match one process on the same global batch, the adapter is one full state dict
-that PeftModel loads, a two-rank run resumes from its FSDP checkpoint, and killing one rank ends
-the job and every rank.
+that PeftModel loads, a two-rank run resumes from its FSDP checkpoint on two ranks and on one
+(the agent starts one FSDP rank under torchrun for it), and killing one rank ends the job and
+every rank.
 
 Tolerances: both runs compute in float32 on the same weights and the same batches; they differ
 only in where the two micro-batches' gradients are added (FSDP's reduce-scatter averages the
@@ -145,6 +146,66 @@ def test_two_fsdp_ranks_resume_from_their_checkpoint(
     la, lb = _lora(workdir / ADAPTER_DIR), _lora(one_process / ADAPTER_DIR)
     for key in la:
         torch.testing.assert_close(la[key], lb[key], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_two_rank_fsdp_checkpoint_resumes_on_one_rank(
+    fsdp_run: Path, one_process: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    # The 2-GPU box is gone; the retry lands on one GPU (a spec with distributed "auto": FSDP
+    # was never named). The agent sees the FSDP checkpoint and starts one FSDP rank under
+    # torchrun, which loads the full model and optimizer state the two ranks wrote.
+    workdir = tmp_path / "run"
+    shutil.copytree(fsdp_run, workdir)
+    spec_path = workdir / "bundle" / "spec.json"
+    doc = json.loads(spec_path.read_text())
+    doc["spec"]["train"].update(max_steps=6, distributed="auto")
+    spec_path.write_text(json.dumps(doc))
+    (workdir / "events.jsonl").unlink()
+    _run(workdir, 1)
+    (launch,) = [e for e in events(workdir) if e["kind"] == "launching"]
+    assert launch["processes"] == 1 and "checkpoint-4 was written under FSDP" in launch["why"]
+    (plan,) = [e for e in events(workdir) if e["kind"] == "distributed"]
+    assert plan["strategy"] == "fsdp" and plan["gpus"] == 1 and plan["resumes_fsdp_checkpoint"]
+    assert plan["grad_accum_per_rank"] == 2  # the same global batch as the two ranks'
+    assert re.search(r"\[rank 0/1\] FSDP shards (\d+) of \1 parameters", _log(workdir))
+    (resumed,) = [e for e in events(workdir) if e["kind"] == "resuming"]
+    assert resumed["checkpoint"] == "checkpoint-4"
+    metrics = json.loads((workdir / METRICS_FILE).read_text())
+    assert metrics["steps"] == 6 and metrics["resumed_from_step"] == 4
+    assert [e["step"] for e in events(workdir) if e["kind"] == "step"] == [5, 6]
+    # Steps 5 and 6 are the uninterrupted run's: the weights, AdamW's moments and step count,
+    # and the data position all came back (fresh moments would move the adapter otherwise).
+    straight = _losses(one_process)
+    assert metrics["losses"][4:] == pytest.approx(straight[4:], rel=1e-4)
+    la, lb = _lora(workdir / ADAPTER_DIR), _lora(one_process / ADAPTER_DIR)
+    assert la.keys() == lb.keys() and la
+    for key in la:
+        torch.testing.assert_close(la[key], lb[key], rtol=1e-3, atol=1e-5)
+    assert verify_manifest(workdir, json.loads((workdir / MANIFEST_FILE).read_text())) == []
+
+
+def test_an_fsdp_checkpoint_asks_for_fsdp_again(tiny_model: Path, tmp_path: Path) -> None:
+    from loraburst.remote.training import checkpoints
+
+    plain, fsdp = tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"
+    for folder, name in ((plain, "optimizer.pt"), (fsdp, "pytorch_model_fsdp.bin")):
+        folder.mkdir()
+        (folder / name).write_bytes(b"")
+    assert not checkpoints.written_under_fsdp(plain) and checkpoints.written_under_fsdp(fsdp)
+    auto = _spec(tiny_model)
+    one = distributed.Context(launched=True)
+    assert not one.engaged(auto) and one.engaged(auto, fsdp_checkpoint=True)
+    assert not distributed.Context().engaged(auto, fsdp_checkpoint=True)  # not under torchrun
+    for world in (1, 4):
+        chosen = distributed.choose_strategy(auto, str(tiny_model), world, cuda=False,
+                                             fsdp_checkpoint=True)  # fmt: skip
+        assert chosen["strategy"] == "fsdp" and chosen["resumes_fsdp_checkpoint"]
+    ddp = _spec(tiny_model, train={"distributed": "ddp"})
+    with pytest.raises(distributed.DistributedTrainingError, match="written under FSDP"):
+        distributed.choose_strategy(ddp, str(tiny_model), 1, cuda=False, fsdp_checkpoint=True)
 
 
 def test_fsdp_runs_on_cpu_but_offload_is_refused(tiny_model: Path) -> None:
