@@ -71,15 +71,17 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     settings.cap_memory(spec)
     cuda = torch.cuda.is_available()
     ranks = distributed.current()
-    # The checkpoint to resume from decides with the ranks: one written under FSDP resumes
-    # under FSDP again, on any number of ranks (the agent starts even one under torchrun).
+    # The checkpoint to resume from binds the engine: one written under FSDP resumes under
+    # FSDP again, on any number of ranks (the agent starts even one under torchrun), one
+    # written without it resumes without it.
     resume = checkpoints.resume_point(workdir, upload, reporter)
-    fsdp_checkpoint = resume is not None and checkpoints.written_under_fsdp(resume)
+    written = None if resume is None else ("fsdp" if checkpoints.written_under_fsdp(resume)
+                                           else "plain")  # fmt: skip
     multi: dict[str, Any] = {}
-    if ranks.engaged(spec, fsdp_checkpoint=fsdp_checkpoint):
+    if ranks.engaged(spec, fsdp_checkpoint=written == "fsdp"):
         multi = distributed.choose_strategy(spec, path, ranks.world, cuda=cuda,
-                                            fsdp_checkpoint=fsdp_checkpoint)  # fmt: skip
-    elif fsdp_checkpoint and resume is not None:
+                                            checkpoint=written)  # fmt: skip
+    elif written == "fsdp" and resume is not None:
         raise distributed.DistributedTrainingError(
             f"{resume.name} was written under FSDP, whose model and optimizer state resume only "
             "under FSDP: run the job through the agent (it starts one FSDP rank under torchrun "

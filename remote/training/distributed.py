@@ -97,7 +97,7 @@ def is_main() -> bool:
 
 
 def choose_strategy(
-    spec: JobSpecData, model_path: str, world: int, *, cuda: bool, fsdp_checkpoint: bool = False
+    spec: JobSpecData, model_path: str, world: int, *, cuda: bool, checkpoint: str | None = None
 ) -> dict[str, Any]:
     """DDP, FSDP or FSDP with offload for ``world`` GPUs, and the per-GPU plan behind it.
 
@@ -107,31 +107,39 @@ def choose_strategy(
     first strategy that fits wins, else the leanest. Without CUDA (tests on CPU) "auto" is DDP;
     FSDP runs on CPU over gloo when asked for, FSDP with offload does not.
 
-    Resuming a checkpoint written under FSDP (``fsdp_checkpoint``) needs FSDP again, at any
-    world size (Trainer loads FSDP's model and optimizer state only under FSDP): "auto" picks
-    among the FSDP strategies, and "ddp" is refused.
+    The checkpoint the job resumes from binds the engine (``checkpoint``: "fsdp" when written
+    under FSDP, "plain" when by one GPU or DDP, None without one): Trainer loads FSDP's model and
+    optimizer state only under FSDP, and under FSDP only those (accelerate reads FSDP's
+    ``optimizer.bin``, not ``optimizer.pt``). An FSDP checkpoint resumes under FSDP at any
+    world size: "auto" picks among the FSDP strategies and "ddp" is refused. A plain one resumes
+    under DDP: "auto" picks DDP and "fsdp" is refused (before the model loads, not at the
+    first step).
 
     Returns:
         ``strategy``, ``gpus``, ``per_gpu_gib`` (predicted, when planned), ``host_ram_gib``;
-        ``resumes_fsdp_checkpoint`` when ``fsdp_checkpoint``.
+        ``resumes_fsdp_checkpoint`` for an FSDP checkpoint.
 
     Raises:
-        DistributedTrainingError: fsdp+offload without CUDA; ddp asked for an FSDP checkpoint.
+        DistributedTrainingError: fsdp+offload without CUDA; a strategy that cannot resume the
+            checkpoint.
     """
-    chosen = _choose(spec, model_path, world, cuda=cuda, fsdp_checkpoint=fsdp_checkpoint)
-    return {**chosen, "resumes_fsdp_checkpoint": True} if fsdp_checkpoint else chosen
+    chosen = _choose(spec, model_path, world, cuda=cuda, checkpoint=checkpoint)
+    return {**chosen, "resumes_fsdp_checkpoint": True} if checkpoint == "fsdp" else chosen
 
 
 def _choose(
-    spec: JobSpecData, model_path: str, world: int, *, cuda: bool, fsdp_checkpoint: bool
+    spec: JobSpecData, model_path: str, world: int, *, cuda: bool, checkpoint: str | None
 ) -> dict[str, Any]:
     asked = spec.train.distributed
-    if asked == "ddp" and fsdp_checkpoint:
+    fsdp = checkpoint == "fsdp"
+    if asked != "auto" and checkpoint is not None and asked.startswith("fsdp") != fsdp:
         raise DistributedTrainingError(
-            "train.distributed: ddp, but the checkpoint to resume was written under FSDP, whose "
-            "model and optimizer state resume only under FSDP: use train.distributed: fsdp or "
-            "auto (or start over without the checkpoint)"
-        )
+            f"train.distributed: {asked}, but the checkpoint to resume was written "
+            + ("under FSDP, whose state Trainer resumes only under FSDP: use "
+               "train.distributed: fsdp or auto" if fsdp else "without FSDP (one GPU or DDP), "
+               "whose state Trainer resumes only without FSDP: use train.distributed: ddp or auto")
+            + " (or start over without the checkpoint)"
+        )  # fmt: skip
     if asked == "fsdp+offload" and not cuda:
         # Offload moves the sharded parameters from the GPU to host memory: without a GPU they
         # are in host memory already. FSDP itself runs on CPU (gloo; hf.py turns it on).
@@ -140,7 +148,7 @@ def _choose(
             "on CPU use train.distributed: fsdp, ddp or auto"
         )
     if asked != "auto" or not cuda:
-        strategy = asked if asked != "auto" else ("fsdp" if fsdp_checkpoint else "ddp")
+        strategy = asked if asked != "auto" else ("fsdp" if fsdp else "ddp")
         return {"strategy": strategy, "gpus": world, "planned": False}
     import torch
 
@@ -157,8 +165,8 @@ def _choose(
                                        else int(spec.train.micro_batch_size))  # fmt: skip
     chosen: dict[str, Any] = {}
     for strategy in sharding.STRATEGIES:
-        if fsdp_checkpoint and not strategy.startswith("fsdp"):
-            continue
+        if checkpoint is not None and strategy.startswith("fsdp") != fsdp:
+            continue  # an engine that cannot resume the checkpoint
         lay = sharding.layout(shape, strategy=strategy, gpus=world, bits=bits,
                               double_quant=spec.quant.double_quant, trainable=lora)  # fmt: skip
         probe = planning.predict_probe(shape, str(config.get("model_type", "llama")))

@@ -242,11 +242,18 @@ def test_an_fsdp_checkpoint_asks_for_fsdp_again(tiny_model: Path, tmp_path: Path
     assert not distributed.Context().engaged(auto, fsdp_checkpoint=True)  # not under torchrun
     for world in (1, 4):
         chosen = distributed.choose_strategy(auto, str(tiny_model), world, cuda=False,
-                                             fsdp_checkpoint=True)  # fmt: skip
+                                             checkpoint="fsdp")  # fmt: skip
         assert chosen["strategy"] == "fsdp" and chosen["resumes_fsdp_checkpoint"]
     ddp = _spec(tiny_model, train={"distributed": "ddp"})
     with pytest.raises(distributed.DistributedTrainingError, match="written under FSDP"):
-        distributed.choose_strategy(ddp, str(tiny_model), 1, cuda=False, fsdp_checkpoint=True)
+        distributed.choose_strategy(ddp, str(tiny_model), 1, cuda=False, checkpoint="fsdp")
+    # The other way: a checkpoint of one GPU or DDP (optimizer.pt) resumes under DDP; FSDP
+    # would look for its optimizer.bin at the first step (accelerate's load_fsdp_optimizer).
+    chosen = distributed.choose_strategy(auto, str(tiny_model), 2, cuda=False, checkpoint="plain")
+    assert chosen["strategy"] == "ddp" and "resumes_fsdp_checkpoint" not in chosen
+    fsdp_spec = _spec(tiny_model, train={"distributed": "fsdp"})
+    with pytest.raises(distributed.DistributedTrainingError, match="written without FSDP"):
+        distributed.choose_strategy(fsdp_spec, str(tiny_model), 2, cuda=False, checkpoint="plain")
 
 
 def test_fsdp_runs_on_cpu_but_offload_is_refused(tiny_model: Path) -> None:
