@@ -7,7 +7,9 @@ GPU is decided here, once:
 
 - the strategy (:func:`choose_strategy`): the spec's ``train.distributed``, or on "auto" the first
   of :mod:`..sharding`'s strategies whose per-GPU plan fits the card (DDP when the quantised
-  model fits one card, else FSDP, else FSDP with the sharded parameters in host memory);
+  model fits one card, else FSDP, else FSDP with the sharded parameters in host memory); a
+  checkpoint being resumed binds it: one written under FSDP resumes under FSDP at any world
+  size, one rank included (the agent starts torchrun for it), one written without it under DDP;
 - what ``TrainingArguments`` gets (:func:`training_kwargs`): FSDP's full sharding by decoder
   layer, ``use_orig_params``, RAM-efficient loading, activation checkpointing, a full state dict
   for the adapter at the end;
