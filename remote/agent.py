@@ -4,8 +4,10 @@ It owns the run's wire files (``state.json``, ``events.jsonl``; see :mod:`.proto
 the :class:`~.watchdog.Watchdog`, runs the trainer, and reports any failure as
 ``{"type", "message"}``. On an instance of several GPUs (:func:`trainer_processes`) the trainer
 runs as one process per GPU under ``torchrun`` (:mod:`.rank`): the agent passes the watchdog's
-stop reason on in a file, and ends torchrun's process group with the job. After training it
-stays only as long as the watchdog may still have to terminate the instance. Standard library only: the trainer's imports happen inside
+stop reason on in a file, and ends torchrun's process group with the job. A job resuming a
+checkpoint written under FSDP (:func:`fsdp_resume`) runs under torchrun even on one GPU, as one
+FSDP rank. After training it stays only as long as the watchdog may still have to terminate the
+instance. Standard library only: the trainer's imports happen inside
 :func:`loraburst.remote.trainer.run`, so a missing dependency becomes a ``failed`` state, not a
 crash without one.
 """
@@ -33,6 +35,7 @@ from .backends import MLX_REQUIREMENTS, is_apple_silicon
 from .protocol import (
     BUNDLE_DIR,
     ENV_AGENT_PID,
+    ENV_ARTIFACTS,
     ENV_GPUS,
     MANIFEST_FILE,
     PROTOCOL_VERSION,
@@ -46,7 +49,7 @@ from .protocol import (
 )
 from .watchdog import Watchdog
 
-__all__ = ["Reporter", "check", "main", "trainer_processes"]
+__all__ = ["Reporter", "check", "fsdp_resume", "main", "trainer_processes"]
 
 _GIB = 1024**3
 
@@ -153,12 +156,7 @@ def trainer_processes(workdir: Path) -> int:
     """How many trainer processes (GPUs) to start: ``LORABURST_GPUS`` (the GPUs the client
     rented; tests on CPU set it to ask for gloo processes), else the CUDA GPUs ``nvidia-smi``
     lists; one for a job that trains on one GPU (DPO/ORPO, MLX)."""
-    try:
-        spec = json.loads((workdir / BUNDLE_DIR / "spec.json").read_text()).get("spec", {})
-    except (OSError, ValueError):
-        spec = {}
-    objective = (spec.get("objective") or {}).get("type", "sft")
-    if objective != "sft" or (spec.get("train") or {}).get("backend") == "mlx":
+    if not _runs_ranks(_spec(workdir)):
         return 1
     wanted = os.environ.get(ENV_GPUS, "").strip()
     if wanted:
@@ -176,13 +174,47 @@ def trainer_processes(workdir: Path) -> int:
     return max(1, sum(1 for line in out.splitlines() if line.startswith("GPU ")))
 
 
-def _run_ranks(workdir: Path, n: int, watchdog: Watchdog, reporter: Reporter) -> None:
+def _spec(workdir: Path) -> dict[str, Any]:
+    try:
+        spec = json.loads((workdir / BUNDLE_DIR / "spec.json").read_text()).get("spec", {})
+    except (OSError, ValueError):
+        spec = {}
+    return spec if isinstance(spec, dict) else {}
+
+
+def _runs_ranks(spec: dict[str, Any]) -> bool:
+    """Whether the job's recipe can run as ranks under torchrun (SFT on torch)."""
+    objective = (spec.get("objective") or {}).get("type", "sft")
+    return objective == "sft" and (spec.get("train") or {}).get("backend") != "mlx"
+
+
+def fsdp_resume(workdir: Path, reporter: Reporter) -> str | None:
+    """The checkpoint this job resumes from, by name, when it was written under FSDP (it
+    resumes under FSDP again, even on one GPU); None otherwise.
+
+    The checkpoint is the one the trainer will find: the newest here, else the newest in the
+    job's object storage, downloaded now, once, before any rank starts (ranks downloading it
+    side by side would race for the same folder).
+    """
+    spec = _spec(workdir)
+    if not _runs_ranks(spec):
+        return None
+    from .training.checkpoints import resume_point, written_under_fsdp
+
+    upload = os.environ.get(ENV_ARTIFACTS) or spec.get("artifacts")
+    found = resume_point(workdir, str(upload) if upload else None, reporter)
+    return found.name if found is not None and written_under_fsdp(found) else None
+
+
+def _run_ranks(
+    workdir: Path, n: int, watchdog: Watchdog, reporter: Reporter, *, why: str | None = None
+) -> None:
     """The trainer as ``n`` ranks under torchrun; raises when they did not finish cleanly."""
     (workdir / RANK_STOP_FILE).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={n}", "-m", "loraburst.remote.rank", str(workdir)]  # fmt: skip
     env = {**os.environ, ENV_AGENT_PID: str(os.getpid())}
-    reporter.event("launching", processes=n, launcher="torchrun")
+    reporter.event("launching", processes=n, launcher="torchrun", **({"why": why} if why else {}))
     # Its own process group: a signal to the agent's group leaves the ranks to stop at a step
     # boundary (through the stop file) and save; the agent ends the group itself below.
     proc = subprocess.Popen(cmd, cwd=workdir, env=env, start_new_session=True)
@@ -268,8 +300,12 @@ def run(workdir: Path) -> int:
 
         reporter.telemetry = telemetry.start(reporter)  # telemetry hook: GPU samples
         processes = trainer_processes(workdir)
-        if processes > 1:
-            _run_ranks(workdir, processes, watchdog, reporter)
+        fsdp = fsdp_resume(workdir, reporter)
+        if processes > 1 or fsdp is not None:
+            # One GPU resuming an FSDP checkpoint runs FSDP on one rank: Trainer loads FSDP's
+            # model and optimizer state only under FSDP.
+            why = f"{fsdp} was written under FSDP" if processes == 1 else None
+            _run_ranks(workdir, processes, watchdog, reporter, why=why)
         else:
             from .trainer import run as train
 

@@ -71,9 +71,22 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     settings.cap_memory(spec)
     cuda = torch.cuda.is_available()
     ranks = distributed.current()
+    # The checkpoint to resume from binds the engine: one written under FSDP resumes under
+    # FSDP again, on any number of ranks (the agent starts even one under torchrun), one
+    # written without it resumes without it.
+    resume = checkpoints.resume_point(workdir, upload, reporter)
+    written = None if resume is None else ("fsdp" if checkpoints.written_under_fsdp(resume)
+                                           else "plain")  # fmt: skip
     multi: dict[str, Any] = {}
-    if ranks.engaged(spec):
-        multi = distributed.choose_strategy(spec, path, ranks.world, cuda=cuda)
+    if ranks.engaged(spec, fsdp_checkpoint=written == "fsdp"):
+        multi = distributed.choose_strategy(spec, path, ranks.world, cuda=cuda,
+                                            checkpoint=written)  # fmt: skip
+    elif written == "fsdp" and resume is not None:
+        raise distributed.DistributedTrainingError(
+            f"{resume.name} was written under FSDP, whose model and optimizer state resume only "
+            "under FSDP: run the job through the agent (it starts one FSDP rank under torchrun "
+            "for it), or under torchrun with train.distributed: fsdp"
+        )
     strategy = multi.get("strategy")
     sharded = bool(strategy and strategy.startswith("fsdp"))
     fast = cuda and not sharded  # the fast path runs on one GPU and under DDP
@@ -172,7 +185,6 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     trainer.add_callback(callback)
 
     # -- train ----------------------------------------------------------------------------
-    resume = checkpoints.resume_point(workdir, upload, reporter)
     tokens_before = 0
     if resume is not None:
         reporter.event("resuming", checkpoint=resume.name)

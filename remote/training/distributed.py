@@ -7,7 +7,9 @@ GPU is decided here, once:
 
 - the strategy (:func:`choose_strategy`): the spec's ``train.distributed``, or on "auto" the first
   of :mod:`..sharding`'s strategies whose per-GPU plan fits the card (DDP when the quantised
-  model fits one card, else FSDP, else FSDP with the sharded parameters in host memory);
+  model fits one card, else FSDP, else FSDP with the sharded parameters in host memory); a
+  checkpoint being resumed binds it: one written under FSDP resumes under FSDP at any world
+  size, one rank included (the agent starts torchrun for it), one written without it under DDP;
 - what ``TrainingArguments`` gets (:func:`training_kwargs`): FSDP's full sharding by decoder
   layer, ``use_orig_params``, RAM-efficient loading, activation checkpointing, a full state dict
   for the adapter at the end;
@@ -71,10 +73,13 @@ class Context:
     def main(self) -> bool:
         return self.rank == 0
 
-    def engaged(self, spec: JobSpecData) -> bool:
+    def engaged(self, spec: JobSpecData, *, fsdp_checkpoint: bool = False) -> bool:
         """Whether the multi-GPU path runs: more than one rank, or one rank under torchrun with
-        a strategy named (a rehearsal of FSDP or DDP on one GPU: benchmarks/multi_gpu_h200.py)."""
-        return self.world > 1 or (self.launched and spec.train.distributed != "auto")
+        a strategy named (a rehearsal of FSDP or DDP on one GPU: benchmarks/multi_gpu_h200.py)
+        or resuming a checkpoint written under FSDP (the agent starts torchrun for it)."""
+        return self.world > 1 or (
+            self.launched and (spec.train.distributed != "auto" or fsdp_checkpoint)
+        )
 
 
 def current() -> Context:
@@ -94,7 +99,7 @@ def is_main() -> bool:
 
 
 def choose_strategy(
-    spec: JobSpecData, model_path: str, world: int, *, cuda: bool
+    spec: JobSpecData, model_path: str, world: int, *, cuda: bool, checkpoint: str | None = None
 ) -> dict[str, Any]:
     """DDP, FSDP or FSDP with offload for ``world`` GPUs, and the per-GPU plan behind it.
 
@@ -104,10 +109,39 @@ def choose_strategy(
     first strategy that fits wins, else the leanest. Without CUDA (tests on CPU) "auto" is DDP;
     FSDP runs on CPU over gloo when asked for, FSDP with offload does not.
 
+    The checkpoint the job resumes from binds the engine (``checkpoint``: "fsdp" when written
+    under FSDP, "plain" when by one GPU or DDP, None without one): Trainer loads FSDP's model and
+    optimizer state only under FSDP, and under FSDP only those (accelerate reads FSDP's
+    ``optimizer.bin``, not ``optimizer.pt``). An FSDP checkpoint resumes under FSDP at any
+    world size: "auto" picks among the FSDP strategies and "ddp" is refused. A plain one resumes
+    under DDP: "auto" picks DDP and "fsdp" is refused (before the model loads, not at the
+    first step).
+
     Returns:
-        ``strategy``, ``gpus``, ``per_gpu_gib`` (predicted, when planned), ``host_ram_gib``.
+        ``strategy``, ``gpus``, ``per_gpu_gib`` (predicted, when planned), ``host_ram_gib``;
+        ``resumes_fsdp_checkpoint`` for an FSDP checkpoint.
+
+    Raises:
+        DistributedTrainingError: fsdp+offload without CUDA; a strategy that cannot resume the
+            checkpoint.
     """
+    chosen = _choose(spec, model_path, world, cuda=cuda, checkpoint=checkpoint)
+    return {**chosen, "resumes_fsdp_checkpoint": True} if checkpoint == "fsdp" else chosen
+
+
+def _choose(
+    spec: JobSpecData, model_path: str, world: int, *, cuda: bool, checkpoint: str | None
+) -> dict[str, Any]:
     asked = spec.train.distributed
+    fsdp = checkpoint == "fsdp"
+    if asked != "auto" and checkpoint is not None and asked.startswith("fsdp") != fsdp:
+        raise DistributedTrainingError(
+            f"train.distributed: {asked}, but the checkpoint to resume was written "
+            + ("under FSDP, whose state Trainer resumes only under FSDP: use "
+               "train.distributed: fsdp or auto" if fsdp else "without FSDP (one GPU or DDP), "
+               "whose state Trainer resumes only without FSDP: use train.distributed: ddp or auto")
+            + " (or start over without the checkpoint)"
+        )  # fmt: skip
     if asked == "fsdp+offload" and not cuda:
         # Offload moves the sharded parameters from the GPU to host memory: without a GPU they
         # are in host memory already. FSDP itself runs on CPU (gloo; hf.py turns it on).
@@ -116,7 +150,7 @@ def choose_strategy(
             "on CPU use train.distributed: fsdp, ddp or auto"
         )
     if asked != "auto" or not cuda:
-        strategy = asked if asked != "auto" else "ddp"
+        strategy = asked if asked != "auto" else ("fsdp" if fsdp else "ddp")
         return {"strategy": strategy, "gpus": world, "planned": False}
     import torch
 
@@ -133,6 +167,8 @@ def choose_strategy(
                                        else int(spec.train.micro_batch_size))  # fmt: skip
     chosen: dict[str, Any] = {}
     for strategy in sharding.STRATEGIES:
+        if checkpoint is not None and strategy.startswith("fsdp") != fsdp:
+            continue  # an engine that cannot resume the checkpoint
         lay = sharding.layout(shape, strategy=strategy, gpus=world, bits=bits,
                               double_quant=spec.quant.double_quant, trainable=lora)  # fmt: skip
         probe = planning.predict_probe(shape, str(config.get("model_type", "llama")))
@@ -204,8 +240,9 @@ def training_kwargs(
             # CPU, accelerate's plugin would look for a GPU to build it on: every rank loads.)
             "cpu_ram_efficient_loading": cuda,
             # The adapter at the end (and in checkpoints) as one full, unsharded state dict:
-            # loadable by PeftModel anywhere. (Resuming an FSDP checkpoint needs FSDP again:
-            # Trainer loads it only under FSDP, so not as one plain process.)
+            # loadable by PeftModel anywhere. Full state dicts are the same at any world size:
+            # a checkpoint resumes under FSDP on any number of ranks, one included (Trainer
+            # loads it only under FSDP: the agent starts one rank under torchrun for it).
             "state_dict_type": "FULL_STATE_DICT",
             "activation_checkpointing": checkpointing,
         },

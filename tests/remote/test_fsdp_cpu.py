@@ -5,8 +5,9 @@ accelerate sets FSDP up only for GPU process groups; the trainer turns it on for
 (``training/hf.py``) and checks at the first step that every parameter, the 4-bit weights too,
 is really sharded over the ranks (each rank says what it holds in agent.log). What is checked
 here: the losses match one process on the same global batch, the adapter is one full state dict
-that PeftModel loads, a two-rank run resumes from its FSDP checkpoint, and killing one rank ends
-the job and every rank.
+that PeftModel loads, a two-rank run resumes from its FSDP checkpoint on two ranks and on one
+(the agent starts one FSDP rank under torchrun for it) and the one rank's checkpoint on two again,
+each following the uninterrupted run, and killing one rank ends the job and every rank.
 
 Tolerances: both runs compute in float32 on the same weights and the same batches; they differ
 only in where the two micro-batches' gradients are added (FSDP's reduce-scatter averages the
@@ -60,6 +61,24 @@ def _run(workdir: Path, gpus: int) -> None:
     assert run_agent(workdir, {"LORABURST_GPUS": str(gpus)}, timeout=400) == 0, log(workdir)
 
 
+def _go_on(source: Path, workdir: Path, steps: int, **train: object) -> Path:
+    """A copy of ``source``'s run whose job now has ``steps`` steps (and ``train``'s fields),
+    its events cleared: what the next attempt of the job finds."""
+    shutil.copytree(source, workdir)
+    spec_path = workdir / "bundle" / "spec.json"
+    doc = json.loads(spec_path.read_text())
+    doc["spec"]["train"].update(max_steps=steps, **train)
+    spec_path.write_text(json.dumps(doc))
+    (workdir / "events.jsonl").unlink()
+    return workdir
+
+
+def _adapter_at(one_process: Path, step: int) -> dict[str, object]:
+    """The uninterrupted run's adapter after ``step`` steps (its last step: adapter/)."""
+    last = json.loads((one_process / METRICS_FILE).read_text())["steps"]
+    return _lora(one_process / (ADAPTER_DIR if step == last else f"checkpoints/checkpoint-{step}"))
+
+
 @pytest.fixture(scope="module")
 def fsdp_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two FSDP ranks, 4 steps of a global batch of 2 micro-batches (checkpoints at 2 and 4)."""
@@ -71,8 +90,9 @@ def fsdp_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture(scope="module")
 def one_process(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same job, 6 steps, as one process (no torchrun)."""
-    train = {**TRAIN, "max_steps": 6, "grad_accum": 2}
+    """The same job, 8 steps, as one process (no torchrun): the uninterrupted run (its
+    checkpoint-6 holds the adapter at step 6)."""
+    train = {**TRAIN, "max_steps": 8, "grad_accum": 2}
     workdir = make_workdir(tmp_path_factory.mktemp("one"), tiny_model, train=train)
     _run(workdir, 1)
     return workdir
@@ -126,13 +146,8 @@ def test_two_fsdp_ranks_resume_from_their_checkpoint(
 
     # The 4-step FSDP run goes on to 6 steps on two ranks again, from its FSDP checkpoint
     # (a full state dict of the model and the optimizer).
-    workdir = tmp_path / "run"
-    shutil.copytree(fsdp_run, workdir)
+    workdir = _go_on(fsdp_run, tmp_path / "run", 6)
     assert (workdir / "checkpoints" / "checkpoint-4" / "pytorch_model_fsdp.bin").is_file()
-    spec_path = workdir / "bundle" / "spec.json"
-    doc = json.loads(spec_path.read_text())
-    doc["spec"]["train"]["max_steps"] = 6
-    spec_path.write_text(json.dumps(doc))
     _run(workdir, 2)
     (resumed,) = [e for e in events(workdir) if e["kind"] == "resuming"]
     assert resumed["checkpoint"] == "checkpoint-4"
@@ -141,10 +156,104 @@ def test_two_fsdp_ranks_resume_from_their_checkpoint(
     # Steps 5 and 6 are the uninterrupted run's: the weights, the optimizer's moments and the
     # data position all came back.
     straight = _losses(one_process)
-    assert metrics["losses"][4:] == pytest.approx(straight[4:], rel=1e-4)
-    la, lb = _lora(workdir / ADAPTER_DIR), _lora(one_process / ADAPTER_DIR)
+    assert metrics["losses"][4:] == pytest.approx(straight[4:6], rel=1e-4)
+    la, lb = _lora(workdir / ADAPTER_DIR), _adapter_at(one_process, 6)
     for key in la:
         torch.testing.assert_close(la[key], lb[key], rtol=1e-3, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def on_one_rank(fsdp_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 2-GPU box is gone; the retry lands on one GPU (the spec on "auto": FSDP is not
+    named). The 4-step FSDP run goes on to 6 steps from its checkpoint-4."""
+    workdir = _go_on(fsdp_run, tmp_path_factory.mktemp("on_one") / "run", 6, distributed="auto")
+    _run(workdir, 1)
+    return workdir
+
+
+@pytest.mark.slow
+def test_a_two_rank_fsdp_checkpoint_resumes_on_one_rank(
+    on_one_rank: Path, one_process: Path
+) -> None:
+    import torch
+
+    # The agent sees the FSDP checkpoint and starts one FSDP rank under torchrun, which loads
+    # the full model and optimizer state the two ranks wrote.
+    workdir = on_one_rank
+    (launch,) = [e for e in events(workdir) if e["kind"] == "launching"]
+    assert launch["processes"] == 1 and "checkpoint-4 was written under FSDP" in launch["why"]
+    (plan,) = [e for e in events(workdir) if e["kind"] == "distributed"]
+    assert plan["strategy"] == "fsdp" and plan["gpus"] == 1 and plan["resumes_fsdp_checkpoint"]
+    assert plan["grad_accum_per_rank"] == 2  # the same global batch as the two ranks'
+    assert re.search(r"\[rank 0/1\] FSDP shards (\d+) of \1 parameters", _log(workdir))
+    (resumed,) = [e for e in events(workdir) if e["kind"] == "resuming"]
+    assert resumed["checkpoint"] == "checkpoint-4"
+    metrics = json.loads((workdir / METRICS_FILE).read_text())
+    assert metrics["steps"] == 6 and metrics["resumed_from_step"] == 4
+    assert [e["step"] for e in events(workdir) if e["kind"] == "step"] == [5, 6]
+    # Steps 5 and 6 are the uninterrupted run's: the weights, AdamW's moments and step count,
+    # and the data position all came back (fresh moments would move the adapter otherwise).
+    straight = _losses(one_process)
+    assert metrics["losses"][4:] == pytest.approx(straight[4:6], rel=1e-4)
+    la, lb = _lora(workdir / ADAPTER_DIR), _adapter_at(one_process, 6)
+    assert la.keys() == lb.keys() and la
+    for key in la:
+        torch.testing.assert_close(la[key], lb[key], rtol=1e-3, atol=1e-5)
+    assert verify_manifest(workdir, json.loads((workdir / MANIFEST_FILE).read_text())) == []
+
+
+@pytest.mark.slow
+def test_a_one_rank_fsdp_checkpoint_resumes_on_two_ranks(
+    on_one_rank: Path, one_process: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    # The other way: the one rank's checkpoint-6 (written under FSDP at world size 1) goes on
+    # to 8 steps on two ranks, whose shards come from its full state dicts.
+    workdir = _go_on(on_one_rank, tmp_path / "run", 8)
+    assert (workdir / "checkpoints" / "checkpoint-6" / "pytorch_model_fsdp.bin").is_file()
+    _run(workdir, 2)
+    (launch,) = [e for e in events(workdir) if e["kind"] == "launching"]
+    assert launch["processes"] == 2 and "why" not in launch
+    (plan,) = [e for e in events(workdir) if e["kind"] == "distributed"]
+    assert plan["strategy"] == "fsdp" and plan["gpus"] == 2 and plan["grad_accum_per_rank"] == 1
+    (resumed,) = [e for e in events(workdir) if e["kind"] == "resuming"]
+    assert resumed["checkpoint"] == "checkpoint-6"
+    metrics = json.loads((workdir / METRICS_FILE).read_text())
+    assert metrics["steps"] == 8 and metrics["resumed_from_step"] == 6
+    assert metrics["losses"][6:] == pytest.approx(_losses(one_process)[6:], rel=1e-4)
+    la, lb = _lora(workdir / ADAPTER_DIR), _adapter_at(one_process, 8)
+    assert la.keys() == lb.keys() and la
+    for key in la:
+        torch.testing.assert_close(la[key], lb[key], rtol=1e-3, atol=1e-5)
+
+
+def test_an_fsdp_checkpoint_asks_for_fsdp_again(tiny_model: Path, tmp_path: Path) -> None:
+    from loraburst.remote.training import checkpoints
+
+    plain, fsdp = tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"
+    for folder, name in ((plain, "optimizer.pt"), (fsdp, "pytorch_model_fsdp.bin")):
+        folder.mkdir()
+        (folder / name).write_bytes(b"")
+    assert not checkpoints.written_under_fsdp(plain) and checkpoints.written_under_fsdp(fsdp)
+    auto = _spec(tiny_model)
+    one = distributed.Context(launched=True)
+    assert not one.engaged(auto) and one.engaged(auto, fsdp_checkpoint=True)
+    assert not distributed.Context().engaged(auto, fsdp_checkpoint=True)  # not under torchrun
+    for world in (1, 4):
+        chosen = distributed.choose_strategy(auto, str(tiny_model), world, cuda=False,
+                                             checkpoint="fsdp")  # fmt: skip
+        assert chosen["strategy"] == "fsdp" and chosen["resumes_fsdp_checkpoint"]
+    ddp = _spec(tiny_model, train={"distributed": "ddp"})
+    with pytest.raises(distributed.DistributedTrainingError, match="written under FSDP"):
+        distributed.choose_strategy(ddp, str(tiny_model), 1, cuda=False, checkpoint="fsdp")
+    # The other way: a checkpoint of one GPU or DDP (optimizer.pt) resumes under DDP; FSDP
+    # would look for its optimizer.bin at the first step (accelerate's load_fsdp_optimizer).
+    chosen = distributed.choose_strategy(auto, str(tiny_model), 2, cuda=False, checkpoint="plain")
+    assert chosen["strategy"] == "ddp" and "resumes_fsdp_checkpoint" not in chosen
+    fsdp_spec = _spec(tiny_model, train={"distributed": "fsdp"})
+    with pytest.raises(distributed.DistributedTrainingError, match="written without FSDP"):
+        distributed.choose_strategy(fsdp_spec, str(tiny_model), 2, cuda=False, checkpoint="plain")
 
 
 def test_fsdp_runs_on_cpu_but_offload_is_refused(tiny_model: Path) -> None:
