@@ -90,14 +90,7 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     strategy = multi.get("strategy")
     sharded = bool(strategy and strategy.startswith("fsdp"))
     fast = cuda and not sharded  # the fast path runs on one GPU and under DDP
-    # The fast path's kernels compile in a helper process while the tokenizer and the model
-    # load (fastpath/warm.py): the memory probe, their first caller, then finds them built.
     dtype = loading.compute_dtype(spec.quant.compute_dtype)
-    warming = (
-        setup.KernelWarmup.start(path, str(dtype).rsplit(".", 1)[-1])
-        if fast and ranks.local_rank == 0
-        else None
-    )
     tokenizer, added = loading.load_tokenizer(spec, path)
     clock.mark("tokenizer")
     # The rows are tokenised on a thread while the model loads: loading is reading and
@@ -109,8 +102,6 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
         clock.mark("model")
         (rows, eval_rows, stats), clock.spans["encode"] = encoding.result()
     clock.mark("encode_wait")
-    warmed = warming.finish() if warming is not None else None
-    clock.mark("warm_wait")
     reporter.event("data", **stats)
     lengths = [len(r["input_ids"]) for r in rows]
     packing = choose_packing(spec.train.packing, lengths, spec.train.max_seq_len)
@@ -129,7 +120,6 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
         mean_tokens_per_micro_batch=round(plan.mean_tokens, 1),
         **({"padded_because": why_padded} if why_padded else {}),
         setup_s=clock.report(),
-        **({"kernel_warmup": warmed} if warmed is not None else {}),
     )
     if chosen.get("plan", {}).get("fits") is False:
         reporter.event(

@@ -3,24 +3,24 @@
 :class:`Clock` splits the setup into named spans (imports, tokenizer, model, plan, ...) that the
 ``settings`` event carries as ``setup_s``, so a user who waits for the first step can see what
 they wait for. :func:`beside` runs one call on a thread while the caller does something else
-(the rows are tokenised while the model loads). :class:`KernelWarmup` compiles the fast path's
-kernels in a helper process meanwhile (``fastpath/warm.py``).
+(the rows are tokenised while the model loads).
+
+Tried and taken out: compiling the fast path's kernels in a helper process while the model
+loads, to fill inductor's on-disk caches before the memory probe needs them. On the H200
+(Llama-3-8B, cold machine) the first step came 71 s after ``Job.run`` instead of 45 s: the
+helper needed 41 s (its own torch import, compile workers, twelve graphs) and slowed the load it
+ran beside (model 15 s instead of 9); the probe saved only 5 s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-__all__ = ["ENV_WARM", "Clock", "KernelWarmup", "Pending", "beside"]
+__all__ = ["Clock", "Pending", "beside"]
 
 T = TypeVar("T")
 
@@ -96,64 +96,3 @@ def beside(fn: Callable[..., T], *args: Any) -> Iterator[Pending[T]]:
     finally:
         pending.wait()
 
-
-# Set to 0 to compile the fast path's kernels in the trainer only (no helper process).
-ENV_WARM = "LORABURST_WARM_KERNELS"
-
-
-class KernelWarmup:
-    """``python -m loraburst.remote.fastpath.warm`` for the model at ``model`` (a folder or a
-    hub id), started now; :meth:`finish` waits for it before the memory probe needs the GPU.
-
-    The helper's CUDA context (~0.5 GiB) exists only while the model loads: it has exited, or
-    been stopped, before anything measures memory.
-    """
-
-    def __init__(self, model: str, dtype: str) -> None:
-        self._start = time.perf_counter()
-        # The child imports this very package, from where this process found it.
-        remote = (__package__ or "loraburst.remote.training").rsplit(".", 1)[0]
-        top = sys.modules[remote.split(".")[0]]
-        root = str(Path(top.__file__ or ".").parent.parent)
-        code = (
-            f"import sys; sys.path.insert(0, {root!r}); "
-            f"from {remote}.fastpath.warm import main; raise SystemExit(main(sys.argv[1:]))"
-        )
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", code, model, dtype],
-            # In our process group: whatever ends the trainer's group ends it too; if the trainer
-            # fails first, the helper finishes its few seconds of compiling and exits.
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    @classmethod
-    def start(cls, model: str, dtype: str) -> KernelWarmup | None:
-        """A warm-up, unless ``LORABURST_WARM_KERNELS=0`` or the helper cannot start."""
-        if os.environ.get(ENV_WARM, "1") == "0":
-            return None
-        try:
-            return cls(model, dtype)
-        except OSError:
-            return None
-
-    def finish(self, timeout: float = 90.0) -> dict[str, Any]:
-        """Wait for the helper (stopping it after ``timeout`` s); what it did, for the
-        ``settings`` event: ``warmed`` (kernel names) or ``error``, and ``s`` it ran."""
-        try:
-            out, err = self._proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.communicate()
-            return {"error": f"still compiling after {timeout:.0f} s; stopped",
-                    "s": round(time.perf_counter() - self._start, 2)}  # fmt: skip
-        took = round(time.perf_counter() - self._start, 2)
-        lines = out.strip().splitlines()
-        if self._proc.returncode == 0 and lines:
-            try:
-                return {**json.loads(lines[-1]), "s": took}
-            except ValueError:
-                pass
-        tail = (err.strip().splitlines() or ["no output"])[-1][:300]
-        return {"error": f"exit {self._proc.returncode}: {tail}", "s": took}

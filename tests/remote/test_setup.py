@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import threading
-from pathlib import Path
 
 import pytest
 from loraburst.remote.training import setup
@@ -61,28 +59,3 @@ def test_clock_spans_are_consecutive_and_total_covers_them() -> None:
     assert report["encode"] == 1.23
     assert report["total"] >= report["imports"] + report["model"] - 0.02
 
-
-def test_kernel_warmup_runs_the_packaged_helper_and_says_what_it_did(tmp_path: Path) -> None:
-    # The helper is a separate interpreter that must find this very package; without CUDA it
-    # says so (on a GPU it lists the kernels it compiled: benchmarks/real_path.py's events).
-    config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
-              "intermediate_size": 128}  # fmt: skip
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    warming = setup.KernelWarmup.start(str(tmp_path), "float32")
-    assert warming is not None
-    done = warming.finish(timeout=120)
-    assert done["warmed"] == [] and done["reason"] == "no CUDA device"
-    assert done["s"] > 0
-
-
-def test_kernel_warmup_failure_is_reported_not_raised(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text("{not json")
-    warming = setup.KernelWarmup.start(str(tmp_path), "bfloat16")
-    assert warming is not None
-    done = warming.finish(timeout=120)
-    assert done["error"].startswith("exit 1:") and "JSONDecodeError" in done["error"]
-
-
-def test_kernel_warmup_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(setup.ENV_WARM, "0")
-    assert setup.KernelWarmup.start(str(tmp_path), "bfloat16") is None
