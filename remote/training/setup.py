@@ -95,4 +95,3 @@ def beside(fn: Callable[..., T], *args: Any) -> Iterator[Pending[T]]:
         yield pending
     finally:
         pending.wait()
-

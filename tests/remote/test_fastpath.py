@@ -406,4 +406,3 @@ def test_unverified_architectures_are_planned_with_a_margin(
     assert llama["verified_architecture"] and not qwen["verified_architecture"]
     assert llama["recompute_layers"] == 0 and qwen["recompute_layers"] > 0
     assert qwen["predicted_peak_gib"] <= (9.0 - 0.5) / fastpath.UNVERIFIED_MARGIN + 0.5
-

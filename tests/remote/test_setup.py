@@ -58,4 +58,3 @@ def test_clock_spans_are_consecutive_and_total_covers_them() -> None:
     assert list(report) == ["imports", "model", "encode", "total"]
     assert report["encode"] == 1.23
     assert report["total"] >= report["imports"] + report["model"] - 0.02
-
