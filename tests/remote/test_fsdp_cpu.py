@@ -19,10 +19,8 @@ DDP) are far above that and far below what a wrong shard, a dropped rank or a sk
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -37,8 +35,13 @@ from loraburst.remote.protocol import (
 )
 from loraburst.remote.training import distributed
 
-from tests.remote._workdir import events, log, make_workdir, run_agent, start_agent, state
-from tests.remote.test_multi_gpu import TRAIN, _lora, _losses, _rank_pids, _wait_for_steps
+from tests.remote._workdir import events, log, make_workdir, run_agent, state
+from tests.remote.test_multi_gpu import (
+    TRAIN,
+    _kill_one_rank_and_see_every_rank_end,
+    _lora,
+    _losses,
+)
 
 SHARDS = re.compile(
     r"\[rank (\d)/2\] FSDP shards (\d+) of (\d+) parameters \((\d+) of (\d+) 4-bit weights\): "
@@ -77,6 +80,26 @@ def _adapter_at(one_process: Path, step: int) -> dict[str, object]:
     """The uninterrupted run's adapter after ``step`` steps (its last step: adapter/)."""
     last = json.loads((one_process / METRICS_FILE).read_text())["steps"]
     return _lora(one_process / (ADAPTER_DIR if step == last else f"checkpoints/checkpoint-{step}"))
+
+
+def _follows_the_uninterrupted_run(
+    workdir: Path, one_process: Path, checkpoint: int, steps: int
+) -> None:
+    """``workdir`` resumed from ``checkpoint-<checkpoint>`` and ran to ``steps``; its later steps
+    are the uninterrupted run's: the weights, AdamW's moments and step count, and the data
+    position all came back (fresh moments would move the adapter otherwise)."""
+    import torch
+
+    (resumed,) = [e for e in events(workdir) if e["kind"] == "resuming"]
+    assert resumed["checkpoint"] == f"checkpoint-{checkpoint}"
+    metrics = json.loads((workdir / METRICS_FILE).read_text())
+    assert metrics["steps"] == steps and metrics["resumed_from_step"] == checkpoint
+    straight = _losses(one_process)
+    assert metrics["losses"][checkpoint:] == pytest.approx(straight[checkpoint:steps], rel=1e-4)
+    la, lb = _lora(workdir / ADAPTER_DIR), _adapter_at(one_process, steps)
+    assert la.keys() == lb.keys() and la
+    for key in la:
+        torch.testing.assert_close(la[key], lb[key], rtol=1e-3, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -142,24 +165,12 @@ def test_fsdp_on_two_ranks_shards_the_nf4_model_and_matches_one_process(
 def test_two_fsdp_ranks_resume_from_their_checkpoint(
     fsdp_run: Path, one_process: Path, tmp_path: Path
 ) -> None:
-    import torch
-
     # The 4-step FSDP run goes on to 6 steps on two ranks again, from its FSDP checkpoint
     # (a full state dict of the model and the optimizer).
     workdir = _go_on(fsdp_run, tmp_path / "run", 6)
     assert (workdir / "checkpoints" / "checkpoint-4" / "pytorch_model_fsdp.bin").is_file()
     _run(workdir, 2)
-    (resumed,) = [e for e in events(workdir) if e["kind"] == "resuming"]
-    assert resumed["checkpoint"] == "checkpoint-4"
-    metrics = json.loads((workdir / METRICS_FILE).read_text())
-    assert metrics["steps"] == 6 and metrics["resumed_from_step"] == 4
-    # Steps 5 and 6 are the uninterrupted run's: the weights, the optimizer's moments and the
-    # data position all came back.
-    straight = _losses(one_process)
-    assert metrics["losses"][4:] == pytest.approx(straight[4:6], rel=1e-4)
-    la, lb = _lora(workdir / ADAPTER_DIR), _adapter_at(one_process, 6)
-    for key in la:
-        torch.testing.assert_close(la[key], lb[key], rtol=1e-3, atol=1e-5)
+    _follows_the_uninterrupted_run(workdir, one_process, 4, 6)
 
 
 @pytest.fixture(scope="module")
@@ -175,8 +186,6 @@ def on_one_rank(fsdp_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def test_a_two_rank_fsdp_checkpoint_resumes_on_one_rank(
     on_one_rank: Path, one_process: Path
 ) -> None:
-    import torch
-
     # The agent sees the FSDP checkpoint and starts one FSDP rank under torchrun, which loads
     # the full model and optimizer state the two ranks wrote.
     workdir = on_one_rank
@@ -186,19 +195,8 @@ def test_a_two_rank_fsdp_checkpoint_resumes_on_one_rank(
     assert plan["strategy"] == "fsdp" and plan["gpus"] == 1 and plan["resumes_fsdp_checkpoint"]
     assert plan["grad_accum_per_rank"] == 2  # the same global batch as the two ranks'
     assert re.search(r"\[rank 0/1\] FSDP shards (\d+) of \1 parameters", _log(workdir))
-    (resumed,) = [e for e in events(workdir) if e["kind"] == "resuming"]
-    assert resumed["checkpoint"] == "checkpoint-4"
-    metrics = json.loads((workdir / METRICS_FILE).read_text())
-    assert metrics["steps"] == 6 and metrics["resumed_from_step"] == 4
     assert [e["step"] for e in events(workdir) if e["kind"] == "step"] == [5, 6]
-    # Steps 5 and 6 are the uninterrupted run's: the weights, AdamW's moments and step count,
-    # and the data position all came back (fresh moments would move the adapter otherwise).
-    straight = _losses(one_process)
-    assert metrics["losses"][4:] == pytest.approx(straight[4:6], rel=1e-4)
-    la, lb = _lora(workdir / ADAPTER_DIR), _adapter_at(one_process, 6)
-    assert la.keys() == lb.keys() and la
-    for key in la:
-        torch.testing.assert_close(la[key], lb[key], rtol=1e-3, atol=1e-5)
+    _follows_the_uninterrupted_run(workdir, one_process, 4, 6)
     assert verify_manifest(workdir, json.loads((workdir / MANIFEST_FILE).read_text())) == []
 
 
@@ -206,8 +204,6 @@ def test_a_two_rank_fsdp_checkpoint_resumes_on_one_rank(
 def test_a_one_rank_fsdp_checkpoint_resumes_on_two_ranks(
     on_one_rank: Path, one_process: Path, tmp_path: Path
 ) -> None:
-    import torch
-
     # The other way: the one rank's checkpoint-6 (written under FSDP at world size 1) goes on
     # to 8 steps on two ranks, whose shards come from its full state dicts.
     workdir = _go_on(on_one_rank, tmp_path / "run", 8)
@@ -217,15 +213,7 @@ def test_a_one_rank_fsdp_checkpoint_resumes_on_two_ranks(
     assert launch["processes"] == 2 and "why" not in launch
     (plan,) = [e for e in events(workdir) if e["kind"] == "distributed"]
     assert plan["strategy"] == "fsdp" and plan["gpus"] == 2 and plan["grad_accum_per_rank"] == 1
-    (resumed,) = [e for e in events(workdir) if e["kind"] == "resuming"]
-    assert resumed["checkpoint"] == "checkpoint-6"
-    metrics = json.loads((workdir / METRICS_FILE).read_text())
-    assert metrics["steps"] == 8 and metrics["resumed_from_step"] == 6
-    assert metrics["losses"][6:] == pytest.approx(_losses(one_process)[6:], rel=1e-4)
-    la, lb = _lora(workdir / ADAPTER_DIR), _adapter_at(one_process, 8)
-    assert la.keys() == lb.keys() and la
-    for key in la:
-        torch.testing.assert_close(la[key], lb[key], rtol=1e-3, atol=1e-5)
+    _follows_the_uninterrupted_run(workdir, one_process, 6, 8)
 
 
 def test_an_fsdp_checkpoint_asks_for_fsdp_again(tiny_model: Path, tmp_path: Path) -> None:
@@ -283,18 +271,4 @@ def test_killing_one_fsdp_rank_ends_the_job_and_every_rank(
     # The survivor waits in one of FSDP's collectives (an all-gather, a reduce-scatter) for a
     # peer that is gone: torchrun ends it, the job fails, nothing is left running.
     train = {**TRAIN, "max_steps": 100000, "distributed": "fsdp"}
-    workdir = make_workdir(tmp_path, tiny_model, train=train)
-    proc = start_agent(workdir, {"LORABURST_GPUS": "2"})
-    try:
-        _wait_for_steps(workdir, proc, 1)
-        ranks = _rank_pids(workdir)
-        assert set(ranks) == {0, 1}
-        os.kill(ranks[1], signal.SIGKILL)
-        assert proc.wait(timeout=120) == 1, log(workdir)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    st = state(workdir)
-    assert st.phase == "failed" and st.error is not None
-    assert _rank_pids(workdir) == {}
-    assert not (workdir / MANIFEST_FILE).exists()
+    _kill_one_rank_and_see_every_rank_end(make_workdir(tmp_path, tiny_model, train=train))
