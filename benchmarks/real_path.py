@@ -89,6 +89,10 @@ def _steady(step_s: list[float], step_tokens: list[int]) -> float | None:
 def run_ours(model: str, kind: str, settings: dict[str, Any]) -> dict[str, Any]:
     """One job through the product's entry; returns its measurements."""
     os.environ["LORABURST_HOME"] = tempfile.mkdtemp(prefix="lb-home-")
+    # LORABURST_PROFILE_STEPS=FIRST:LAST (in the caller's environment) traces those steps of
+    # the real run (remote/training/profiling.py); the summary rides in this run's record.
+    profile_dir = Path(tempfile.mkdtemp(prefix="lb-prof-"))
+    os.environ["LORABURST_PROFILE_DIR"] = str(profile_dir)
     from loraburst import Job
     from loraburst._state.home import runs_dir
 
@@ -139,6 +143,11 @@ def run_ours(model: str, kind: str, settings: dict[str, Any]) -> dict[str, Any]:
         "durations": result.durations,
         "settings": settings,
         "events": pick,
+        **(
+            {"profile": json.loads((profile_dir / "profile.json").read_text())}
+            if (profile_dir / "profile.json").is_file()
+            else {}
+        ),
     }
 
 

@@ -4,12 +4,13 @@ stop requested by the watchdog honoured at the next step."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import artifacts, telemetry
-from . import distributed
+from . import distributed, profiling
 
 if TYPE_CHECKING:
     from ..agent import Reporter
@@ -136,14 +137,30 @@ def progress_callback(reporter: Reporter, upload: str | None, trainer: Any) -> A
     class Progress(TrainerCallback):
         def __init__(self) -> None:
             self.writer = ProgressWriter(reporter, trainer)
+            self.profiler: profiling.StepProfiler | None = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if distributed.is_main():  # one profile, the main rank's
+                self.profiler = profiling.from_env(Path(args.output_dir).parent)
             trainer.tokens_seen = state.num_input_tokens_seen
             self.writer.start(time.time(), trainer.tokens_seen, state.global_step)
             reporter.update(phase="training", step=state.global_step, total_steps=state.max_steps)
             reporter.event("training", step=state.global_step, total=state.max_steps)
 
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.profiler is not None:
+                self.profiler.step_begin(state.global_step + 1)
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.profiler is not None:
+                self.profiler.step_end(state.global_step)
+                if self.profiler.written is not None:
+                    summary = json.loads(self.profiler.written.read_text())
+                    reporter.event("profile", path=str(self.profiler.written),
+                                   window=summary["window"],
+                                   wall_s_per_step=summary["wall_s_per_step"],
+                                   gpu_busy_share=summary["gpu_busy_share"])  # fmt: skip
+                    self.profiler = None
             reason = reporter.stop_reason
             loss = trainer.step_loss
             if args.world_size > 1:

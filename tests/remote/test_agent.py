@@ -44,7 +44,8 @@ def test_qlora_nf4_trains_and_writes_a_verified_adapter(tiny_model: Path, tmp_pa
         eval_data=EVAL_DATA,
         train={**FAST, "max_steps": 8, "save_every_steps": 4},
     )
-    assert run_agent(workdir) == 0, log(workdir)
+    # Steps 3 and 4 of the real run traced, as a user asks for a profile.
+    assert run_agent(workdir, {"LORABURST_PROFILE_STEPS": "3:4"}) == 0, log(workdir)
 
     st = state(workdir)
     assert (st.phase, st.step, st.total_steps, st.error) == ("done", 8, 8, None)
@@ -62,6 +63,14 @@ def test_qlora_nf4_trains_and_writes_a_verified_adapter(tiny_model: Path, tmp_pa
     assert all(v >= 0 for v in setup_s.values())
     assert setup_s["total"] >= setup_s["model"] + setup_s["plan"]
     assert kinds.index("loading") < kinds.index("data") < kinds.index("settings")
+    # The profile: written once, after step 4, covering two steps of real training.
+    (prof_event,) = [e for e in events(workdir) if e["kind"] == "profile"]
+    assert prof_event["window"] == [3, 4]
+    assert kinds.index("profile") > [i for i, k in enumerate(kinds) if k == "step"][2]
+    profile = json.loads((workdir / "profile.json").read_text())
+    assert profile["steps"] == 2 and profile["wall_s_per_step"] > 0
+    ops = {row["name"] for row in profile["top_host_ops"]}
+    assert any("mm" in op for op in ops), ops  # the matmuls of the LoRA forward and backward
 
     metrics = json.loads((workdir / METRICS_FILE).read_text())
     losses = metrics["losses"]
