@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .lora import _act_lora_function, _fusable, _Group, _group_apply
+from .mlp import chunked_mlp
 
 # --------------------------------------------------------- attention and MLP over the groups
 
@@ -94,8 +95,8 @@ def _silu_mul_cat_backward(gate_up: Any, grad: Any) -> Any:
 
 def _grouped_mlp_forward(module: Any, silu_mul: Any, silu_mul_bwd: Any, x: Any) -> Any:
     chunk = getattr(module, "_fastpath_mlp_chunk", None)
-    if chunk and x.numel() // x.shape[-1] > chunk:
-        return _chunked_mlp(module, silu_mul, silu_mul_bwd, x, int(chunk))
+    if chunk and x.numel() // x.shape[-1] > chunk:  # the leanest setting (see .mlp)
+        return chunked_mlp(module, silu_mul, silu_mul_bwd, x, int(chunk))
     return _mlp_core(module, silu_mul, silu_mul_bwd, x)
 
 
@@ -103,28 +104,6 @@ def _mlp_core(module: Any, silu_mul: Any, silu_mul_bwd: Any, x: Any) -> Any:
     gate_up = _group_apply(x, module._fastpath_gu)
     down = module._fastpath_down
     return _act_lora_function().apply(gate_up, down, silu_mul, silu_mul_bwd, *down.params())
-
-
-def _chunked_mlp(module: Any, silu_mul: Any, silu_mul_bwd: Any, x: Any, chunk: int) -> Any:
-    """The MLP over ``chunk`` tokens at a time, each chunk recomputed in its own backward.
-
-    In the leanest setting every layer is already recomputed, and the peak of the whole step is
-    one layer's MLP backward: the stacked gate/up output and its gradient over every token of
-    the micro-batch (2 x intermediate_size values a token each; 0.9 GB at 8K tokens on an 8B).
-    Cut into chunks that each save only their input, that peak shrinks to one chunk's, for one
-    more gate/up product per chunk in the backward.
-    """
-    import torch
-    import torch.utils.checkpoint as tuc
-
-    flat = x.reshape(-1, x.shape[-1])
-    core = functools.partial(_mlp_core, module, silu_mul, silu_mul_bwd)
-    if torch.is_grad_enabled():
-        outs = [tuc.checkpoint(core, part, use_reentrant=False) for part in flat.split(chunk)]
-    else:  # the offloaded forward, under no_grad: chunks still bound the transient
-        outs = [core(part) for part in flat.split(chunk)]
-    out = torch.cat(outs)
-    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _rms_norm(x: Any, weight: Any, eps: float) -> Any:

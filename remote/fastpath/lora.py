@@ -53,6 +53,8 @@ class _Group:
     otherwise it is dequantised on every pass straight into one buffer.
     """
 
+    _stack: Any = None  # (key, stacked A, block-diagonal B): :func:`_stack_lora`'s
+
     def __init__(self, lora: list[Any]) -> None:
         self.lora = lora
         self.bases = [m.base_layer for m in lora]
@@ -206,8 +208,48 @@ def _make_act_lora_function() -> Any:
     return _ActLoraGroup
 
 
+# Bumped after every optimizer step (a global post-step hook, installed with the first stack)
+# and by :func:`forget_stacks`: a fused optimizer updates parameters in place without moving
+# their version counters (torch 2.13, ``AdamW(fused=True)``), so versions alone cannot say that
+# the adapters changed.
+_GENERATION = [0]
+_HOOK: list[Any] = []
+
+
+def forget_stacks() -> None:
+    """Make every group rebuild its stacked adapters at its next pass (weights were loaded)."""
+    _GENERATION[0] += 1
+
+
+def _install_step_hook() -> None:
+    if _HOOK:
+        return
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    _HOOK.append(register_optimizer_step_post_hook(lambda *_: forget_stacks()))
+
+
 def _stack_lora(group: _Group, params: Any, dt: Any) -> tuple[Any, Any]:
-    """The stacked A ``[n r, in]`` and block-diagonal scaled B ``[N, n r]`` in ``dt``."""
+    """The stacked A ``[n r, in]`` and block-diagonal scaled B ``[N, n r]`` in ``dt``.
+
+    Kept on the group until the adapters change: they change only at the optimizer step, but
+    this is asked for in every forward, recomputed forward and backward. Building it is ~30
+    small kernels a layer (a cast per matrix, the scaling, the concatenations), which on the
+    H200 left a 4K-token step waiting on the host. The key holds the optimizer-step generation
+    (fused optimizers), each parameter's version counter (any other in-place update, a
+    checkpoint's ``copy_``) and data pointer (a ``.data`` swap).
+    """
+    _install_step_hook()
+    key = (dt, _GENERATION[0], *[(p.data_ptr(), p._version) for p in params])
+    cached = group._stack
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    a_cat, b_bd = _build_stack(group, params, dt)
+    group._stack = (key, a_cat, b_bd)
+    return a_cat, b_bd
+
+
+def _build_stack(group: _Group, params: Any, dt: Any) -> tuple[Any, Any]:
     import torch
 
     a_list = [params[2 * i].to(dt) for i in range(len(group.sizes))]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..collate import EXTRA_KEYS
+from ..fastpath.lora import forget_stacks
 from ..protocol import CHECKPOINT_DIR, JobSpecData
 
 __all__ = ["trainer_class", "training_args"]
@@ -83,7 +84,7 @@ def trainer_class() -> Any:
             self.tokens_seen = 0
             self.step_tokens = 0  # this rank's, this optimizer step (progress sums the ranks)
             self.step_loss: Any = None
-            self._shards_checked = False
+            self._first_step_seen = False  # and the first step's set-up done
 
         def create_accelerator_and_postprocess(self) -> None:
             super().create_accelerator_and_postprocess()
@@ -100,9 +101,14 @@ def trainer_class() -> Any:
             return 0  # not reported; the stock count walks every parameter each micro-batch
 
         def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
-            if self.is_fsdp_enabled and not self._shards_checked:
-                _report_shards(model)
-                self._shards_checked = True
+            if not self._first_step_seen:
+                if self.is_fsdp_enabled:
+                    _report_shards(model)
+                # Set-up may have written the adapters in place since the memory probe (DDP's
+                # broadcast from rank 0, a checkpoint resumed): the fast path's stacked copies
+                # of them are rebuilt at the first step.
+                forget_stacks()
+                self._first_step_seen = True
             self.step_tokens += int(inputs.pop("num_tokens", 0))
             inputs.pop("num_loss_tokens", None)
             loss = super().training_step(model, inputs, num_items_in_batch)

@@ -17,6 +17,7 @@ peft = pytest.importorskip("peft")
 
 from loraburst.remote import fastpath, planning  # noqa: E402
 from loraburst.remote.fastpath import layers, patch  # noqa: E402
+from loraburst.remote.fastpath import mlp as mlp_module  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
@@ -219,6 +220,36 @@ def test_training_steps_change_every_adapter_and_track_reference() -> None:
             assert not torch.equal(p, before[name]), f"{name} did not train"
 
 
+def test_stacked_adapters_follow_every_kind_of_parameter_update() -> None:
+    """The bf16 stack of a group's adapters is kept between passes; any change to a parameter
+    (a fused optimizer's in-place step, an in-place edit, a ``.data`` swap) rebuilds it."""
+    x = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(4))
+    ref, ours = _tiny_lora(False), _tiny_lora(False)
+    _apply(ours)
+    pairs = [(a, b) for a, b in zip(ref.parameters(), ours.parameters(), strict=True)
+             if b.requires_grad]  # fmt: skip
+    updates = [
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+        lambda ps: None,
+    ]
+    for step in range(3):
+        for model, params in ((ref, [a for a, _ in pairs]), (ours, [b for _, b in pairs])):
+            model(input_ids=x, labels=x).loss.backward()
+            if step == 0:
+                opt = updates[0](params)
+                opt.step()
+            elif step == 1:
+                with torch.no_grad():
+                    for p in params:
+                        p.mul_(1.5)
+            else:
+                for p in params:
+                    p.data = p.data.clone() - 0.01
+            model.zero_grad()
+        want, got = ref(input_ids=x).logits, ours(input_ids=x).logits
+        assert _rel(got, want) < 1e-5, f"stale adapters after update {step}"
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 64, None])
 def test_linear_cross_entropy_matches_full_logits(chunk: int | None) -> None:
     gen = torch.Generator().manual_seed(3)
@@ -345,7 +376,7 @@ def test_apply_plan_sets_recompute_cache_and_chunk_without_changing_the_function
     offload: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Offloaded, each MLP runs in chunks of 10 tokens (48 here: 5 chunks, the last short),
-    # each recomputed in its own backward: same loss and gradients.
+    # forward and backward: same loss and gradients.
     monkeypatch.setattr(patch, "LEAN_MLP_CHUNK", 10)
     x = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
     ref = _tiny_lora(True)
@@ -359,17 +390,19 @@ def test_apply_plan_sets_recompute_cache_and_chunk_without_changing_the_function
     assert report["checkpointed_layers"] == 2 and report["cached_linears"] == 7
     assert report["chunked_mlps"] == (3 if offload else 0)
     calls: list[int] = []
-    core = layers._mlp_core
+    linear = mlp_module._linear
     monkeypatch.setattr(
-        layers, "_mlp_core", lambda m, a, b, h: calls.append(h.shape[0]) or core(m, a, b, h)
+        mlp_module, "_linear", lambda x, *rest: calls.append(x.shape[0]) or linear(x, *rest)
     )
     assert ours.get_base_model()._fastpath_loss_chunk == 5
     loss, grads = _loss_and_grads(ours, x)
     assert abs(loss - ref_loss) / ref_loss < 1e-5
     for name, g in grads.items():
         assert _rel(g, ref_grads[name]) < 1e-4, name
-    if offload:  # the chunks really ran: forward, then each chunk again in its backward
+    if offload:  # the chunks really ran, in the forward and in the backward
         assert calls and set(calls) == {10, 8} and len(calls) % 5 == 0
+    else:
+        assert not calls
 
 
 def test_plan_without_a_measurement_falls_back_to_the_leanest_setting() -> None:
