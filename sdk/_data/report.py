@@ -32,6 +32,7 @@ import struct
 import tempfile
 import zlib
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,12 @@ _WORD = re.compile(r"\w+")
 # Control characters other than tab and newlines; UTF-8 decoded as Latin-1/CP-1252 ("Ã©" for
 # "é", "â€™" for "’"); and U+FFFD where a decoder gave up.
 _DAMAGE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]|[ÃÂ][\u0080-\u00bf]|â€|\ufffd")
+# Byte tables for ASCII text: lower-case word characters kept, every other byte a space; and
+# the bytes that cannot start a damage match (printable ASCII, tab, CR, LF).
+_ASCII_WORDS = bytes(
+    c if c < 128 and (chr(c).isalnum() or c == ord("_")) else ord(" ") for c in range(256)
+).lower()
+_ASCII_CLEAN = bytes([9, 10, 13, *range(32, 127)])
 
 
 @dataclasses.dataclass
@@ -163,8 +170,24 @@ class DataReport:
             raise DatasetError(self.violations, source="data_checks")
 
 
-def _words(row: dict[str, Any]) -> list[str]:
-    return _WORD.findall(_text(row).lower())[:_MAX_WORDS]
+def _words(text: str) -> list[str] | list[bytes]:
+    """The words of ``text``, lower-cased: ``\\w+`` runs, at most ``_MAX_WORDS``.
+
+    ASCII text (most rows) is split as bytes, which is the same split (ASCII ``\\w`` is
+    ``[A-Za-z0-9_]``) without the regex, and whose words hash without encoding each gram.
+    """
+    if text.isascii():
+        return text.encode().translate(_ASCII_WORDS).split()[:_MAX_WORDS]
+    return _WORD.findall(text.lower())[:_MAX_WORDS]
+
+
+def _damage(text: str) -> re.Match[str] | None:
+    """The first control character or sign of encoding damage in ``text``, or None."""
+    # In ASCII text only the control characters can match: when deleting the printable
+    # characters (and tab, CR, LF) leaves nothing, the regex would find nothing.
+    if text.isascii() and not text.encode().translate(None, _ASCII_CLEAN):
+        return None
+    return _DAMAGE.search(text)
 
 
 def _text(row: dict[str, Any]) -> str:
@@ -180,27 +203,33 @@ def _text(row: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _signature(words: list[str]) -> list[int] | None:
+def _signature(words: list[str] | list[bytes]) -> list[int] | None:
     """Densified one-permutation MinHash of the row's word 5-grams (None: no words).
 
-    Each 5-gram is hashed once (CRC-32); the top 6 bits pick its bucket and the bucket keeps
-    its smallest value. Sorting the hashes puts every bucket's minimum first in its run, so 64
-    bisections find them: the per-gram work stays in C.
+    Each 5-gram (its words joined by a space, UTF-8) is hashed once (CRC-32); the top 6 bits
+    pick its bucket and the bucket keeps its smallest value. Sorting the hashes puts every
+    bucket's minimum first in its run, so 64 bisections find them: the per-gram work stays in
+    C. Words given as bytes (ASCII rows) are the same words already encoded.
     """
     if not words:
         return None
-    grams = (
-        # The shifted lists end at different lengths on purpose: zip stops at the last gram.
-        map(" ".join, zip(*(words[i:] for i in range(_SHINGLE)), strict=False))
-        if len(words) >= _SHINGLE
-        else [" ".join(words)]
-    )
-    hashes = sorted(map(zlib.crc32, map(str.encode, grams)))
+    # The shifted lists end at different lengths on purpose: zip stops at the last gram.
+    shifted = zip(*(words[i:] for i in range(_SHINGLE)), strict=False)
+    if isinstance(words[0], bytes):
+        grams: Iterable[bytes] = (
+            map(b" ".join, shifted) if len(words) >= _SHINGLE else [b" ".join(words)]
+        )
+    else:
+        joined = map(" ".join, shifted) if len(words) >= _SHINGLE else [" ".join(words)]
+        grams = map(str.encode, joined)
+    hashes = sorted(map(zlib.crc32, grams))
     sig = [_EMPTY] * _PERM
     for b in range(_PERM):
         i = bisect.bisect_left(hashes, b << _VALUE_BITS)
         if i < len(hashes) and hashes[i] >> _VALUE_BITS == b:
             sig[b] = hashes[i] & _VALUE_MASK
+    if _EMPTY not in sig:  # every bucket filled (any row of a few hundred words)
+        return sig
     # Densify: an empty bucket borrows the next filled one's value (circularly, offset by the
     # distance), so that short rows still compare bucket by bucket.
     orig = list(sig)
@@ -307,12 +336,13 @@ class ReportBuilder:
         self._current["rows"] += 1
         if counted:
             self._pending.append(where)
-        m = _DAMAGE.search(_text(row))
+        text = _text(row)
+        m = _damage(text)
         if m is not None:
             self.findings["damaged"].add(f"{where}: {m.group()!r} at character {m.start()}")
         if _echo(row):
             self.findings["echoes"].add(where)
-        self._dedupe(where, row)
+        self._dedupe(where, row, text)
 
     def rejected(self, where: str, empty_answer: bool) -> None:
         """A row that failed its checks."""
@@ -350,9 +380,9 @@ class ReportBuilder:
             )
         return self._conn
 
-    def _dedupe(self, where: str, row: dict[str, Any]) -> None:
+    def _dedupe(self, where: str, row: dict[str, Any], text: str) -> None:
         try:
-            self._store(where, row)
+            self._store(where, row, text)
         except sqlite3.OperationalError as exc:
             text = str(exc)
             if "disk is full" not in text and "disk I/O error" not in text:
@@ -360,15 +390,21 @@ class ReportBuilder:
             full = OSError(errno.ENOSPC, f"the data report's hash store: {exc}")
             raise storage_error(full, home() / "tmp") from exc
 
-    def _store(self, where: str, row: dict[str, Any]) -> None:
+    def _store(self, where: str, row: dict[str, Any], text: str) -> None:
         db = self._db
         digest = hashlib.blake2b(json.dumps(row, sort_keys=True).encode(), digest_size=16).digest()
-        hit = db.execute("SELECT at FROM exact WHERE hash = ?", (digest,)).fetchone()
-        if hit is not None:
-            name = "eval_overlap" if self._eval else "duplicates"
-            self.findings[name].add(f"{where}: same as {hit[0]}")
-            return
-        sig = _signature(_words(row)) if self.checks.near_duplicates else None
+        # A training row is recorded at once (the near-duplicate lookup below reads other
+        # tables): one statement, and a second only for a duplicate.
+        new = not self._eval and (
+            db.execute("INSERT OR IGNORE INTO exact VALUES (?, ?)", (digest, where)).rowcount == 1
+        )
+        if not new:
+            hit = db.execute("SELECT at FROM exact WHERE hash = ?", (digest,)).fetchone()
+            if hit is not None:
+                name = "eval_overlap" if self._eval else "duplicates"
+                self.findings[name].add(f"{where}: same as {hit[0]}")
+                return
+        sig = _signature(_words(text)) if self.checks.near_duplicates else None
         keys = _bands(sig) if sig is not None else []
         near = self._near(sig, keys) if sig is not None else None
         if near is not None:
@@ -376,7 +412,6 @@ class ReportBuilder:
             self.findings[name].add(f"{where}: {100 * near[1]:.0f}% like {near[0]}")
         if self._eval:
             return  # eval rows are compared with the training rows, not stored
-        db.execute("INSERT INTO exact VALUES (?, ?)", (digest, where))
         if sig is not None:
             cur = db.execute("INSERT INTO sig (at, sig) VALUES (?, ?)", (where, _pack(sig)))
             db.executemany("INSERT INTO band VALUES (?, ?)", [(k, cur.lastrowid) for k in keys])

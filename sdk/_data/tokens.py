@@ -46,6 +46,8 @@ CHARS_PER_TOKEN = 3.6
 TURN_OVERHEAD_TOKENS = 4
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# Rows tokenised without a chat template (a preference pair may hold conversations).
+_PLAIN_KINDS = ("text", "prompt_completion")
 _BATCH = 1024
 # Characters per tokenizer call and per piece of a long row: half a million characters cost the
 # tokenizer a few hundred MB at most (a 50 MB row tokenised whole took 10 GB).
@@ -68,13 +70,23 @@ def _on_disk(name: str) -> bool:
         return False
 
 
-def load_tokenizer(name: str | None) -> Any | None:
+def load_tokenizer(name: str | None, *, chat: bool = True) -> Any | None:
     """The tokenizer at a local folder or in the local HF cache, or None when unavailable.
+
+    Without ``chat`` (rows that need no chat template) a folder's ``tokenizer.json`` is used
+    through the ``tokenizers`` library alone where transformers would use it unchanged
+    (``tokenizer_file``): the same counts without importing transformers.
 
     Never raises: a tokenizer that cannot be loaded only makes the counts estimates.
     """
     if not name or not _on_disk(name):
         return None
+    if not chat:
+        from .tokenizer_file import load
+
+        plain = load(name)
+        if plain is not None:
+            return plain
     try:
         from transformers import AutoTokenizer
     except ImportError:
@@ -208,8 +220,11 @@ def count_tokens(
         ``(counts, exact)``: one count per row, and whether they come from the real tokenizer
         (else they are ``chars / CHARS_PER_TOKEN`` plus ``TURN_OVERHEAD_TOKENS`` a turn).
     """
+    chat = kind not in _PLAIN_KINDS
     tok = (
-        load_tokenizer(tokenizer) if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+        load_tokenizer(tokenizer, chat=chat)
+        if tokenizer is None or isinstance(tokenizer, str)
+        else tokenizer
     )
     if tok is not None:
         try:
@@ -305,7 +320,8 @@ class TokenTally:
             return
         if self._loaded is None:
             tok = self._tokenizer
-            self._loaded = load_tokenizer(tok) if isinstance(tok, str) else tok
+            chat = self.kind not in _PLAIN_KINDS
+            self._loaded = load_tokenizer(tok, chat=chat) if isinstance(tok, str) else tok
             if self._loaded is None:
                 self.exact = None
                 self._notify(estimates)
