@@ -23,9 +23,13 @@ gradients up to bf16 rounding) and only changes what is stored and how often it 
   every k-th, or an exact number spread evenly; ``offload_checkpoints`` keeps the checkpointed
   layer inputs in pinned host memory, copied on a side stream and prefetched (lean mode).
   :func:`plan` picks the fewest recomputed layers that fit a memory budget.
-- **Fused elementwise** (``fuse_elementwise``): RMSNorm, RoPE and SiLU-gate through
-  ``torch.compile`` so that each is one kernel each way and saves only its bf16 inputs (Hugging
-  Face's RMSNorm keeps fp32 copies); ``compile_layers`` compiles whole decoder layers instead.
+- **Fused elementwise** (``fuse_elementwise``): RMSNorm, RoPE and SiLU-gate as one kernel each
+  way that saves only its bf16 inputs (Hugging Face's RMSNorm keeps fp32 copies): hand-written
+  Triton kernels (:mod:`.triton_ops`), or ``torch.compile`` of the same functions where Triton
+  does not run (``LORABURST_ELEMENTWISE=compile`` forces it); ``compile_layers`` compiles whole
+  decoder layers instead.
+- **Lean MLP** (the offloaded setting): the whole MLP as one function over token chunks that
+  saves only its input (:mod:`.mlp`).
 
 Standard library only at import time; torch is imported inside functions. On a model that is
 not on CUDA, :func:`optimize` changes nothing and says so in the returned report.

@@ -120,8 +120,39 @@ def _silu_mul(gate: Any, up: Any) -> Any:
     return torch.nn.functional.silu(gate) * up
 
 
+# Which kernels run the elementwise functions: "triton" (hand-written, .triton_ops) where
+# Triton runs on this machine's GPU, else "compile" (torch.compile of the functions above).
+# Setting it to "compile" forces the torch.compile path (for comparison, or a Triton problem).
+ENV_ELEMENTWISE = "LORABURST_ELEMENTWISE"
+
+
+@functools.cache
+def elementwise_backend() -> str:
+    """``"triton"`` or ``"compile"``: what :func:`_compiled` hands out (see ENV_ELEMENTWISE).
+
+    The hand-written kernels compile in a few seconds on a cold machine where ``torch.compile``
+    took 12-20 s on the H200 (dynamo, AOT autograd, inductor and its worker pool for twelve
+    graphs), and cost a few microseconds of host time a call instead of dynamo's guards and the
+    AOT wrapper, which a 4K-token step, short of host time, feels.
+    """
+    import os
+
+    if os.environ.get(ENV_ELEMENTWISE, "").strip().lower() == "compile":
+        return "compile"
+    import torch
+
+    from . import triton_ops
+
+    return "triton" if torch.cuda.is_available() and triton_ops._triton_importable() else "compile"
+
+
 @functools.cache
 def _compiled(name: str) -> Any:
+    if elementwise_backend() == "triton":
+        from . import triton_ops
+
+        fn: Any = getattr(triton_ops, name)
+        return fn
     import torch
 
     fns: dict[str, Callable[..., Any]] = {

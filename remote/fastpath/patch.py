@@ -8,7 +8,7 @@ from typing import Any
 
 from ..planning import LEAN_MLP_CHUNK
 from ._common import PROJECTIONS, FastpathReport, decoder_layers
-from .layers import _fuse_elementwise, _group_layer
+from .layers import _fuse_elementwise, _group_layer, elementwise_backend
 from .lora import _dequantize, _fusable, _fused_forward, _Group
 from .loss import patched_causal_forward
 from .recompute import _set_checkpointing
@@ -147,6 +147,8 @@ def _apply(
     report["grouped_projections"] = grouped
     report.update(cached_linears=cached, fused_lora_linears=fused)
     report["fused_elementwise"] = _fuse_elementwise(base) if fuse_elementwise else 0
+    if fuse_elementwise:
+        report["elementwise_kernels"] = elementwise_backend()
     if compile_layers:
         for layer in layers:
             layer.compile(dynamic=None)
