@@ -11,6 +11,14 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tm
   || { tail -20 /tmp/pip.log; exit 1; }
 export PYTHONPATH=/tmp/site:/tmp/lb:$PWD
 runs=${1:-}; budget=${2:-480}; archs=${3:-}; arch_budget=${4:-0}; calib_budget=${5:-0}
+# The hand-written elementwise kernels checked against eager first (in a cache folder of their
+# own, so the runs below still start cold); on a mismatch the runs use torch.compile instead.
+if [ -n "$runs" ]; then
+  TRITON_CACHE_DIR=$(mktemp -d) timeout 90 python3 benchmarks/triton_ops_h200.py --check \
+    > "${OUT:-/tmp}/triton_check.log" 2>&1 \
+    || { echo "triton kernels failed their check: runs use torch.compile"; tail -5 "${OUT:-/tmp}/triton_check.log";
+         export LORABURST_ELEMENTWISE=compile; }
+fi
 if [ -n "$runs" ]; then
   python3 benchmarks/real_path.py --only "$runs" --budget-s "$budget" ${REAL_PATH_ARGS:-} 2>&1 | tee "${OUT:-/tmp}/real.log" | tail -25
   [ -n "${OUT:-}" ] && cp benchmarks/results/real_path.json "$OUT"/
