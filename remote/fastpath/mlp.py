@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from .lora import _Group, _stack_lora
+from .lora import _Group, _split_grads, _stack_lora
 
 
 def _linear(x: Any, weight: Any, bias: Any, xa: Any, b_bd: Any) -> Any:
@@ -28,20 +28,6 @@ def _linear(x: Any, weight: Any, bias: Any, xa: Any, b_bd: Any) -> Any:
 
     base = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
     return torch.addmm(base, xa, b_bd.t())
-
-
-def _split(group: _Group, params: Any, grad_a: Any, grad_b: Any) -> list[Any]:
-    """Per-parameter gradients, in ``params`` order, from the stacked A and block-diagonal B
-    gradients (B's scaled by its LoRA scaling, as :func:`.lora._group_backward` does)."""
-    out: list[Any] = []
-    row = col = 0
-    for i, size in enumerate(group.sizes):
-        a, b = params[2 * i], params[2 * i + 1]
-        r = a.shape[0]
-        out.append(grad_a[col : col + r].to(a.dtype))
-        out.append(grad_b[row : row + size, col : col + r].mul(group.scalings[i]).to(b.dtype))
-        row, col = row + size, col + r
-    return out
 
 
 def _make() -> Any:
@@ -118,8 +104,8 @@ def _make() -> Any:
                 del grad_z
             grad_a_gu = torch.cat(gb_gu_parts).t() @ x2
             grad_b_dn = g2.t() @ torch.cat(xa_dn_parts)
-            grads = _split(gu, gu_params, grad_a_gu, grad_b_gu)
-            grads += _split(down, dn_params, grad_a_dn, grad_b_dn)
+            grads = _split_grads(gu, gu_params, grad_a_gu, grad_b_gu)
+            grads += _split_grads(down, dn_params, grad_a_dn, grad_b_dn)
             if grad_x is not None:
                 grad_x = grad_x.view(*grad_out.shape[:-1], x2.shape[-1]).to(ctx.in_dtype)
             return (grad_x, None, None, None, None, None, *grads)
