@@ -130,10 +130,10 @@ ENV_ELEMENTWISE = "LORABURST_ELEMENTWISE"
 def elementwise_backend() -> str:
     """``"triton"`` or ``"compile"``: what :func:`_compiled` hands out (see ENV_ELEMENTWISE).
 
-    The hand-written kernels compile in a few seconds on a cold machine where ``torch.compile``
-    took 12-20 s on the H200 (dynamo, AOT autograd, inductor and its worker pool for twelve
-    graphs), and cost a few microseconds of host time a call instead of dynamo's guards and the
-    AOT wrapper, which a 4K-token step, short of host time, feels.
+    On a fresh H200 the memory plan, which first runs these functions, took 12.7-20.9 s with
+    ``torch.compile`` (dynamo, AOT autograd, inductor and its worker pool for twelve graphs) and
+    4.0 s with the hand-written kernels; and a Triton launch skips dynamo's guards and the AOT
+    wrapper, host time that a 4K-token step, short of it, feels (benchmarks/RESULTS.md).
     """
     import os
 
