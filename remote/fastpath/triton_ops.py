@@ -2,10 +2,11 @@
 
 Drop-in replacements for the ``torch.compile`` path of :mod:`.layers` (``_rms_norm``, ``_rope``,
 ``_silu_mul_cat``, ``_silu_mul_cat_backward``, ``_silu_mul``), with the same signatures and the
-same arithmetic. Compiling those costs about 12 s on a cold H200 before the first step, and every
-compiled call pays 50-100 us of host time in dynamo's guards and the AOT autograd wrapper, which
-small, CPU-bound steps feel. A Triton launch is compiled once per dtype and layout and costs a few
-microseconds of host time after that.
+same arithmetic. Compiling those took 12.7-20.9 s on a fresh H200 before the first step (the
+plan took 4.0 s with these kernels), and every compiled call pays host time in dynamo's guards
+and the AOT autograd wrapper, which small, host-bound steps feel: with these kernels a 4K-token
+step under a 24 GiB cap ran 11,186 tok/s where it ran 9,853 (benchmarks/RESULTS.md, (b)). A
+Triton kernel is compiled once per dtype and layout.
 
 Every kernel computes in fp32 and rounds once, on the store, to the output's dtype (plus the one
 rounding HF Llama's RMSNorm makes on purpose before its weight multiply). Row counts only ever
