@@ -439,3 +439,27 @@ def test_unverified_architectures_are_planned_with_a_margin(
     assert llama["verified_architecture"] and not qwen["verified_architecture"]
     assert llama["recompute_layers"] == 0 and qwen["recompute_layers"] > 0
     assert qwen["predicted_peak_gib"] <= (9.0 - 0.5) / fastpath.UNVERIFIED_MARGIN + 0.5
+
+
+def test_elementwise_kernels_are_triton_on_a_gpu_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from loraburst.remote.fastpath import triton_ops
+
+    def backend(cuda: bool, triton: bool, env: str | None) -> str:
+        layers.elementwise_backend.cache_clear()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(triton_ops, "_triton_importable", lambda: triton)
+        if env is None:
+            monkeypatch.delenv(layers.ENV_ELEMENTWISE, raising=False)
+        else:
+            monkeypatch.setenv(layers.ENV_ELEMENTWISE, env)
+        try:
+            return layers.elementwise_backend()
+        finally:
+            layers.elementwise_backend.cache_clear()
+
+    assert backend(cuda=True, triton=True, env=None) == "triton"
+    assert backend(cuda=True, triton=True, env="compile") == "compile"
+    assert backend(cuda=True, triton=False, env=None) == "compile"  # no Triton on the machine
+    assert backend(cuda=False, triton=True, env=None) == "compile"  # the fast path is CUDA's
