@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,25 @@ if TYPE_CHECKING:
     from loraburst import Job
 
 pytest_plugins = ["tests.fakes.fixtures", "tests.fakes.disk", "tests.faults.summary"]
+
+
+# Thread pools that torch (OpenMP, MKL) and the tokenizers size from the machine's cores.
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker's torch (and every agent it starts, on this machine or
+    behind an emulated instance's sshd) gets its share of the cores: two workers each training
+    with one thread per core would oversubscribe the machine and spin-wait on each other.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2:
+        return
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    for var in THREAD_VARS:
+        os.environ.setdefault(var, threads)
+    if "torch" in sys.modules:  # read OMP_NUM_THREADS when it was imported
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ client passed, and a ``root/`` that plays the instance's disk) and its own envir
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 SSHD_BIN = "/usr/sbin/sshd"
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def ed25519_key(path: Path) -> str:
@@ -31,11 +33,39 @@ def ed25519_key(path: Path) -> str:
 
 
 def free_port() -> int:
-    """A loopback port nobody listens on right now."""
+    """A loopback port nobody listens on right now.
+
+    Under pytest-xdist each worker hands out ports from a band of its own below Linux's
+    ephemeral range (32768-60999): a port chosen here is often listened on later (an sshd
+    restarted on the same port, the Lambda emulator's one SSH port for every instance), and
+    meanwhile neither another worker's ``free_port`` nor an outgoing connection can take it.
+    """
+    band = _worker_band()
+    if band is not None:
+        for _ in range(_BAND_SIZE):
+            port = band + next(_band_offsets) % _BAND_SIZE
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        kernel_port: int = s.getsockname()[1]
+        return kernel_port
+
+
+_BAND_SIZE = 1000
+_band_offsets = itertools.count()
+
+
+def _worker_band() -> int | None:
+    """The first port of this xdist worker's band (gw0: 20000, gw1: 21000, ...), or None."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or not worker[2:].isdigit() or int(worker[2:]) >= 12:
+        return None
+    return 20000 + int(worker[2:]) * _BAND_SIZE
 
 
 class SSHD:
@@ -71,6 +101,9 @@ class SSHD:
             "HOME": str(self.root),
             "LORABURST_REMOTE_ROOT": str(self.root),
             "LORABURST_REMOTE_PYTHON": sys.executable,
+            # The test run's thread limits (tests/conftest.py sets them under pytest-xdist):
+            # sessions do not inherit sshd's environment.
+            **{k: os.environ[k] for k in _THREAD_VARS if k in os.environ},
             **(env or {}),
         }
 

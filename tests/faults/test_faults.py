@@ -97,6 +97,26 @@ def _training_at(fake: Any, step: int) -> Callable[[], bool]:
     return check
 
 
+def _freeze_agent(fake: Any, job_id: str) -> None:
+    """SIGSTOP the agent on the emulated pod (its process group: the agent and the trainer in
+    it): training holds at the step it reached until the pod is preempted (SIGKILL ends stopped
+    processes too). A stopped process is alive to the client's checks, as a slow one would be.
+    This is the gate that keeps a case's fault inside the run, however fast or loaded the
+    machine, instead of racing the remaining steps against wall time."""
+    for pod in fake.pods.values():
+        pid_file = pod.sshd.root / "runs" / job_id / "agent.pid" if pod.sshd else None
+        if pid_file is not None and pid_file.is_file():
+            os.killpg(int(pid_file.read_text()), signal.SIGSTOP)
+            return
+    raise AssertionError(f"no agent of job {job_id} on the emulator")
+
+
+def _training_past_a_checkpoint(fake: Any) -> Callable[[], bool]:
+    """Training is at step 6 or later: checkpoint-5 (save_every_steps=5) is complete, and the
+    client pulls a checkpoint once training has moved past it."""
+    return _training_at(fake, 6)
+
+
 def _record_result(record: Any, case: str, fault: str, result: Any, *fakes: Any) -> None:
     """The summary row of a case that ended with ``result``: completed when it succeeded,
     leaked = what the emulators still run, lost unless its adapter verifies."""
@@ -297,6 +317,10 @@ def test_preempted_instance_resumes_elsewhere_with_exact_steps(
                 and list((runs_dir() / jid / "checkpoints").glob("checkpoint-*/trainer_state.json"))
             )
 
+        _wait(_training_past_a_checkpoint(runpod_fake), 120, "training past checkpoint-5")
+        jid = _job_id()
+        assert jid is not None
+        _freeze_agent(runpod_fake, jid)  # the run cannot finish before the preemption
         _wait(pulled, 120, "a checkpoint pulled by the client")
         (pod_id,) = list(runpod_fake.pods)
         runpod_fake.preempt(pod_id)
@@ -304,8 +328,9 @@ def test_preempted_instance_resumes_elsewhere_with_exact_steps(
 
     t = threading.Thread(target=preempt_after_checkpoint, daemon=True)
     t.start()
-    # Enough steps that the preemption lands mid-run even on a fast, idle machine.
-    result = _job(tiny_model, tmp_path / "out", steps=90).run(
+    # The first pod is frozen past its first checkpoint, so the preemption lands mid-run on any
+    # machine; the steps only need to outlast the few the gate may see before it freezes.
+    result = _job(tiny_model, tmp_path / "out", steps=30).run(
         provider=runpod_provider, progress=False
     )
     t.join(5)
@@ -313,7 +338,7 @@ def test_preempted_instance_resumes_elsewhere_with_exact_steps(
         record, "5 preempted mid-run", "the pod's host dies after a checkpoint", result, runpod_fake
     )
     assert preempted and result.status == "succeeded"
-    assert result.metrics["steps"] == 90  # exactly the planned number of steps
+    assert result.metrics["steps"] == 30  # exactly the planned number of steps
     assert len(runpod_fake.pods) == 2 and runpod_fake.running() == []
     assert any(a.outcome.startswith("lost") for a in result.attempts)
     # The second pod resumed from the pulled checkpoint instead of starting over.
@@ -424,7 +449,10 @@ def test_ctrl_c_during_provisioning_leaks_nothing(
 ) -> None:
     runpod_fake.faults.ready_polls = 10**6  # the pod never becomes ready
     client = _start_client(runpod_fake, tiny_model, tmp_path / "out", steps=5)
-    _wait(lambda: len(runpod_fake.pods) == 1, 60, "the pod to be created")
+    # The signal lands once the client has the pod's id and waits for it to boot (it has
+    # polled its status), not while the create call or the interpreter's start-up is still in
+    # flight: the fault is the same on an idle machine and a loaded one.
+    _wait(lambda: any(p.polls >= 1 for p in runpod_fake.pods.values()), 60, "the pod to boot")
     client.send_signal(signal.SIGINT)
     out, _ = client.communicate(timeout=120)
     record(
@@ -539,7 +567,15 @@ def test_cleanup_leaves_a_job_attach_follows_and_a_lost_instance_resumes(
     tiny_model: Path, tmp_path: Path, runpod_fake: Any, runpod_provider: Any, record: Any
 ) -> None:
     out = tmp_path / "out"
-    job_id = _client_killed_mid_training(runpod_fake, tiny_model, out, steps=60)
+    client = _start_client(runpod_fake, tiny_model, out, steps=30)
+    _wait(_training_past_a_checkpoint(runpod_fake), 120, "training past checkpoint-5")
+    job_id = _job_id()
+    assert job_id is not None
+    # Training holds here until the preemption below: attach always finds the job mid-run
+    # (it once finished before attach connected on a loaded machine).
+    _freeze_agent(runpod_fake, job_id)
+    client.kill()  # SIGKILL: no handler, no teardown
+    client.wait()
     attach = _spawn(runpod_fake, "loraburst._cli", "attach", job_id)
     pid_file = runs_dir() / job_id / "client.pid"
     _wait(lambda: pid_file.is_file() and pid_file.read_text() == str(attach.pid), 60, "attach")
@@ -568,7 +604,7 @@ def test_cleanup_leaves_a_job_attach_follows_and_a_lost_instance_resumes(
     assert attach.returncode == 0, text[-3000:]
     assert "Traceback" not in text and "Lost" not in text
     assert _verified(adapter)
-    assert json.loads((out / job_id / "metrics.json").read_text())["steps"] == 60
+    assert json.loads((out / job_id / "metrics.json").read_text())["steps"] == 30
     assert len(runpod_fake.pods) == 2 and runpod_fake.running() == []
     row = Ledger().job(job_id)
     assert row is not None and row.status == "succeeded" and row.cost_usd > 0
