@@ -47,12 +47,12 @@ LOSS_BYTES_PER_ELEMENT = 14
 # 128K vocabulary 1,024 tokens hold ~1.7 GiB of logits and their gradient, more than a layer's
 # recomputed activations; 512 halves that at a few percent of the lm_head's speed.
 LEAN_LOSS_CHUNK = 512
-# In the leanest (offloaded) setting the MLP runs over this many tokens at a time, each chunk
-# recomputed in its backward (fastpath/layers.py): the step's peak was one layer's MLP backward
-# over the whole micro-batch. Measured on the H200 (8B, 8,192 tokens a step): whole, 8.06 GiB at
-# 10.2K tok/s; in 2,048-token chunks, 7.23 GiB at 6.7K (one more MLP forward per layer, and
-# each chunk dequantises the layer's weights again). Larger chunks would trade some of that
-# memory back for speed; unmeasured.
+# In the leanest (offloaded) setting the MLP runs over this many tokens at a time
+# (fastpath/mlp.py: one function that saves only its input and walks the chunks in its
+# backward): the step's peak was one layer's MLP backward over the whole micro-batch. Measured on
+# the H200 (8B, 8,192 tokens a step): whole, 8.06 GiB at 10.2K tok/s; each chunk under
+# torch.utils.checkpoint, 7.23 GiB at 6.7K (the down projection recomputed too, the weights
+# dequantised per chunk); as one function, 7.53 GiB at 8.5K (call s8c2).
 LEAN_MLP_CHUNK = 2048
 
 # Model types whose predicted peak was within 10% of the measured one on the H200
