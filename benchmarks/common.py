@@ -295,32 +295,16 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-# Kernel-name fragments -> category, first match wins (cuBLAS on Hopper names its kernels nvjet).
-_KERNEL_KINDS = [
-    ("memcpy", ("memcpy", "memset")),
-    ("attention", ("flash", "fmha", "attention", "mha")),
-    ("dequant", ("dequant", "kdequantize", "nf4")),
-    ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "splitk", "sm90", "sm80")),
-    ("triton", ("triton",)),
-    ("optimizer", ("adam", "foreach", "multi_tensor")),
-]
-
-
-def kernel_kind(name: str) -> str:
-    low = name.lower()
-    for kind, fragments in _KERNEL_KINDS:
-        if any(f in low for f in fragments):
-            return kind
-    return "other"
-
-
 def profile_steps(model: Any, batches: list[Any], *, lr: float, top: int = 25) -> dict[str, Any]:
-    """Run ``batches`` under ``torch.profiler``; GPU time per kernel kind, busy share, top kernels.
+    """Run ``batches`` under ``torch.profiler``; the trainer's own step-profile summary
+    (``loraburst.remote.training.profiling.summarise``: GPU time per kernel kind, busy share,
+    top kernels and host operations).
 
     ``gpu_busy_share`` is summed kernel time over wall time: well under 1 means the GPU waits on
     the CPU (Python and launch overhead) or on host copies.
     """
     import torch
+    from loraburst.remote.training.profiling import summarise
     from torch.profiler import ProfilerActivity, profile
 
     train_steps(model, batches[:1], lr=lr)  # warm caches outside the trace
@@ -330,32 +314,7 @@ def profile_steps(model: Any, batches: list[Any], *, lr: float, top: int = 25) -
     with profile(activities=acts) as prof:
         train_steps(model, batches[1:], lr=lr)
     wall = time.perf_counter() - t0
-    kinds: dict[str, float] = {}
-    kernels: list[tuple[float, int, str]] = []
-    for ev in prof.key_averages():
-        dev_us = float(getattr(ev, "self_device_time_total", 0.0) or 0.0)
-        if dev_us <= 0 or ev.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        kinds[kernel_kind(ev.key)] = kinds.get(kernel_kind(ev.key), 0.0) + dev_us
-        kernels.append((dev_us, int(ev.count), ev.key))
-    steps = max(1, len(batches) - 1)
-    busy = sum(kinds.values()) / 1e6
-    kernels.sort(reverse=True)
-    return {
-        "steps": steps,
-        "wall_s_per_step": round(wall / steps, 4),
-        "gpu_s_per_step": round(busy / steps, 4),
-        "gpu_busy_share": round(busy / wall, 3),
-        "ms_per_step_by_kind": {k: round(v / 1e3 / steps, 2) for k, v in sorted(kinds.items())},
-        "top_kernels": [
-            {
-                "ms_per_step": round(us / 1e3 / steps, 2),
-                "calls_per_step": n // steps,
-                "name": name[:120],
-            }
-            for us, n, name in kernels[:top]
-        ],
-    }
+    return summarise(prof.key_averages(), wall, max(1, len(batches) - 1), top=top)
 
 
 def run_child(script: str, key: str, t_end: float, grace_s: float = 120) -> dict[str, Any]:

@@ -107,15 +107,21 @@ class _Group:
 
 def _group_forward(group: _Group, x2: Any, params: Any) -> tuple[Any, Any]:
     """``(x W^T + b + (x A^T) B_s^T, x A^T)`` for a ``[T, in]`` input."""
-    import torch
-
     weight = group.weight()
     dt = weight.dtype
     x2 = x2.to(dt)
     a_cat, b_bd = _stack_lora(group, params, dt)
     xa = x2 @ a_cat.t()
-    base = torch.addmm(group.bias(dt), x2, weight.t()) if group.has_bias else x2 @ weight.t()
-    return torch.addmm(base, xa, b_bd.t()), xa
+    bias = group.bias(dt) if group.has_bias else None
+    return lora_product(x2, weight, bias, xa, b_bd), xa
+
+
+def lora_product(x: Any, weight: Any, bias: Any, xa: Any, b_bd: Any) -> Any:
+    """``x W^T + b + xa B^T``: a group's frozen product plus its LoRA term (``xa = x A^T``)."""
+    import torch
+
+    base = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    return torch.addmm(base, xa, b_bd.t())
 
 
 def _group_backward(
@@ -259,11 +265,11 @@ def _stack_lora(group: _Group, params: Any, dt: Any) -> tuple[Any, Any]:
     (fused optimizers), each parameter's version counter (any other in-place update, a
     checkpoint's ``copy_``) and data pointer (a ``.data`` swap).
     """
-    _install_step_hook()
     key = (dt, _GENERATION[0], *[(p.data_ptr(), p._version) for p in params])
     cached = group._stack
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
+    _install_step_hook()  # before the first stack is kept; a no-op after
     a_cat, b_bd = _build_stack(group, params, dt)
     group._stack = (key, a_cat, b_bd)
     return a_cat, b_bd

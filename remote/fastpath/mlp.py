@@ -19,15 +19,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from .lora import _Group, _split_grads, _stack_lora
-
-
-def _linear(x: Any, weight: Any, bias: Any, xa: Any, b_bd: Any) -> Any:
-    """``x W^T + b + xa B^T`` (the group's frozen product plus its LoRA term)."""
-    import torch
-
-    base = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-    return torch.addmm(base, xa, b_bd.t())
+from .lora import _Group, _split_grads, _stack_lora, lora_product
 
 
 def _make() -> Any:
@@ -54,8 +46,8 @@ def _make() -> Any:
             out = torch.empty((x2.shape[0], sum(down.sizes)), dtype=dt, device=x2.device)
             for start in range(0, x2.shape[0], chunk):
                 xc = x2[start : start + chunk]
-                h = act(_linear(xc, w_gu, gu_bias, xc @ a_gu.t(), bd_gu))
-                out[start : start + chunk] = _linear(h, w_dn, dn_bias, h @ a_dn.t(), bd_dn)
+                h = act(lora_product(xc, w_gu, gu_bias, xc @ a_gu.t(), bd_gu))
+                out[start : start + chunk] = lora_product(h, w_dn, dn_bias, h @ a_dn.t(), bd_dn)
             ctx.save_for_backward(x2, *params)
             ctx.groups, ctx.acts, ctx.chunk, ctx.n_gu = (gu, down), (act, act_bwd), chunk, n_gu
             ctx.in_dtype = x.dtype
@@ -87,7 +79,7 @@ def _make() -> Any:
                 stop = start + ctx.chunk
                 xc, gc = x2[start:stop], g2[start:stop]
                 xa_gu = xc @ a_gu.t()
-                z = _linear(xc, w_gu, gu_bias, xa_gu, bd_gu)
+                z = lora_product(xc, w_gu, gu_bias, xa_gu, bd_gu)
                 h = act(z)
                 xa_dn_parts.append(h @ a_dn.t())
                 gb_dn = gc @ bd_dn

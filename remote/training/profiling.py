@@ -96,6 +96,7 @@ class StepProfiler:
         self._prof: Any = None
         self._t0 = 0.0
         self.written: Path | None = None
+        self.summary: dict[str, Any] | None = None  # what was written, once it is
 
     def step_begin(self, step: int) -> None:
         """Call before optimizer step ``step`` (1-based) starts."""
@@ -127,6 +128,7 @@ class StepProfiler:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.written = self.folder / "profile.json"
         self.written.write_text(json.dumps(summary, indent=1) + "\n")
+        self.summary = summary
         self._prof = None
 
 

@@ -4,7 +4,6 @@ stop requested by the watchdog honoured at the next step."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,8 +153,8 @@ def progress_callback(reporter: Reporter, upload: str | None, trainer: Any) -> A
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if self.profiler is not None:
                 self.profiler.step_end(state.global_step)
-                if self.profiler.written is not None:
-                    summary = json.loads(self.profiler.written.read_text())
+                summary = self.profiler.summary
+                if summary is not None:
                     reporter.event("profile", path=str(self.profiler.written),
                                    window=summary["window"],
                                    wall_s_per_step=summary["wall_s_per_step"],

@@ -390,9 +390,9 @@ def test_apply_plan_sets_recompute_cache_and_chunk_without_changing_the_function
     assert report["checkpointed_layers"] == 2 and report["cached_linears"] == 7
     assert report["chunked_mlps"] == (3 if offload else 0)
     calls: list[int] = []
-    linear = mlp_module._linear
+    linear = mlp_module.lora_product
     monkeypatch.setattr(
-        mlp_module, "_linear", lambda x, *rest: calls.append(x.shape[0]) or linear(x, *rest)
+        mlp_module, "lora_product", lambda x, *rest: calls.append(x.shape[0]) or linear(x, *rest)
     )
     assert ours.get_base_model()._fastpath_loss_chunk == 5
     loss, grads = _loss_and_grads(ours, x)
