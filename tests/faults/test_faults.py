@@ -97,16 +97,16 @@ def _training_at(fake: Any, step: int) -> Callable[[], bool]:
     return check
 
 
-def _freeze_agent(fake: Any, job_id: str) -> None:
-    """SIGSTOP the agent on the emulated pod (its process group: the agent and the trainer in
-    it): training holds at the step it reached until the pod is preempted (SIGKILL ends stopped
-    processes too). A stopped process is alive to the client's checks, as a slow one would be.
-    This is the gate that keeps a case's fault inside the run, however fast or loaded the
-    machine, instead of racing the remaining steps against wall time."""
+def _signal_agent(fake: Any, job_id: str, sig: int = signal.SIGSTOP) -> None:
+    """Signal the agent on the emulated pod (its process group: the agent and the trainer in
+    it). SIGSTOP holds training at the step it reached until SIGCONT or the pod is preempted
+    (SIGKILL ends stopped processes too); a stopped process is alive to the client's checks, as
+    a slow one would be. This is the gate that keeps a case's fault inside the run, however
+    fast or loaded the machine, instead of racing the remaining steps against wall time."""
     for pod in fake.pods.values():
         pid_file = pod.sshd.root / "runs" / job_id / "agent.pid" if pod.sshd else None
         if pid_file is not None and pid_file.is_file():
-            os.killpg(int(pid_file.read_text()), signal.SIGSTOP)
+            os.killpg(int(pid_file.read_text()), sig)
             return
     raise AssertionError(f"no agent of job {job_id} on the emulator")
 
@@ -320,7 +320,7 @@ def test_preempted_instance_resumes_elsewhere_with_exact_steps(
         _wait(_training_past_a_checkpoint(runpod_fake), 120, "training past checkpoint-5")
         jid = _job_id()
         assert jid is not None
-        _freeze_agent(runpod_fake, jid)  # the run cannot finish before the preemption
+        _signal_agent(runpod_fake, jid)  # the run cannot finish before the preemption
         _wait(pulled, 120, "a checkpoint pulled by the client")
         (pod_id,) = list(runpod_fake.pods)
         runpod_fake.preempt(pod_id)
@@ -526,7 +526,15 @@ def test_disk_fills_mid_job_instance_kept_then_attach_finishes(
 
     def filler() -> None:
         _wait(_training_at(runpod_fake, 2), 120, "training")
-        fillers.append(fill(disk))
+        # Training holds while the disk fills, so the rest of the run, its checkpoints and the
+        # pull all meet a full disk (under load the run once finished before the fill landed).
+        job_id = _job_id()
+        assert job_id is not None
+        _signal_agent(runpod_fake, job_id, signal.SIGSTOP)
+        try:
+            fillers.append(fill(disk))
+        finally:
+            _signal_agent(runpod_fake, job_id, signal.SIGCONT)
 
     t = threading.Thread(target=filler, daemon=True)
     t.start()
@@ -573,7 +581,7 @@ def test_cleanup_leaves_a_job_attach_follows_and_a_lost_instance_resumes(
     assert job_id is not None
     # Training holds here until the preemption below: attach always finds the job mid-run
     # (it once finished before attach connected on a loaded machine).
-    _freeze_agent(runpod_fake, job_id)
+    _signal_agent(runpod_fake, job_id)
     client.kill()  # SIGKILL: no handler, no teardown
     client.wait()
     attach = _spawn(runpod_fake, "loraburst._cli", "attach", job_id)
