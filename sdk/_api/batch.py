@@ -8,6 +8,7 @@ never started. One job's failure does not stop the others.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import itertools
 import math
@@ -22,6 +23,7 @@ import yaml
 from rich.table import Table
 from rich.text import Text
 
+from .._cost import history
 from .._cost.placement import plan
 from .._exceptions import BudgetExceededError, ConfigError, LoraburstError
 from .job import Job, load_yaml_file
@@ -286,11 +288,15 @@ class Batch:
         )
 
     def run(self) -> BatchResult:
-        """Run every job that fits the budget; return the table and the total spent."""
+        """Run every job that fits the budget; return the table and the total spent.
+
+        Estimates inside the batch use the history corrections as they stood when it began,
+        so the bound a job was reserved on is the bound it places itself on.
+        """
         rows: dict[int, BatchRow] = {}
         pending = list(range(len(self.jobs)))
         running: dict[Future[BatchRow], int] = {}
-        with ThreadPoolExecutor(max_workers=self.max_concurrent) as pool:
+        with history.pinned(), ThreadPoolExecutor(max_workers=self.max_concurrent) as pool:
             while pending or running:
                 started = False
                 for i in list(pending):
@@ -305,7 +311,10 @@ class Batch:
                     if amount is None:
                         continue
                     pending.remove(i)
-                    running[pool.submit(self._run_one, self.jobs[i], self.names[i], amount)] = i
+                    # Each worker runs in a copy of this context: it sees the pinned history.
+                    ctx = contextvars.copy_context()
+                    fut = pool.submit(ctx.run, self._run_one, self.jobs[i], self.names[i], amount)
+                    running[fut] = i
                     started = True
                 if not running:
                     # Nothing runs and nothing else fits: what is left would break the budget.

@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from .._exceptions import EstimateError
@@ -40,6 +42,7 @@ __all__ = [
     "family",
     "measured",
     "phases",
+    "pinned",
     "planned",
     "record_measured",
     "record_planned",
@@ -99,9 +102,36 @@ def _learned(ratios: list[float]) -> float:
     return min(BOUNDS[1], max(BOUNDS[0], factor))
 
 
+# Corrections held fixed while a batch runs (see pinned()); None: read the ledger each time.
+_PINNED: ContextVar[dict[tuple[str, str, str], Correction] | None] = ContextVar(
+    "loraburst_history_pinned", default=None
+)
+
+
+@contextmanager
+def pinned(ledger: Ledger | None = None) -> Iterator[None]:
+    """Estimates made inside (in this context, and in contexts copied from it) use the
+    corrections as they stand on entry.
+
+    A batch reserves each job's upper cost bound and hands it to the job as its ``max_cost``;
+    the job then places itself again. Without a pin, a job finishing in between moves the
+    correction, the job's bound can rise past its reservation, and it fails before renting.
+    """
+    token = _PINNED.set(corrections(ledger))
+    try:
+        yield
+    finally:
+        _PINNED.reset(token)
+
+
 def corrections(ledger: Ledger | None = None) -> dict[tuple[str, str, str], Correction]:
-    """Every key's correction from the ledger's finished jobs with a plan and a measurement."""
+    """Every key's correction from the ledger's finished jobs with a plan and a measurement
+    (those pinned by :func:`pinned`, when inside it)."""
     from .._state.ledger import Ledger
+
+    held = _PINNED.get()
+    if held is not None:
+        return held
 
     ledger = ledger or Ledger()
     speed: dict[tuple[str, str, str], list[float]] = {}

@@ -96,3 +96,23 @@ def _shape():  # type: ignore[no-untyped-def]
     from loraburst._cost.shapes import model_shape
 
     return model_shape(MODEL)
+
+
+def test_a_pin_holds_the_corrections_while_jobs_finish() -> None:
+    """A batch reserves a job's bound, then the job places itself again: in between another
+    job may finish. Inside ``pinned`` (and in worker threads started from a copy of its
+    context) the estimate stays the one the reservation was made on."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    raw = _row(_estimate(learn=False), "H100 SXM")
+    ledger = Ledger()
+    with history.pinned():
+        _finish_job(ledger, 0, raw, speed=0.5, overhead=2.0)
+        assert _row(_estimate(learn=True), "H100 SXM") == raw
+        with ThreadPoolExecutor(1) as pool:
+            ctx = contextvars.copy_context()
+            in_worker = pool.submit(ctx.run, _estimate, learn=True).result()
+        assert _row(in_worker, "H100 SXM") == raw
+    # Outside the pin the finished job counts again.
+    assert _row(_estimate(learn=True), "H100 SXM").cost_high_usd > raw.cost_high_usd
