@@ -122,15 +122,36 @@ CHAT_TEMPLATE = (
 
 
 def _save_tokenizer(folder: Path, config: dict[str, Any]) -> None:
-    """A word-level tokenizer: word ``t<i>`` is token ``i`` (so a row of N words is N tokens)."""
+    """A tokenizer where ``realistic_data.word(i)`` is token ``i`` (a row of N words is N tokens).
+
+    Word-level for every model but Qwen2: transformers 5 rebuilds a Qwen2 folder's tokenizer
+    as byte-level BPE from the folder's vocabulary and merges, ignoring the rest of
+    ``tokenizer.json``, so there the words are spelled out as BPE merges (``Ġ`` marks a leading
+    space): a word is still one token, id ``i`` after a space.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(256)}
+    from benchmarks.realistic_data import word
+
+    words = [word(i) for i in range(256)]
     specials = {"<pad>": 256, "<s>": 257, "</s>": 258, "<unk>": 259,
                 "<|system|>": 260, "<|user|>": 261, "<|assistant|>": 262}  # fmt: skip
-    tok = Tokenizer(models.WordLevel({**vocab, **specials}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if config.get("model_type") == "qwen2":
+        vocab = {f"\u0120{w}": i for i, w in enumerate(words)} | specials
+        pieces = ["\u0120", *"abcdefghijklmnopqrstuvwxyz"]
+        firsts = sorted({w[0] for w in words})
+        pieces += [f"\u0120{c}" for c in firsts] + words  # words at a row's start: no space
+        for piece in pieces:
+            vocab.setdefault(piece, len(vocab))
+        merges = [("\u0120", c) for c in firsts]
+        merges += [(f"\u0120{w[0]}", w[1]) for w in words] + [(w[0], w[1]) for w in words]
+        tok = Tokenizer(models.BPE(vocab, merges))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        ids = {w: i for i, w in enumerate(words)}
+        tok = Tokenizer(models.WordLevel({**ids, **specials}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         unk_token="<unk>", model_max_length=config["max_position_embeddings"],

@@ -45,6 +45,8 @@ def one(arch: str, layers: int, cap: float | None) -> dict[str, Any]:
         "measured_peak_gib": measured,
         "error": (predicted / measured - 1) if predicted and measured else None,
         "plan": plan,
+        "probe": fast.get("probe"),  # the three sizes measured and the fits the plan stood on
+        "attention": (raw["events"].get("settings") or {}).get("attention"),
         "layout": (raw["events"].get("settings") or {}).get("layout"),
         "steady_tok_s": raw.get("steady_tok_s"),
         "status": raw.get("status"),
@@ -63,7 +65,8 @@ def main() -> None:
         assert args.out is not None
         args.out.write_text(json.dumps(one(args.one, args.layers, args.cap)))
         return
-    doc = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": {}}
+    doc = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    doc.setdefault("runs", {})  # raw runs; "rows" is the summary table RESULTS.md shows
     for arch in [a for a in ARCHS if not args.only or a in args.only.split(",")]:
         out = Path(tempfile.mkdtemp()) / "one.json"
         cmd = [

@@ -48,6 +48,10 @@ RUNS: list[tuple[str, str, str, str, str, dict[str, Any]]] = [
     ("d/ours", "d", "ours", "llama-3-8b", "text", {"packing": False}),
     ("d/unsloth", "d", "unsloth", "llama-3-8b", "text", {"packing": False, "micro_batch": 4, "grad_ckpt": "off"}),
     ("b/ours", "b", "ours", "llama-3-8b", "text", {"packing": True, "max_gpu_memory_gib": CAP}),
+    # Lever-finding variants of (b), never an entry: micro-batch 4 under the cap (more layers
+    # recomputed, half the host work per token), and the default with steps 10-12 profiled.
+    ("b/ours-mb4", "b-lever", "ours", "llama-3-8b", "text", {"packing": True, "max_gpu_memory_gib": CAP, "micro_batch_size": 4}),
+    ("b/ours-prof", "b-lever", "ours", "llama-3-8b", "text", {"packing": True, "max_gpu_memory_gib": CAP, "profile": "10:12"}),
     ("b/unsloth-mb2", "b", "unsloth", "llama-3-8b", "text", {"packing": True, "micro_batch": 2, "grad_ckpt": "off", "mem_cap": CAP}),
     ("b/unsloth-ckpt", "b", "unsloth", "llama-3-8b", "text", {"packing": True, "micro_batch": 4, "grad_ckpt": "unsloth", "mem_cap": CAP}),
     ("c/ours", "c", "ours", "llama-3-8b", "text", {"packing": True, "micro_batch_size": 4, "gradient_checkpointing": "offload"}),
@@ -99,6 +103,8 @@ def run_ours(model: str, kind: str, settings: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.common import ensure_checkpoint
 
     s = dict(settings)
+    if "profile" in s:  # this run only: the agent reads it from the environment it inherits
+        os.environ["LORABURST_PROFILE_STEPS"] = s.pop("profile")
     folder = ensure_checkpoint(model, layers=s.pop("layers", None))
     steps = s.pop("steps", STEPS)
     lr = s.pop("lr", 2e-4)

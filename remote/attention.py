@@ -26,7 +26,14 @@ import functools
 import inspect
 from typing import Any
 
-__all__ = ["NAME", "register", "supports", "varlen_attention"]
+__all__ = [
+    "NAME",
+    "register",
+    "stock_implementation",
+    "supports",
+    "train_implementation",
+    "varlen_attention",
+]
 
 NAME = "loraburst_varlen"
 
@@ -45,6 +52,26 @@ def supports(config: Any) -> tuple[bool, str]:
     if not getattr(config, "is_causal", True):
         return False, "the model is not causal"
     return True, ""
+
+
+def stock_implementation(config: Any) -> str:
+    """The stock attention that computes this model's own function: ``"eager"`` where the
+    attention logits are soft-capped (Gemma-2), else ``"sdpa"``.
+
+    transformers loads Gemma-2 with SDPA, whose kernels have no soft-capping: the cap (50 on
+    every Gemma-2) is dropped without a word, and the model trained is not the model served.
+    Eager attention computes it (and keeps each layer's scores, which the memory plan counts).
+    """
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+
+
+def train_implementation(config: Any, layout: str) -> str | None:
+    """The attention implementation to train with for ``layout`` (``data.layout``'s): the
+    padding-free one (registered here) for ``"flat"``, eager for soft-capped attention, else
+    None (the one the model loaded with)."""
+    if layout == "flat":
+        return register()
+    return "eager" if stock_implementation(config) == "eager" else None
 
 
 def register() -> str:

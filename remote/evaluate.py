@@ -113,15 +113,18 @@ def _adapters_off(model: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _inference(model: Any) -> Iterator[None]:
-    """Eval mode through the stock attention (SDPA), restored after: the padding-free training
-    attention is for packed rows, and generation and lm-eval feed ordinary ones."""
+    """Eval mode through the stock attention (SDPA; eager for soft-capped attention, which
+    SDPA drops), restored after: the padding-free training attention is for packed rows, and
+    generation and lm-eval feed ordinary ones."""
+    from .attention import stock_implementation
+
     config = model.get_base_model().config
     attn = getattr(config, "_attn_implementation", None)
     was_training = model.training
     model.eval()
     try:
         if attn is not None:
-            config._attn_implementation = "sdpa"
+            config._attn_implementation = stock_implementation(config)
         yield
     finally:
         if attn is not None:

@@ -32,8 +32,9 @@ def _make_ce_function() -> Any:
                 y = labels[start : start + chunk]
                 logits = h @ weight.t()
                 logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+                capped = None
                 if softcap:  # Gemma-2's final logits: softcap * tanh(z / softcap)
-                    capped = torch.tanh(logits / softcap)
+                    capped = logits.div_(softcap).tanh_()  # in place: kept for the backward
                     logits = capped * softcap
                 valid = y != -100
                 target = torch.where(valid, y, 0)
@@ -42,17 +43,21 @@ def _make_ce_function() -> Any:
                 total += ((lse - picked) * valid).sum()
                 if grad_h is None and grad_w is None:
                     continue
-                # d(sum CE)/d logits = softmax - onehot, zero on ignored rows; reuse the buffer.
+                # d(sum CE)/d logits = softmax - onehot, zero on ignored rows, in place.
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs.scatter_add_(1, target[:, None], -torch.ones_like(lse)[:, None])
                 probs.mul_(valid[:, None])
-                if softcap:  # chain rule through the cap: d/dz = 1 - tanh^2
-                    probs.mul_(1 - capped.square_())
+                if capped is not None:  # chain rule through the cap: d/dz = 1 - tanh^2
+                    probs.mul_(capped.square_().neg_().add_(1))
                 g = probs.to(hidden.dtype)
+                # This chunk's fp32 [chunk, vocab] buffers go now, not when the next chunk's
+                # logits replace them: held over, they stood beside those at the next peak.
+                del logits, probs, capped
                 if grad_h is not None:
                     grad_h[start : start + chunk] = g @ weight.to(hidden.dtype)
                 if grad_w is not None:
                     grad_w += (g.t() @ h).to(acc)
+                del g
             ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
             ctx.has = (grad_h is not None, grad_w is not None)
             ctx.weight_dtype = weight.dtype

@@ -24,7 +24,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..attention import register as register_attention
+from ..attention import train_implementation as train_attention
 from ..batching import BatchPlan
 from ..pairs import encode_pairs, reference_mode
 from ..protocol import ENV_ARTIFACTS, BundleSpec, JobSpecData, ObjectiveSpec
@@ -93,8 +93,9 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     clock.mark("encode_wait")
     reporter.event("data", **stats)
     layout, why_padded = data.layout(settings.base_config(model))
-    if layout == "flat":
-        settings.base_config(model)._attn_implementation = register_attention()
+    attn = train_attention(settings.base_config(model), layout)
+    if attn is not None:  # padding-free, or eager for soft-capped attention (Gemma-2)
+        settings.base_config(model)._attn_implementation = attn
     pair_spec = _pair_spec(spec)
     chosen, plan = settings.choose(pair_spec, model, _pair_lengths(rows), False, layout)
     plan = _pair_units(plan)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import evaluate
-from ..attention import register as register_attention
+from ..attention import train_implementation as train_attention
 from ..batching import choose_packing
 from ..protocol import ENV_ARTIFACTS, BundleSpec, JobSpecData
 from ..sharding import rank_grad_accum
@@ -108,8 +108,9 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
     if sharded and spec.quantized:
         distributed.check_quant_storage(model, dtype)
     layout, why_padded = data.layout(settings.base_config(model))
-    if layout == "flat":
-        settings.base_config(model)._attn_implementation = register_attention()
+    attn = train_attention(settings.base_config(model), layout)
+    if attn is not None:  # padding-free, or eager for soft-capped attention (Gemma-2)
+        settings.base_config(model)._attn_implementation = attn
     chosen, plan = settings.choose(spec, model, lengths, packing, layout, fast=fast)
     clock.mark("plan")
     reporter.event(
@@ -118,6 +119,7 @@ def run(workdir: Path, bundle: BundleSpec, reporter: Reporter) -> None:
         **({"plan": _public(chosen["plan"])} if "plan" in chosen else {}),
         batches_per_epoch=plan.batches_per_epoch,
         mean_tokens_per_micro_batch=round(plan.mean_tokens, 1),
+        attention=settings.base_config(model)._attn_implementation,
         **({"padded_because": why_padded} if why_padded else {}),
         setup_s=clock.report(),
     )

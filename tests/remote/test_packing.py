@@ -26,7 +26,7 @@ from loraburst.remote.batching import (  # noqa: E402
 )
 from loraburst.remote.collate import collate  # noqa: E402
 
-from tests.remote.test_fastpath import ARCHS, TINY, _apply  # noqa: E402
+from tests.remote.test_fastpath import ARCHS, TINY, _apply, _rel  # noqa: E402
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -142,6 +142,34 @@ def test_softcapped_models_are_refused_by_varlen_attention() -> None:
     config = transformers.Gemma2Config(**{**TINY, "model_type": "gemma2"})
     ok, why = attention.supports(config)
     assert not ok and "soft-capping" in why
+
+
+def test_softcapped_attention_trains_through_eager_attention() -> None:
+    """Gemma-2 loads with SDPA, which drops the attention soft-cap without a word: the trainer
+    (and evaluation) switch it to eager attention, which computes the model's own function."""
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(**{**TINY, "model_type": "gemma2",
+                                          "attn_logit_softcapping": 0.5})  # fmt: skip
+    model = transformers.Gemma2ForCausalLM(config).train()
+    with torch.no_grad():  # large scores, so that the cap bites
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def hidden(impl: str) -> Any:
+        model.config._attn_implementation = impl
+        return model.model(input_ids=ids).last_hidden_state
+
+    assert model.config._attn_implementation == "sdpa"  # as loaded: the cap is not computed
+    dropped, capped = hidden("sdpa"), hidden("eager")
+    assert _rel(dropped, capped) > 1e-3  # the same function would agree to ~1e-6 in fp32
+    impl = attention.train_implementation(model.config, "padded")
+    assert impl == "eager" and attention.stock_implementation(model.config) == "eager"
+    assert torch.equal(hidden(impl), capped)
+    llama = transformers.LlamaConfig(**TINY)
+    assert attention.train_implementation(llama, "padded") is None
+    assert attention.train_implementation(llama, "flat") == attention.NAME
+    assert attention.stock_implementation(llama) == "sdpa"
 
 
 # ------------------------------------------------------------------------------- batching
