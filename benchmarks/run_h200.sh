@@ -20,6 +20,9 @@ if [ -n "$runs" ]; then
          export LORABURST_ELEMENTWISE=compile; }
 fi
 if [ -n "$runs" ]; then
+  # The chunked loss's bytes per logits element, which the planner plans with (~15 s).
+  timeout 60 python3 benchmarks/loss_memory_h200.py > "${OUT:-/tmp}/loss_memory.log" 2>&1
+  [ -n "${OUT:-}" ] && cp benchmarks/results/loss_memory.json "$OUT"/ 2>/dev/null
   python3 benchmarks/real_path.py --only "$runs" --budget-s "$budget" ${REAL_PATH_ARGS:-} 2>&1 | tee "${OUT:-/tmp}/real.log" | tail -25
   [ -n "${OUT:-}" ] && cp benchmarks/results/real_path.json "$OUT"/
 fi

@@ -105,6 +105,11 @@ class Shape:
         """Gemma 2's logit soft-capping runs in eager attention, which stores the scores."""
         return self.model_type == "gemma2"
 
+    @property
+    def logit_softcap(self) -> bool:
+        """Gemma 2 soft-caps its final logits too: the chunked loss keeps one more fp32 copy."""
+        return self.model_type == "gemma2"
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """``(in_features, out_features)`` of each linear layer in one decoder block."""
         h, i = self.hidden, self.intermediate

@@ -25,6 +25,7 @@ __all__ = [
     "LEAN_MLP_CHUNK",
     "LEAN_LOSS_CHUNK",
     "LOSS_BYTES_PER_ELEMENT",
+    "SOFTCAP_LOSS_BYTES_PER_ELEMENT",
     "UNVERIFIED_MARGIN",
     "VERIFIED_ARCHITECTURES",
     "Choice",
@@ -37,12 +38,16 @@ GIB = 1024**3
 # Logits elements per chunk of the chunked cross-entropy (its default chunk is this many
 # elements' worth of tokens, at most).
 CE_CHUNK_ELEMENTS = 1 << 28
-# Bytes per logits element alive at the loss's peak: the fp32 chunk and its bf16 gradient (6)
-# plus the fp32 softmax and the bf16 logits of the chunk (8). Measured on the H200: with 6,
-# Llama-3-8B, Llama-3.2-3B and Mistral-7B packed runs peaked 1.9-2.0 GiB (2^28 x 8 bytes) above
-# their plan, and Llama-3.2-3B under a 16 GiB cap ran out of memory by one chunk
-# (benchmarks/results/real_path_calibration.json).
-LOSS_BYTES_PER_ELEMENT = 14
+# Bytes per logits element alive at the loss's peak (fastpath/loss.py): the chunk's fp32 logits
+# and logsumexp's fp32 temporary; with Gemma-2's final soft-cap, the kept tanh as well. It was
+# 14 while a chunk's fp32 buffers lived on beside the next chunk's (the fp32 chunk and its bf16
+# gradient, 6, plus the next chunk's fp32 softmax and bf16 logits, 8): then Llama-3-8B,
+# Llama-3.2-3B and Mistral-7B packed runs peaked 1.9-2.0 GiB (2^28 x 8 bytes) above a plan made
+# with 6, and Llama-3.2-3B under a 16 GiB cap ran out of memory by one chunk
+# (benchmarks/results/real_path_calibration.json). Each chunk's buffers are freed before the
+# next is made since; measured again in benchmarks/results/loss_memory.json.
+LOSS_BYTES_PER_ELEMENT = 8
+SOFTCAP_LOSS_BYTES_PER_ELEMENT = 12
 # The smallest loss chunk the planner uses (tokens), for the leanest settings: at Llama-3's
 # 128K vocabulary 1,024 tokens hold ~1.7 GiB of logits and their gradient, more than a layer's
 # recomputed activations; 512 halves that at a few percent of the lm_head's speed.
@@ -79,6 +84,7 @@ def plan_memory(
     layout: str = "flat",
     policy: str = "auto",
     headroom_gib: float | None = None,
+    softcap: bool = False,
 ) -> dict[str, Any]:
     """Pick the recompute policy, dequant cache and loss chunk that fit ``budget_gib``.
 
@@ -88,7 +94,8 @@ def plan_memory(
     moments: 12 bytes each beyond the weights counted in ``base_bytes``). Headroom (default
     1.5 GiB plus 6% of the budget) is left for the allocator: on the H200 a plan 0.9 GiB under
     a 24 GiB cap ran with the allocator at the cap, 25% slower than one with a little more
-    recompute.
+    recompute. ``softcap``: the model soft-caps its final logits (Gemma-2), which makes the
+    loss keep one more fp32 copy of its chunk.
 
     Least recompute first (policy ``"auto"``): as few recomputed layers as fit; the memory left
     goes to the dequant cache, one decoder layer at a time. ``"all"`` recomputes every layer,
@@ -125,7 +132,8 @@ def plan_memory(
     chunks = (None, 1024, LEAN_LOSS_CHUNK) if policy != "offload" else (LEAN_LOSS_CHUNK,)
     for loss_chunk in chunks:
         chunk = min(tokens, loss_chunk or max(128, CE_CHUNK_ELEMENTS // vocab))
-        loss_mem = chunk * vocab * LOSS_BYTES_PER_ELEMENT if chunked else 0
+        per_element = SOFTCAP_LOSS_BYTES_PER_ELEMENT if softcap else LOSS_BYTES_PER_ELEMENT
+        loss_mem = chunk * vocab * per_element if chunked else 0
         fixed = base_bytes + trainable * 12 + outside_bytes + max(transient, loss_mem)
         fixed += headroom_gib * GIB
         option = _plan_layers(

@@ -122,13 +122,15 @@ def _silu_mul(gate: Any, up: Any) -> Any:
 
 # Which kernels run the elementwise functions: "triton" (hand-written, .triton_ops) where
 # Triton runs on this machine's GPU, else "compile" (torch.compile of the functions above).
-# Setting it to "compile" forces the torch.compile path (for comparison, or a Triton problem).
+# Setting it to "compile" forces the torch.compile path (for comparison, or a Triton problem);
+# "eager" runs the functions above as written (the reference, and what CPU tests exercise).
 ENV_ELEMENTWISE = "LORABURST_ELEMENTWISE"
 
 
 @functools.cache
 def elementwise_backend() -> str:
-    """``"triton"`` or ``"compile"``: what :func:`_compiled` hands out (see ENV_ELEMENTWISE).
+    """``"triton"``, ``"compile"`` or ``"eager"``: what :func:`_compiled` hands out (see
+    ENV_ELEMENTWISE).
 
     On a fresh H200 the memory plan, which first runs these functions, took 12.7-20.9 s with
     ``torch.compile`` (dynamo, AOT autograd, inductor and its worker pool for twelve graphs) and
@@ -137,8 +139,9 @@ def elementwise_backend() -> str:
     """
     import os
 
-    if os.environ.get(ENV_ELEMENTWISE, "").strip().lower() == "compile":
-        return "compile"
+    forced = os.environ.get(ENV_ELEMENTWISE, "").strip().lower()
+    if forced in ("compile", "eager"):
+        return forced
     import torch
 
     from . import triton_ops
@@ -148,7 +151,8 @@ def elementwise_backend() -> str:
 
 @functools.cache
 def _compiled(name: str) -> Any:
-    if elementwise_backend() == "triton":
+    backend = elementwise_backend()
+    if backend == "triton":
         from . import triton_ops
 
         fn: Any = getattr(triton_ops, name)
@@ -159,6 +163,8 @@ def _compiled(name: str) -> Any:
         "rms_norm": _rms_norm, "silu_mul": _silu_mul, "rope": _rope, "silu_mul_cat": _silu_mul_cat,
         "silu_mul_cat_backward": _silu_mul_cat_backward,
     }  # fmt: skip
+    if backend == "eager":
+        return fns[name]
     # Only the token dimension is symbolic, from the first call: the memory probe's first size
     # would otherwise compile a static graph and its second size recompile it with that
     # dimension symbolic (automatic dynamic shapes), two compiles each way for every kernel
@@ -199,7 +205,16 @@ def _fuse_elementwise(base: Any) -> int:
 
 
 def _norm_forward(module: Any, norm: Any, x: Any) -> Any:
-    return norm(x, module.weight, module.variance_epsilon)
+    out = norm(x, module.weight, module.variance_epsilon)
+    # The projections that read the normed activations (q/k/v, gate/up) would each keep them
+    # for their backward: hidden_size values a token, twice a layer, beside the norm's own
+    # input, which is kept anyway. Told how to remake them, they keep that input instead and
+    # rerun the norm in their backward, one elementwise pass (lora.recompute_source). Only where
+    # the rerun gives the same bits: the hand-written kernel and the eager expression (a
+    # compiled graph's training and inference versions may round differently).
+    if elementwise_backend() in ("triton", "eager"):
+        out._fastpath_source = (norm, (x, module.weight), (module.variance_epsilon,))
+    return out
 
 
 def _mlp_forward(module: Any, silu_mul: Any, x: Any) -> Any:

@@ -176,7 +176,8 @@ def _make_lora_function() -> Any:
 
         ``W`` is the group's frozen weights stacked by rows, ``A`` the LoRA A's stacked by rows
         and ``B_s`` the block-diagonal of the scaled LoRA B's, so the whole group is one wide
-        GEMM plus two rank-``n r`` ones. Saves ``x`` and the rank-``n r`` ``x A^T`` only.
+        GEMM plus two rank-``n r`` ones. Saves ``x`` and the rank-``n r`` ``x A^T`` only, and
+        not even ``x`` when ``x`` says how to remake it (:func:`recompute_source`).
         """
 
         @staticmethod
@@ -184,13 +185,21 @@ def _make_lora_function() -> Any:
             shape = x.shape
             x2 = x.reshape(-1, shape[-1])
             out, xa = _group_forward(group, x2, params)
-            ctx.save_for_backward(x2.to(out.dtype), xa, *params)
-            ctx.group, ctx.in_dtype = group, x.dtype
+            source = getattr(x, "_fastpath_source", None)
+            if source is None:
+                ctx.save_for_backward(xa, *params, x2.to(out.dtype))
+            else:
+                ctx.save_for_backward(xa, *params, *source[1])
+            ctx.group, ctx.in_dtype, ctx.n_params = group, x.dtype, len(params)
+            ctx.source = None if source is None else (source[0], source[2])
             return out.view(*shape[:-1], out.shape[-1])
 
         @staticmethod
         def backward(ctx: Any, grad_out: Any) -> Any:
-            x2, xa, *params = ctx.saved_tensors
+            xa, *rest = ctx.saved_tensors
+            params, kept = rest[: ctx.n_params], rest[ctx.n_params :]
+            x2 = kept[0] if ctx.source is None else recompute_source(ctx.source, kept)
+            x2 = x2.reshape(-1, x2.shape[-1]).to(xa.dtype)
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
             grad_x, grads = _group_backward(ctx.group, x2, xa, g2, params, ctx.needs_input_grad[0])
             if grad_x is not None:
@@ -198,6 +207,21 @@ def _make_lora_function() -> Any:
             return (grad_x, None, *grads)
 
     return _LoraGroup
+
+
+def recompute_source(source: tuple[Any, Any], tensors: Any) -> Any:
+    """Remake an input that was not kept: ``fn(*tensors, *extra)`` with autograd off.
+
+    A producer marks its output ``t._fastpath_source = (fn, tensors, extra)`` when running
+    ``fn`` again on the same inputs gives the same bits (the normed activations from the norm's
+    input, which the norm keeps anyway): the fused linears then keep ``tensors`` instead of
+    ``t`` and call this in their backward.
+    """
+    import torch
+
+    fn, extra = source
+    with torch.no_grad():
+        return fn(*tensors, *extra)
 
 
 def _make_act_lora_function() -> Any:

@@ -74,6 +74,7 @@ def plan(
         budget_gib=budget_gib if verified else budget_gib / UNVERIFIED_MARGIN,
         tokens=tokens or seq_len * micro_batch_size, seq_len=seq_len, layout=layout,
         policy=policy, headroom_gib=headroom_gib,
+        softcap=bool(getattr(cfg, "final_logit_softcapping", None)),
     )  # fmt: skip
     best["probe"] = probe
     best["verified_architecture"] = verified

@@ -178,7 +178,7 @@ def _choose(
             probe=probe, base_bytes=lay.base_bytes, trainable=lay.trainable,
             n_layers=shape.layers, hidden=shape.hidden, vocab=shape.vocab, budget_gib=budget,
             tokens=tokens, seq_len=spec.train.max_seq_len,
-            policy="auto" if lay.fast_path else "all",
+            policy="auto" if lay.fast_path else "all", softcap=shape.logit_softcap,
         )  # fmt: skip
         chosen = {"strategy": strategy, "gpus": world, "planned": True,
                   "per_gpu_gib": plan["predicted_peak_gib"],

@@ -243,7 +243,7 @@ class Planner:
             return plan_memory(
                 probe=probe, base_bytes=base, trainable=trainable, n_layers=s.layers,
                 hidden=s.hidden, vocab=s.vocab, budget_gib=budget, tokens=tokens, seq_len=seq,
-                layout=layout_, policy=policy,
+                layout=layout_, policy=policy, softcap=s.logit_softcap,
             )  # fmt: skip
 
         mbs = t.micro_batch_size

@@ -146,6 +146,45 @@ def test_grouped_projections_match_peft_with_padding(arch: str, quantised: bool)
         assert _rel(g, ref_grads[name]) < 1e-4, name
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_projections_rerun_the_norm_instead_of_keeping_its_output(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """q/k/v and gate/up keep the norm's input (kept by the norm anyway), not its output, and
+    the gradients are unchanged."""
+    monkeypatch.setenv(layers.ENV_ELEMENTWISE, "eager")
+    layers.elementwise_backend.cache_clear()
+    layers._compiled.cache_clear()
+    try:
+        x = torch.randint(
+            0, TINY["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(3)
+        )
+        ref = _tiny_lora(False, arch=arch)
+        ours = copy.deepcopy(ref)
+        ref_loss, ref_grads = _loss_and_grads(ref, x)
+        assert _apply(ours, fuse_elementwise=True).fastpath_report["fused_elementwise"] > 0
+        normed: list[Any] = []  # held, so no later tensor can reuse their memory
+        for module in ours.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.register_forward_hook(lambda m, i, out: normed.append(out))
+        saved: list[int] = []
+
+        def pack(t: Any) -> Any:
+            saved.append(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, grads = _loss_and_grads(ours, x)
+        assert len(normed) == 2 * TINY["num_hidden_layers"] + 1
+        assert not {t.untyped_storage().data_ptr() for t in normed} & set(saved)
+        assert abs(loss - ref_loss) / ref_loss < 1e-5
+        for name, g in grads.items():
+            assert _rel(g, ref_grads[name]) < 1e-4, name
+    finally:
+        layers.elementwise_backend.cache_clear()
+        layers._compiled.cache_clear()
+
+
 def test_grouped_attention_leaves_generation_to_the_original() -> None:
     model = _tiny_lora(False)
     x = torch.randint(0, TINY["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(5))
@@ -456,5 +495,6 @@ def test_elementwise_kernels_are_triton_on_a_gpu_unless_told_otherwise(
 
     assert backend(cuda=True, triton=True, env=None) == "triton"
     assert backend(cuda=True, triton=True, env="compile") == "compile"
+    assert backend(cuda=True, triton=True, env="eager") == "eager"
     assert backend(cuda=True, triton=False, env=None) == "compile"  # no Triton on the machine
     assert backend(cuda=False, triton=True, env=None) == "compile"  # the fast path is CUDA's
