@@ -53,6 +53,8 @@ RUNS: list[tuple[str, str, str, str, str, dict[str, Any]]] = [
     ("b/ours-mb4", "b-lever", "ours", "llama-3-8b", "text", {"packing": True, "max_gpu_memory_gib": CAP, "micro_batch_size": 4}),
     ("b/ours-prof", "b-lever", "ours", "llama-3-8b", "text", {"packing": True, "max_gpu_memory_gib": CAP, "profile": "10:12"}),
     ("b/unsloth-mb2", "b", "unsloth", "llama-3-8b", "text", {"packing": True, "micro_batch": 2, "grad_ckpt": "off", "mem_cap": CAP}),
+    # Micro-batch 1: half of mb2's activations, far from the cap (mb2 reserves 23.2 of 24 GiB).
+    ("b/unsloth-mb1", "b", "unsloth", "llama-3-8b", "text", {"packing": True, "micro_batch": 1, "grad_ckpt": "off", "mem_cap": CAP}),
     ("b/unsloth-ckpt", "b", "unsloth", "llama-3-8b", "text", {"packing": True, "micro_batch": 4, "grad_ckpt": "unsloth", "mem_cap": CAP}),
     ("c/ours", "c", "ours", "llama-3-8b", "text", {"packing": True, "micro_batch_size": 4, "gradient_checkpointing": "offload"}),
     ("c/ours-mb2", "c", "ours", "llama-3-8b", "text", {"packing": True, "micro_batch_size": 2, "gradient_checkpointing": "offload"}),

@@ -237,6 +237,9 @@ def choose(
 # the H200 (the fast path's fused projections and recomputed MLP product keep less than stock
 # PEFT; Phi-3's fused qkv/gate_up keep more). Architectures not listed use the largest.
 PROBE_ACT_MULT: dict[str, float] = {"llama": 0.70, "mistral": 0.70, "phi3": 1.14}
+# Fitted before the projections after a fused norm kept its input instead of its output
+# (fastpath/layers._norm_forward): those layers now keep 2 x hidden bf16 values a token less.
+NORM_INPUT_KEPT = frozenset({"llama", "mistral", "phi3"})
 PROBE_ACT_MULT_UNKNOWN = 1.16
 # The probe's step peak above what the forward keeps: a constant (the backward's workspaces)
 # and a per-token part proportional to the width.
@@ -255,7 +258,10 @@ def predict_probe(shape: Shape, model_type: str, *, chunked_loss: bool = True) -
     ``chunked_loss``) that :func:`plan_memory` takes as it takes a measured one.
     """
     mult = PROBE_ACT_MULT.get(model_type, PROBE_ACT_MULT_UNKNOWN)
-    slope = 6.0 * shape.hidden + shape.layers * mult * _act_bytes(shape)
+    per_layer = mult * _act_bytes(shape)
+    if model_type in NORM_INPUT_KEPT:
+        per_layer -= 2 * 2.0 * shape.hidden
+    slope = 6.0 * shape.hidden + shape.layers * per_layer
     linear_per_layer = sum(a * b for a, b in shape.linear_shapes().values())
     kept = (0.0, slope, 0.0)
     peak = (PROBE_TRANSIENT_BYTES, slope + PROBE_TRANSIENT_PER_HIDDEN * shape.hidden, 0.0)
