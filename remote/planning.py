@@ -61,12 +61,12 @@ LEAN_LOSS_CHUNK = 512
 LEAN_MLP_CHUNK = 2048
 
 # Model types whose predicted peak was within 10% of the measured one on the H200
-# (benchmarks/planner_accuracy.py, benchmarks/real_path.py): Llama-3-8B -3.6%, Llama-3.2-3B
-# -2.9%, Phi-3-mini +0.4%, Mistral-7B -2.8% / -1.1% (real_path_calibration.json). Qwen2.5-7B (-42%) and Gemma-2-9B (-22%) were under-predicted; the
-# Qwen2.5 runs turned out to be of one-token rows (transformers maps a Qwen2 config to Qwen's own
-# tokenizer class, which drops the benchmark's word tokenizer), so that figure measured little.
-# They, and every type not listed, are planned against the budget / UNVERIFIED_MARGIN.
-VERIFIED_ARCHITECTURES = frozenset({"llama", "mistral", "phi3"})
+# (benchmarks/results/planner_accuracy.json: six decoder layers of the real widths, packed
+# micro-batch 4 x 2048, through Job.run; calls s10c1-s10c2): Llama-3-8B -0.3%, Mistral-7B
+# -0.3%, Qwen2.5-7B -0.2%, Gemma-2-9B +3.6% (eager attention), Phi-3-mini +5.1%; and the
+# whole Llama-3-8B runs of benchmarks/real_path.py (-0.6% under 24 GiB, -0.2% uncapped).
+# Every type not listed is planned against the budget / UNVERIFIED_MARGIN.
+VERIFIED_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "gemma2", "phi3"})
 UNVERIFIED_MARGIN = 1.8
 
 
@@ -234,13 +234,16 @@ def choose(
 
 # Bytes each decoder layer's forward keeps per token, as a multiple of the bf16 activation
 # count of memory._act_per_token_layer, fitted per architecture to the trainer's own probes on
-# the H200 (the fast path's fused projections and recomputed MLP product keep less than stock
-# PEFT; Phi-3's fused qkv/gate_up keep more). Architectures not listed use the largest.
-PROBE_ACT_MULT: dict[str, float] = {"llama": 0.70, "mistral": 0.70, "phi3": 1.14}
-# Fitted before the projections after a fused norm kept its input instead of its output
-# (fastpath/layers._norm_forward): those layers now keep 2 x hidden bf16 values a token less.
-NORM_INPUT_KEPT = frozenset({"llama", "mistral", "phi3"})
+# the H200 (benchmarks/results/planner_accuracy.json, calls s10c1-s10c2: the fast path's fused
+# projections, recomputed MLP product and recomputed norm outputs keep less than stock PEFT;
+# Phi-3's fused qkv/gate_up keep more). Architectures not listed use the largest.
+PROBE_ACT_MULT: dict[str, float] = {
+    "llama": 0.60, "mistral": 0.60, "qwen2": 0.58, "gemma2": 0.86, "phi3": 1.14,
+}  # fmt: skip
 PROBE_ACT_MULT_UNKNOWN = 1.16
+# Eager attention (Gemma-2's soft-capped scores) keeps per head and token pair: the scores'
+# tanh, the fp32 softmax and its bf16 copy (measured 10.6 bytes: same planner calls).
+EAGER_KEPT_PER_HEAD = 10.6
 # The probe's step peak above what the forward keeps: a constant (the backward's workspaces)
 # and a per-token part proportional to the width.
 PROBE_TRANSIENT_BYTES = 0.23e9
@@ -258,15 +261,12 @@ def predict_probe(shape: Shape, model_type: str, *, chunked_loss: bool = True) -
     ``chunked_loss``) that :func:`plan_memory` takes as it takes a measured one.
     """
     mult = PROBE_ACT_MULT.get(model_type, PROBE_ACT_MULT_UNKNOWN)
-    per_layer = mult * _act_bytes(shape)
-    if model_type in NORM_INPUT_KEPT:
-        per_layer -= 2 * 2.0 * shape.hidden
-    slope = 6.0 * shape.hidden + shape.layers * per_layer
+    slope = 6.0 * shape.hidden + shape.layers * mult * _act_bytes(shape)
     linear_per_layer = sum(a * b for a, b in shape.linear_shapes().values())
     kept = (0.0, slope, 0.0)
     peak = (PROBE_TRANSIENT_BYTES, slope + PROBE_TRANSIENT_PER_HIDDEN * shape.hidden, 0.0)
-    if shape.eager_attention:  # scores kept: fp32 scores and bf16 probabilities per head
-        kept = (0.0, slope, 6.0 * shape.heads * shape.layers)
+    if shape.eager_attention:  # scores kept per head (EAGER_KEPT_PER_HEAD)
+        kept = (0.0, slope, EAGER_KEPT_PER_HEAD * shape.heads * shape.layers)
         peak = (PROBE_TRANSIENT_BYTES, peak[1], 12.0 * shape.heads * shape.layers)
     return {
         "ok": True,
