@@ -27,7 +27,9 @@ gradients up to bf16 rounding) and only changes what is stored and how often it 
   way that saves only its bf16 inputs (Hugging Face's RMSNorm keeps fp32 copies): hand-written
   Triton kernels (:mod:`.triton_ops`), or ``torch.compile`` of the same functions where Triton
   does not run (``LORABURST_ELEMENTWISE=compile`` forces it); ``compile_layers`` compiles whole
-  decoder layers instead.
+  decoder layers instead. The fused linears that read a norm's output keep the norm's input
+  (which the norm keeps anyway) and rerun the norm in their backward: 2 x hidden values a token
+  a layer less to keep.
 - **Lean MLP** (the offloaded setting): the whole MLP as one function over token chunks that
   saves only its input (:mod:`.mlp`).
 
