@@ -1,10 +1,10 @@
 """The chunked loss's peak memory per logits element, against the planner's constants.
 
 For each vocabulary (Llama-3's, Qwen2's, Gemma-2's with its final soft-cap) the trainer's
-``linear_cross_entropy`` runs forward and backward over 8,192 tokens of bf16 hidden states at
-its default chunk. Its forward makes the gradients too (the backward only scales them), so the
-forward's peak above what was allocated before, less the hidden states' gradient it keeps, is
-divided by one chunk's ``chunk x vocab`` elements. ``remote.planning`` plans with
+``linear_cross_entropy`` runs forward over 8,192 tokens of bf16 hidden states at its default
+chunk. Its forward makes the gradients too (the backward only scales them), so the forward's
+peak above what was allocated before, less the hidden states' gradient it keeps, is divided by
+one chunk's ``chunk x vocab`` elements. ``remote.planning`` plans with
 ``LOSS_BYTES_PER_ELEMENT`` (``SOFTCAP_LOSS_BYTES_PER_ELEMENT`` with a soft-cap). CUDA only.
 
     python benchmarks/loss_memory_h200.py   # writes results/loss_memory.json
@@ -36,7 +36,7 @@ def main() -> None:
         weight = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
         h = torch.randn(1, tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         labels = torch.randint(0, vocab, (1, tokens), device="cuda")
-        chunk = max(128, planning.CE_CHUNK_ELEMENTS // vocab)
+        chunk = planning.default_loss_chunk(vocab)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

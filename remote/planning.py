@@ -30,6 +30,7 @@ __all__ = [
     "VERIFIED_ARCHITECTURES",
     "Choice",
     "choose",
+    "default_loss_chunk",
     "plan_memory",
     "predict_probe",
 ]
@@ -38,6 +39,13 @@ GIB = 1024**3
 # Logits elements per chunk of the chunked cross-entropy (its default chunk is this many
 # elements' worth of tokens, at most).
 CE_CHUNK_ELEMENTS = 1 << 28
+
+
+def default_loss_chunk(vocab: int) -> int:
+    """Tokens per chunk of the chunked cross-entropy by default: CE_CHUNK_ELEMENTS' worth."""
+    return max(128, CE_CHUNK_ELEMENTS // int(vocab))
+
+
 # Bytes per logits element alive at the loss's peak (fastpath/loss.py): the chunk's fp32 logits
 # and logsumexp's fp32 temporary; with Gemma-2's final soft-cap, the kept tanh as well. It was
 # 14 while a chunk's fp32 buffers lived on beside the next chunk's (the fp32 chunk and its bf16
@@ -130,9 +138,9 @@ def plan_memory(
     # The loss's logits chunk: ~1 GiB of fp32 by default; 1,024 tokens when memory is short,
     # LEAN_LOSS_CHUNK when it is shorter still (and always in the leanest, offloaded setting).
     chunks = (None, 1024, LEAN_LOSS_CHUNK) if policy != "offload" else (LEAN_LOSS_CHUNK,)
+    per_element = SOFTCAP_LOSS_BYTES_PER_ELEMENT if softcap else LOSS_BYTES_PER_ELEMENT
     for loss_chunk in chunks:
-        chunk = min(tokens, loss_chunk or max(128, CE_CHUNK_ELEMENTS // vocab))
-        per_element = SOFTCAP_LOSS_BYTES_PER_ELEMENT if softcap else LOSS_BYTES_PER_ELEMENT
+        chunk = min(tokens, loss_chunk or default_loss_chunk(vocab))
         loss_mem = chunk * vocab * per_element if chunked else 0
         fixed = base_bytes + trainable * 12 + outside_bytes + max(transient, loss_mem)
         fixed += headroom_gib * GIB

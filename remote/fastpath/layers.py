@@ -190,7 +190,9 @@ def _fuse_elementwise(base: Any) -> int:
         cls = type(module).__name__
         if cls.endswith("RMSNorm") and hasattr(module, "variance_epsilon") and "Gemma" not in cls:
             norm = _compiled("rms_norm")
-            module.forward = functools.partial(_norm_forward, module, norm)
+            # Only where a rerun gives the same bits (see _norm_forward).
+            rerun = elementwise_backend() in ("triton", "eager")
+            module.forward = functools.partial(_norm_forward, module, norm, rerun)
             count += 1
         elif (
             cls.endswith("MLP")
@@ -204,7 +206,7 @@ def _fuse_elementwise(base: Any) -> int:
     return count
 
 
-def _norm_forward(module: Any, norm: Any, x: Any) -> Any:
+def _norm_forward(module: Any, norm: Any, rerun: bool, x: Any) -> Any:
     out = norm(x, module.weight, module.variance_epsilon)
     # The projections that read the normed activations (q/k/v, gate/up) would each keep them
     # for their backward: hidden_size values a token, twice a layer, beside the norm's own
@@ -212,7 +214,7 @@ def _norm_forward(module: Any, norm: Any, x: Any) -> Any:
     # rerun the norm in their backward, one elementwise pass (lora.recompute_source). Only where
     # the rerun gives the same bits: the hand-written kernel and the eager expression (a
     # compiled graph's training and inference versions may round differently).
-    if elementwise_backend() in ("triton", "eager"):
+    if rerun:
         out._fastpath_source = (norm, (x, module.weight), (module.variance_epsilon,))
     return out
 

@@ -9,7 +9,7 @@ from typing import Any
 __all__ = ["CE_CHUNK_ELEMENTS", "linear_cross_entropy", "patched_causal_forward"]
 
 # Per chunk, the fp32 logits take chunk x vocab x 4 bytes; 2^28 elements = 1 GiB.
-from ..planning import CE_CHUNK_ELEMENTS  # one number for the loss and the plan
+from ..planning import CE_CHUNK_ELEMENTS, default_loss_chunk  # one rule, loss and plan
 
 
 def _make_ce_function() -> Any:
@@ -111,7 +111,7 @@ def linear_cross_entropy(
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_y = shifted.reshape(-1).to(flat_h.device)
     if chunk is None:
-        chunk = max(128, CE_CHUNK_ELEMENTS // weight.shape[0])
+        chunk = default_loss_chunk(weight.shape[0])
     fn = _ce_function()
     total = fn.apply(flat_h, weight, flat_y, chunk, float(softcap or 0.0))
     if num_items is None:

@@ -112,7 +112,7 @@ def sequence_logps(model: Any, inputs: dict[str, Any]) -> Any:
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    from ..fastpath.loss import CE_CHUNK_ELEMENTS
+    from ..planning import default_loss_chunk
 
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = getattr(causal, causal.base_model_prefix)
@@ -123,7 +123,7 @@ def sequence_logps(model: Any, inputs: dict[str, Any]) -> Any:
     target = inputs["logp_target"]
     head = causal.get_output_embeddings()
     softcap = float(getattr(causal.config, "final_logit_softcapping", None) or 0.0)
-    chunk = max(128, CE_CHUNK_ELEMENTS // int(head.weight.shape[0]))
+    chunk = default_loss_chunk(head.weight.shape[0])
     parts = []
     for start in range(0, flat.shape[0], chunk):
         h, y = flat[start : start + chunk], target[start : start + chunk]
