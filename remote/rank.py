@@ -9,6 +9,7 @@ when one fails. Standard library only until the trainer runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -18,7 +19,7 @@ from typing import Any
 from .agent import Reporter
 from .protocol import ENV_AGENT_PID, RANK_STOP_FILE, error_dict, pid_alive
 
-__all__ = ["QuietReporter", "main"]
+__all__ = ["QuietReporter", "leave", "main"]
 
 
 class QuietReporter(Reporter):
@@ -86,5 +87,22 @@ def _leave_group() -> None:
         dist.destroy_process_group()
 
 
+def leave(code: int) -> None:
+    """End the rank's process with ``code``, skipping the interpreter's teardown.
+
+    A rank's work is on disk by now (rank 0 sealed it; the others' share went through the
+    collectives), and its process group is destroyed. What teardown would still run are the
+    destructors of the collective backend's C++ objects that Python still references (FSDP's
+    device mesh holds its groups): a gloo worker thread freeing a tensor after the interpreter
+    is gone aborts the rank ("terminate called without an active exception", SIGABRT), and
+    torchrun then ends every rank and fails a job that had finished. ``os._exit`` skips it;
+    only buffered output is flushed first, which is all it would lose.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing to keep
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

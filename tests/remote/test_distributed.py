@@ -80,3 +80,33 @@ def test_ranks_started_per_gpu_but_one_for_preference_jobs(
     spec.write_text(json.dumps({"spec": {"objective": {"type": "sft"}, "train": {}}}))
     monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi: one process
     assert trainer_processes(tmp_path) == 1
+
+
+def test_a_rank_leaves_with_its_code_its_output_flushed_and_no_teardown(tmp_path: Path) -> None:
+    """A finished rank skips the interpreter's teardown (where gloo's C++ destructors can abort
+    it and torchrun then fails the job), yet nothing it printed is lost: stdout to a pipe is
+    block-buffered, so an unflushed ``os._exit`` would drop the rank's last lines."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a pipe is
+    marker = tmp_path / "teardown-ran"
+    code = (
+        "import atexit, pathlib, sys\n"
+        "from loraburst.remote.rank import leave\n"
+        f"atexit.register(pathlib.Path({str(marker)!r}).touch)\n"
+        "sys.stdout.write('last line, no newline')\n"
+        "sys.stderr.write('to stderr')\n"
+        "leave(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 3
+    assert done.stdout == "last line, no newline"
+    assert done.stderr == "to stderr"
+    assert not marker.exists()  # the teardown (here an atexit hook) never ran
+
+    usage = subprocess.run([sys.executable, "-m", "loraburst.remote.rank"], capture_output=True,
+                           text=True, timeout=60)  # fmt: skip
+    assert usage.returncode == 2 and "usage: torchrun" in usage.stderr
