@@ -91,6 +91,9 @@ class Shape:
     tied: bool
     model_type: str = "llama"
     attention_bias: bool = False
+    # The config soft-caps the final logits (``final_logit_softcapping``, Gemma 2): the chunked
+    # loss then keeps one more fp32 copy of its chunk. Read from the config, as the loss does.
+    logit_softcap: bool = False
 
     @property
     def q_dim(self) -> int:
@@ -103,11 +106,6 @@ class Shape:
     @property
     def eager_attention(self) -> bool:
         """Gemma 2's logit soft-capping runs in eager attention, which stores the scores."""
-        return self.model_type == "gemma2"
-
-    @property
-    def logit_softcap(self) -> bool:
-        """Gemma 2 soft-caps its final logits too: the chunked loss keeps one more fp32 copy."""
         return self.model_type == "gemma2"
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
@@ -153,6 +151,7 @@ def shape_from_config(config: Mapping[str, Any]) -> Shape:
         tied=bool(config.get("tie_word_embeddings", False)),
         model_type=model_type,
         attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
+        logit_softcap=bool(config.get("final_logit_softcapping")),
     )
 
 

@@ -49,6 +49,8 @@ def _cfg(
 
 _L3_8B = _cfg("llama", 4096, 32, 32, 8, 14336, 128256, False)
 _L3_70B = _cfg("llama", 8192, 80, 64, 8, 28672, 128256, False)
+# Every Gemma 2 soft-caps its final logits (the loss keeps one more fp32 copy of its chunk).
+_GEMMA2_SOFTCAP = {"final_logit_softcapping": 30.0}
 
 # name -> (hub id, config, aliases)
 REGISTRY: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
@@ -83,17 +85,17 @@ REGISTRY: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
     "qwen2.5-72b": ("Qwen/Qwen2.5-72B", _cfg("qwen2", 8192, 80, 64, 8, 29568, 152064, False), ()),
     "gemma-2-2b": (
         "google/gemma-2-2b",
-        _cfg("gemma2", 2304, 26, 8, 4, 9216, 256000, True, 256),
+        _cfg("gemma2", 2304, 26, 8, 4, 9216, 256000, True, 256) | _GEMMA2_SOFTCAP,
         (),
     ),
     "gemma-2-9b": (
         "google/gemma-2-9b",
-        _cfg("gemma2", 3584, 42, 16, 8, 14336, 256000, True, 256),
+        _cfg("gemma2", 3584, 42, 16, 8, 14336, 256000, True, 256) | _GEMMA2_SOFTCAP,
         (),
     ),
     "gemma-2-27b": (
         "google/gemma-2-27b",
-        _cfg("gemma2", 4608, 46, 32, 16, 36864, 256000, True, 128),
+        _cfg("gemma2", 4608, 46, 32, 16, 36864, 256000, True, 128) | _GEMMA2_SOFTCAP,
         (),
     ),
     "phi-3-mini": (

@@ -134,6 +134,18 @@ def test_shape_from_config_reads_text_config_and_names_missing_keys() -> None:
         shape_from_config(cfg)
 
 
+def test_final_logit_softcap_is_read_from_the_config_as_the_loss_reads_it() -> None:
+    """The plans charge the soft-capped loss's extra fp32 copy where the config soft-caps (what
+    the trainer's loss reads), not by model type: a Gemma 2 fine-tune can switch it off."""
+    gemma = dict(model_shape("google/gemma-2-9b").config)
+    assert gemma["final_logit_softcapping"] == 30.0  # the published config's value
+    assert shape_from_config(gemma).logit_softcap
+    assert not shape_from_config({**gemma, "final_logit_softcapping": None}).logit_softcap
+    llama = dict(model_shape("llama-3-8b").config)
+    assert not shape_from_config(llama).logit_softcap
+    assert shape_from_config({**llama, "final_logit_softcapping": 30.0}).logit_softcap
+
+
 def test_least_squares_recovers_known_coefficients() -> None:
     rows = [[1.0, x, x * x] for x in range(8)]
     targets = [2.0 - 3.0 * x + 0.5 * x * x for x in range(8)]
