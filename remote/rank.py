@@ -90,11 +90,11 @@ def _leave_group() -> None:
 def leave(code: int) -> None:
     """End the rank's process with ``code``, skipping the interpreter's teardown.
 
-    A rank's work is on disk by now (rank 0 sealed it; the others' share went through the
-    collectives), and its process group is destroyed. What teardown would still run are the
-    destructors of the collective backend's C++ objects that Python still references (FSDP's
-    device mesh holds its groups): a gloo worker thread freeing a tensor after the interpreter
-    is gone aborts the rank ("terminate called without an active exception", SIGABRT), and
+    A rank that finished has its work on disk (rank 0 sealed it; the others' share went through
+    the collectives) and its process group destroyed; one that failed is ended with the rest by
+    torchrun either way. What teardown would still run are the destructors of the collective
+    backend's C++ objects that Python still references (FSDP's device mesh holds its groups): a
+    gloo worker thread freeing a tensor after the interpreter is gone aborts the rank ("terminate called without an active exception", SIGABRT), and
     torchrun then ends every rank and fails a job that had finished. ``os._exit`` skips it;
     only buffered output is flushed first, which is all it would lose.
     """

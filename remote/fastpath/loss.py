@@ -6,10 +6,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-__all__ = ["CE_CHUNK_ELEMENTS", "linear_cross_entropy", "patched_causal_forward"]
+__all__ = ["linear_cross_entropy", "patched_causal_forward"]
 
-# Per chunk, the fp32 logits take chunk x vocab x 4 bytes; 2^28 elements = 1 GiB.
-from ..planning import CE_CHUNK_ELEMENTS, default_loss_chunk  # one rule, loss and plan
+# The default chunk (~1 GiB of fp32 logits): one rule for the loss and the memory plan.
+from ..planning import default_loss_chunk
 
 
 def _make_ce_function() -> Any:
