@@ -91,6 +91,10 @@ class Shape:
     tied: bool
     model_type: str = "llama"
     attention_bias: bool = False
+    # The config soft-caps the attention logits (``attn_logit_softcapping``, Gemma 2): the
+    # trainer runs eager attention, which keeps each layer's scores, on padded batches
+    # (remote/attention.py reads the same key).
+    eager_attention: bool = False
     # The config soft-caps the final logits (``final_logit_softcapping``, Gemma 2): the chunked
     # loss then keeps one more fp32 copy of its chunk. Read from the config, as the loss does.
     logit_softcap: bool = False
@@ -102,11 +106,6 @@ class Shape:
     @property
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
-
-    @property
-    def eager_attention(self) -> bool:
-        """Gemma 2's logit soft-capping runs in eager attention, which stores the scores."""
-        return self.model_type == "gemma2"
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """``(in_features, out_features)`` of each linear layer in one decoder block."""
@@ -151,6 +150,7 @@ def shape_from_config(config: Mapping[str, Any]) -> Shape:
         tied=bool(config.get("tie_word_embeddings", False)),
         model_type=model_type,
         attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
+        eager_attention=bool(config.get("attn_logit_softcapping")),
         logit_softcap=bool(config.get("final_logit_softcapping")),
     )
 

@@ -49,8 +49,9 @@ def _cfg(
 
 _L3_8B = _cfg("llama", 4096, 32, 32, 8, 14336, 128256, False)
 _L3_70B = _cfg("llama", 8192, 80, 64, 8, 28672, 128256, False)
-# Every Gemma 2 soft-caps its final logits (the loss keeps one more fp32 copy of its chunk).
-_GEMMA2_SOFTCAP = {"final_logit_softcapping": 30.0}
+# Every Gemma 2 soft-caps its attention logits (trained with eager attention, which keeps the
+# scores) and its final logits (the loss keeps one more fp32 copy of its chunk).
+_GEMMA2_SOFTCAP = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 
 # name -> (hub id, config, aliases)
 REGISTRY: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {

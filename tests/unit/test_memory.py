@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from loraburst._cost.shapes import model_shape
@@ -134,16 +135,28 @@ def test_shape_from_config_reads_text_config_and_names_missing_keys() -> None:
         shape_from_config(cfg)
 
 
-def test_final_logit_softcap_is_read_from_the_config_as_the_loss_reads_it() -> None:
-    """The plans charge the soft-capped loss's extra fp32 copy where the config soft-caps (what
-    the trainer's loss reads), not by model type: a Gemma 2 fine-tune can switch it off."""
+def test_softcaps_are_read_from_the_config_as_the_trainer_reads_them() -> None:
+    """The plans charge eager attention's kept scores and the soft-capped loss's extra fp32 copy
+    where the config soft-caps (the keys the trainer's attention and loss read), not by model
+    type: a Gemma 2 fine-tune can switch either off, another family switch them on."""
     gemma = dict(model_shape("google/gemma-2-9b").config)
-    assert gemma["final_logit_softcapping"] == 30.0  # the published config's value
-    assert shape_from_config(gemma).logit_softcap
-    assert not shape_from_config({**gemma, "final_logit_softcapping": None}).logit_softcap
+    # the published config's values
+    assert (gemma["attn_logit_softcapping"], gemma["final_logit_softcapping"]) == (50.0, 30.0)
+    shape = shape_from_config(gemma)
+    assert shape.eager_attention and shape.logit_softcap
+    off = shape_from_config({**gemma, "attn_logit_softcapping": None,
+                             "final_logit_softcapping": None})  # fmt: skip
+    assert not off.eager_attention and not off.logit_softcap
     llama = dict(model_shape("llama-3-8b").config)
+    assert not shape_from_config(llama).eager_attention
     assert not shape_from_config(llama).logit_softcap
-    assert shape_from_config({**llama, "final_logit_softcapping": 30.0}).logit_softcap
+    on = shape_from_config({**llama, "attn_logit_softcapping": 50.0,
+                            "final_logit_softcapping": 30.0})  # fmt: skip
+    assert on.eager_attention and on.logit_softcap
+    # what the client plans with follows: the kept scores cost memory
+    kw: dict[str, Any] = {"seq_len": 2048, "micro_batch_size": 2, "lora_r": 16,
+                          "gradient_checkpointing": False}  # fmt: skip
+    assert peak_vram(on, **kw)["total"] > peak_vram(shape_from_config(llama), **kw)["total"]
 
 
 def test_least_squares_recovers_known_coefficients() -> None:
